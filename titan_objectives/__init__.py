@@ -1,0 +1,35 @@
+"""Composable loss objectives for torchtitan: ``stack = ["ntp", "nitp"]`` in a job config."""
+
+from titan_objectives.objective import (
+    IGNORE_INDEX,
+    Features,
+    MeanMetric,
+    ModelInfo,
+    Objective,
+    ObjectiveOptions,
+    ObjectiveOutput,
+    OptionError,
+    Requirements,
+)
+from titan_objectives.registry import (
+    get_objective,
+    list_objectives,
+    register_objective,
+)
+from titan_objectives.stack import ObjectiveStack
+
+__all__ = [
+    "IGNORE_INDEX",
+    "Features",
+    "MeanMetric",
+    "ModelInfo",
+    "Objective",
+    "ObjectiveOptions",
+    "ObjectiveOutput",
+    "ObjectiveStack",
+    "OptionError",
+    "Requirements",
+    "get_objective",
+    "list_objectives",
+    "register_objective",
+]

@@ -1,0 +1,176 @@
+"""The ``[objectives]`` section of a torchtitan job config, and its validation.
+
+torchtitan merges ``JobConfig`` from the module named by ``[job] custom_config_module``
+into its own. The section has ``stack`` plus one sub-table per registered objective
+(built-in or from an entry point), typed by that objective's options dataclass, so TOML
+tables (``[objectives.nitp]``) and CLI flags (``--objectives.nitp.weight 0.8``) work the
+torchtitan way. No ``from __future__ import annotations`` here: tyro needs real types.
+"""
+
+import dataclasses
+import logging
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+import tyro
+
+from titan_objectives.objective import ModelInfo, ObjectiveOptions, OptionError
+from titan_objectives.registry import RegistryError, get_objective, list_objectives
+
+logger = logging.getLogger(__name__)
+
+SECTION = "objectives"
+
+
+class ObjectivesConfigError(ValueError):
+    """A bad ``[objectives]`` setting. The message names the key, the value and what is allowed."""
+
+
+def _build_section() -> type:
+    section_fields: list[tuple[str, Any, Any]] = [
+        (
+            "stack",
+            Annotated[
+                list[str],
+                tyro.conf.arg(
+                    help="Objectives to train, in order (TOML list; CLI: comma-separated)."
+                ),
+            ],
+            field(default_factory=lambda: ["ntp"]),
+        )
+    ]
+    for name, cls in list_objectives().items():
+        section_fields.append((name, cls.Options, field(default_factory=cls.Options)))
+    section = dataclasses.make_dataclass("Objectives", section_fields)
+    section.__module__ = __name__
+    section.__doc__ = "Loss objectives (titan-objectives). One sub-table per objective."
+    return section
+
+
+Objectives = _build_section()
+
+
+@dataclass
+class JobConfig:
+    objectives: Objectives = field(default_factory=Objectives)  # type: ignore[valid-type]
+
+
+def _type_name(expected: Any) -> str:
+    if typing.get_origin(expected) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(expected))
+    return getattr(expected, "__name__", str(expected))
+
+
+def _coerce(value: Any, expected: Any) -> Any:
+    """Return ``value`` as ``expected`` (an int is a valid float), or raise TypeError."""
+    origin = typing.get_origin(expected)
+    if origin is Annotated:
+        return _coerce(value, typing.get_args(expected)[0])
+    if origin is Literal:
+        if value in typing.get_args(expected) and not isinstance(value, bool):
+            return value
+        raise TypeError(_type_name(expected))
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(expected):
+            try:
+                return _coerce(value, option)
+            except TypeError:
+                continue
+        raise TypeError(" or ".join(_type_name(a) for a in typing.get_args(expected)))
+    if origin is list:
+        if not isinstance(value, list):
+            raise TypeError(f"a list of {_type_name(typing.get_args(expected)[0])}")
+        return [_coerce(item, typing.get_args(expected)[0]) for item in value]
+    if expected is type(None):
+        if value is None:
+            return None
+        raise TypeError("None")
+    if expected is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise TypeError("a finite number")
+            return float(value)
+        raise TypeError("a number")
+    if expected is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise TypeError("an integer")
+    if expected in (bool, str):
+        if isinstance(value, expected):
+            return value
+        raise TypeError(_type_name(expected))
+    return value
+
+
+def _checked_options(name: str, options: Any, model: ModelInfo) -> ObjectiveOptions:
+    cls = get_objective(name).Options
+    if not isinstance(options, cls):
+        raise ObjectivesConfigError(
+            f"{SECTION}.{name} must be a table of {cls.__name__} options, got {options!r}"
+        )
+    hints = typing.get_type_hints(cls, include_extras=True)
+    values = {}
+    for option in dataclasses.fields(cls):
+        value = getattr(options, option.name)
+        try:
+            values[option.name] = _coerce(value, hints[option.name])
+        except TypeError as error:
+            raise ObjectivesConfigError(
+                f"{SECTION}.{name}.{option.name} = {value!r} has the wrong type; expected {error}"
+            ) from None
+    checked = cls(**values)
+    try:
+        checked.validate(model)
+    except OptionError as error:
+        raise ObjectivesConfigError(f"{SECTION}.{name}.{error}") from None
+    return checked
+
+
+def resolve_stack(section: Any, model: ModelInfo) -> dict[str, ObjectiveOptions]:
+    """Validate the section against a model; return each stacked objective's options in
+    stack order. Raises ``ObjectivesConfigError``; logs warnings for suspicious but legal
+    settings."""
+    stack = section.stack
+    if not isinstance(stack, list) or not all(isinstance(n, str) for n in stack):
+        raise ObjectivesConfigError(
+            f"{SECTION}.stack = {stack!r} must be a list of objective names"
+        )
+    available = ", ".join(list_objectives())
+    if not stack:
+        raise ObjectivesConfigError(
+            f"{SECTION}.stack is empty; name at least one objective (available: {available})"
+        )
+    duplicates = sorted({n for n in stack if stack.count(n) > 1})
+    if duplicates:
+        raise ObjectivesConfigError(
+            f"{SECTION}.stack = {stack!r} names {', '.join(duplicates)} more than once; "
+            "each objective may appear once"
+        )
+    for name in stack:
+        try:
+            get_objective(name)
+        except RegistryError as error:
+            raise ObjectivesConfigError(f"{SECTION}.stack: {error}") from None
+
+    resolved = {name: _checked_options(name, getattr(section, name), model) for name in stack}
+
+    for name, cls in list_objectives().items():
+        if name not in stack and getattr(section, name, None) != cls.Options():
+            logger.warning(
+                "[%s.%s] is set but %r is not in %s.stack = %r; its options are ignored",
+                SECTION,
+                name,
+                name,
+                SECTION,
+                stack,
+            )
+    if "ntp" not in stack:
+        logger.warning(
+            "%s.stack = %r has no 'ntp': the model will not be trained to predict tokens",
+            SECTION,
+            stack,
+        )
+    return resolved

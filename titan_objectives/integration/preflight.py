@@ -1,0 +1,159 @@
+"""Checks that run before torchtitan allocates anything: a bad config fails in seconds,
+with a message that names the key, the value and what is allowed."""
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomllib
+from torchtitan.protocols.train_spec import get_train_spec
+
+from titan_objectives.config import SECTION, ObjectivesConfigError, resolve_stack
+from titan_objectives.integration.datasets import DATASET_NAME, corpus_files
+from titan_objectives.integration.model_adapter import DecoderAdapter, get_model_adapter
+from titan_objectives.objective import ModelInfo, ObjectiveOptions
+from titan_objectives.registry import broken_entry_points, list_objectives
+
+
+@dataclass
+class CheckedConfig:
+    adapter: DecoderAdapter
+    model_info: ModelInfo
+    options: dict[str, ObjectiveOptions]
+
+    @property
+    def ntp_only(self) -> bool:
+        return list(self.options) == ["ntp"] and self.options["ntp"].weight == 1.0
+
+
+def config_file_from_argv(argv: list[str]) -> str | None:
+    """The TOML path on a torchtitan command line (``--job.config_file``), if any."""
+    for i, arg in enumerate(argv):
+        key, _, value = arg.partition("=")
+        if key in ("--job.config_file", "--job.config-file"):
+            return value or (argv[i + 1] if i + 1 < len(argv) else None)
+    return None
+
+
+def check_objectives_table(toml: dict[str, Any]) -> None:
+    """Unknown keys in ``[objectives]`` and its sub-tables, with what is allowed.
+
+    torchtitan would reject them too, but naming only a Python class."""
+    table = toml.get(SECTION)
+    if table is None:
+        return
+    if not isinstance(table, dict):
+        raise ObjectivesConfigError(f"{SECTION} must be a table, got {table!r}")
+    registered = list_objectives()
+    broken = broken_entry_points()
+    for key, value in table.items():
+        if key == "stack":
+            continue
+        if key in broken:
+            raise ObjectivesConfigError(f"[{SECTION}.{key}]: {broken[key]}")
+        if key not in registered:
+            raise ObjectivesConfigError(
+                f"unknown key {SECTION}.{key}; allowed: stack, "
+                + ", ".join(f"[{SECTION}.{n}]" for n in registered)
+            )
+        if not isinstance(value, dict):
+            raise ObjectivesConfigError(
+                f"{SECTION}.{key} must be a table of options, got {value!r}"
+            )
+        allowed = [f.name for f in dataclasses.fields(registered[key].Options)]
+        for option in value:
+            if option not in allowed:
+                raise ObjectivesConfigError(
+                    f"unknown option {SECTION}.{key}.{option}; allowed: {', '.join(allowed)}"
+                )
+
+
+def check_toml_file(argv: list[str]) -> None:
+    path = config_file_from_argv(argv)
+    if path is None:
+        return
+    try:
+        with open(path, "rb") as f:
+            toml = tomllib.load(f)
+    except FileNotFoundError:
+        raise ObjectivesConfigError(f"--job.config_file {path!r} does not exist") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ObjectivesConfigError(
+            f"--job.config_file {path!r} is not valid TOML: {error}"
+        ) from None
+    check_objectives_table(toml)
+
+
+def _model_info(job_config: Any) -> tuple[DecoderAdapter, ModelInfo]:
+    name, flavor = job_config.model.name, job_config.model.flavor
+    try:
+        adapter = get_model_adapter(name)
+    except ValueError as error:
+        raise ObjectivesConfigError(str(error)) from None
+    flavors = get_train_spec(name).model_args
+    if flavor not in flavors:
+        raise ObjectivesConfigError(
+            f"model.flavor = {flavor!r} is not a {name} flavor; available: {', '.join(flavors)}"
+        )
+    return adapter, adapter.model_info(flavors[flavor])
+
+
+def _check_parallelism(job_config: Any, options: dict[str, ObjectiveOptions]) -> None:
+    parallelism = job_config.parallelism
+    beyond_ntp = [name for name in options if name != "ntp"]
+    stack = f"{SECTION}.stack = {list(options)!r}"
+    if parallelism.pipeline_parallel_degree > 1 and (beyond_ntp or options["ntp"].weight != 1.0):
+        raise ObjectivesConfigError(
+            f"{stack} with parallelism.pipeline_parallel_degree = "
+            f"{parallelism.pipeline_parallel_degree}: only a plain ntp stack runs under "
+            "pipeline parallelism (the loss is computed inside torchtitan's schedule on the "
+            "last stage, which does not see other stages' hidden states); use FSDP/TP instead"
+        )
+    if parallelism.context_parallel_degree > 1 and beyond_ntp:
+        raise ObjectivesConfigError(
+            f"{stack} with parallelism.context_parallel_degree = "
+            f"{parallelism.context_parallel_degree}: context parallelism reorders the "
+            f"sequence, which {', '.join(beyond_ntp)} shift by position; use FSDP instead"
+        )
+    if parallelism.tensor_parallel_degree > 1 and beyond_ntp:
+        raise ObjectivesConfigError(
+            f"{stack} with parallelism.tensor_parallel_degree = "
+            f"{parallelism.tensor_parallel_degree}: {', '.join(beyond_ntp)} under tensor "
+            "parallelism is not supported yet; use FSDP (data_parallel_shard_degree) instead"
+        )
+
+
+def _check_paths(job_config: Any) -> None:
+    assets = job_config.model.hf_assets_path
+    if (
+        not Path(assets, "tokenizer.json").is_file()
+        and not Path(assets, "tokenizer.model").is_file()
+    ):
+        raise ObjectivesConfigError(
+            f"model.hf_assets_path = {assets!r} has no tokenizer.json (or tokenizer.model)"
+        )
+    for section in ("training", "validation"):
+        config = getattr(job_config, section)
+        if section == "validation" and not config.enable:
+            continue
+        if config.dataset == DATASET_NAME and config.dataset_path:
+            try:
+                corpus_files(config.dataset_path)
+            except FileNotFoundError as error:
+                raise ObjectivesConfigError(f"{section}.dataset_path: {error}") from None
+
+
+def check_job_config(job_config: Any) -> CheckedConfig:
+    """Everything the objectives need from a parsed job config, validated."""
+    adapter, model_info = _model_info(job_config)
+    options = resolve_stack(job_config.objectives, model_info)
+    _check_parallelism(job_config, options)
+    _check_paths(job_config)
+    return CheckedConfig(adapter, model_info, options)
+
+
+def exit_on_config_error(error: ObjectivesConfigError) -> None:
+    print(f"titan-objectives: config error: {error}", file=sys.stderr)
+    raise SystemExit(2)

@@ -1,0 +1,94 @@
+"""A torchtitan TrainSpec whose model carries the objectives' modules.
+
+The model class is subclassed so that the objectives are built on the meta device with
+the rest of the model and initialized by the model's own ``init_weights``; the
+parallelize function gives each objective with parameters its own FSDP2 unit (and
+compiles it) before torchtitan shards the root, which would otherwise absorb them.
+"""
+
+import dataclasses
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torchtitan.config import TORCH_DTYPE_MAP
+from torchtitan.protocols.train_spec import ParallelizeFunction, TrainSpec
+from torchtitan.tools.logging import logger
+
+from titan_objectives.integration.metrics import build_objective_metrics_processor
+from titan_objectives.integration.model_adapter import DecoderAdapter
+from titan_objectives.objective import ObjectiveOptions
+from titan_objectives.stack import ObjectiveStack
+
+
+def model_class_with_objectives(
+    model_cls: type[nn.Module], adapter: DecoderAdapter, options: dict[str, ObjectiveOptions]
+) -> type[nn.Module]:
+    class ModelWithObjectives(model_cls):  # type: ignore[valid-type, misc]
+        def __init__(self, model_args: Any):
+            super().__init__(model_args)
+            self.objectives = ObjectiveStack(options, adapter.model_info(model_args))
+
+        def init_weights(self, *args: Any, **kwargs: Any) -> None:
+            super().init_weights(*args, **kwargs)
+            self.objectives.init_weights()
+
+    ModelWithObjectives.__name__ = ModelWithObjectives.__qualname__ = (
+        f"{model_cls.__name__}WithObjectives"
+    )
+    return ModelWithObjectives
+
+
+def _compile_objectives(stack: ObjectiveStack, job_config: Any) -> None:
+    for name, objective in list(stack.items()):
+        stack[name] = torch.compile(objective, backend=job_config.compile.backend)
+    logger.info(f"Compiling objectives with torch.compile: {', '.join(stack)}")
+
+
+def _shard_objectives(stack: ObjectiveStack, parallel_dims: Any, job_config: Any) -> None:
+    training, parallelism = job_config.training, job_config.parallelism
+    names = ["dp_replicate", "fsdp"] if parallel_dims.dp_replicate_enabled else ["fsdp"]
+    config: dict[str, Any] = {
+        "mesh": parallel_dims.get_mesh(names),
+        "mp_policy": MixedPrecisionPolicy(
+            param_dtype=TORCH_DTYPE_MAP[training.mixed_precision_param],
+            reduce_dtype=TORCH_DTYPE_MAP[training.mixed_precision_reduce],
+        ),
+        # The objectives run right after the trunk and are the first to run backward:
+        # keeping their parameters gathered between the two saves an all-gather.
+        "reshard_after_forward": parallelism.fsdp_reshard_after_forward == "always",
+    }
+    if training.enable_cpu_offload:
+        config["offload_policy"] = CPUOffloadPolicy()
+    for objective in stack.values():
+        if any(True for _ in objective.parameters()):
+            fully_shard(objective, **config)
+
+
+def parallelize_with_objectives(
+    parallelize_fn: ParallelizeFunction, model: nn.Module, parallel_dims: Any, job_config: Any
+) -> nn.Module:
+    stack: ObjectiveStack = model.objectives
+    if job_config.compile.enable and "loss" in job_config.compile.components:
+        _compile_objectives(stack, job_config)
+    if parallel_dims.fsdp_enabled:
+        _shard_objectives(stack, parallel_dims, job_config)
+    return parallelize_fn(model, parallel_dims, job_config)
+
+
+def wrap_train_spec(
+    base: TrainSpec, adapter: DecoderAdapter, options: dict[str, ObjectiveOptions]
+) -> TrainSpec:
+    if base.build_metrics_processor_fn is not None:
+        raise NotImplementedError(
+            "titan-objectives cannot yet combine with a TrainSpec that has its own metrics "
+            "processor"
+        )
+    return dataclasses.replace(
+        base,
+        model_cls=model_class_with_objectives(base.model_cls, adapter, options),
+        parallelize_fn=partial(parallelize_with_objectives, base.parallelize_fn),
+        build_metrics_processor_fn=build_objective_metrics_processor,
+    )

@@ -1,0 +1,104 @@
+"""torchtitan's Trainer, with the loss computed by the objective stack."""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torchtitan.protocols.train_spec as train_spec_module
+from torchtitan.train import Trainer
+
+from titan_objectives.config import SECTION, ObjectivesConfigError
+from titan_objectives.integration.metrics import ObjectiveMetrics
+from titan_objectives.integration.model_adapter import HiddenStateTap
+from titan_objectives.integration.preflight import check_job_config
+from titan_objectives.integration.spec import wrap_train_spec
+from titan_objectives.objective import Features
+from titan_objectives.stack import ObjectiveStack
+
+
+@contextmanager
+def _train_spec_override(name: str, spec: train_spec_module.TrainSpec) -> Iterator[None]:
+    """Serve ``spec`` for ``name`` while the Trainer builds itself. torchtitan looks at
+    user registrations before its own models, so the config keeps the model's real name."""
+    registry = train_spec_module._extra_train_specs
+    previous = registry.get(name)
+    registry[name] = spec
+    try:
+        yield
+    finally:
+        if previous is None:
+            del registry[name]
+        else:
+            registry[name] = previous
+
+
+class ObjectiveTrainer(Trainer):
+    objective_stack: ObjectiveStack
+    objective_metrics: ObjectiveMetrics
+    hidden_states: HiddenStateTap
+
+    def __init__(self, job_config: Any):
+        if not hasattr(job_config, SECTION):
+            raise ObjectivesConfigError(
+                "the job config has no [objectives] section: set [job] custom_config_module = "
+                '"titan_objectives.config" in the TOML (or --job.custom_config_module)'
+            )
+        checked = check_job_config(job_config)
+        name = job_config.model.name
+        spec = wrap_train_spec(
+            train_spec_module.get_train_spec(name), checked.adapter, checked.options
+        )
+        with _train_spec_override(name, spec):
+            super().__init__(job_config)
+
+        model = self.model_parts[0]
+        self.objective_stack = model.objectives
+        self.objective_metrics = ObjectiveMetrics(self.objective_stack.weights())
+        self.metrics_processor.objective_metrics = self.objective_metrics
+        if self.parallel_dims.dp_cp_enabled:
+            self.metrics_processor.objective_mesh = self.parallel_dims.get_optional_mesh("loss")
+        self.hidden_states = HiddenStateTap(
+            model, checked.adapter, self.objective_stack.requirements()
+        )
+
+    def train_step(self, data_iterator: Any) -> None:
+        self.objective_metrics.reset()
+        super().train_step(data_iterator)
+
+    def forward_backward_step(
+        self,
+        *,
+        input_dict: dict[str, torch.Tensor],
+        labels: torch.Tensor,
+        global_valid_tokens: torch.Tensor,
+    ) -> torch.Tensor:
+        if self.parallel_dims.pp_enabled:
+            # Only a plain ntp stack passes preflight with PP: torchtitan's own path is it.
+            loss = super().forward_backward_step(
+                input_dict=input_dict, labels=labels, global_valid_tokens=global_valid_tokens
+            )
+            return loss
+
+        inputs, labels, extra_inputs, extra_kwargs = self.post_dataloading_process(
+            input_dict, labels
+        )
+        model = self.model_parts[0]
+        with self.train_context():
+            with self.maybe_enable_amp:
+                with self.hidden_states.capture() as hidden:
+                    logits = model(inputs, **extra_inputs, **extra_kwargs)
+                features = Features(
+                    labels=labels,
+                    logits=logits,
+                    final_hidden=hidden.pop("final", None),
+                    layers=hidden,
+                )
+                output = self.objective_stack(features)
+                loss = output.weighted_loss_sum / global_valid_tokens
+            # Free the logits and hidden states before backward, as torchtitan does.
+            del logits, features, hidden
+            loss.backward()
+
+        self.objective_metrics.add(output, global_valid_tokens)
+        return loss

@@ -1,0 +1,133 @@
+"""``nitp``: Next Implicit Token Prediction (arXiv 2605.24956).
+
+The final hidden state at position t, through a projector P, is pulled towards the
+stop-gradient output of a shallow block k at position t + 1:
+
+    L_NITP = sum_t d(P(h_t), sg(z^k_{t+1}))        d = 1 - cos by default
+
+The target is what the shallow network makes of the *next* token, so the trunk learns to
+represent the token it is about to emit, which keeps the final representations from
+collapsing onto the few directions the LM head needs. The projector is training-only.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from titan_objectives.objective import (
+    IGNORE_INDEX,
+    Features,
+    MeanMetric,
+    ModelInfo,
+    Objective,
+    ObjectiveOptions,
+    ObjectiveOutput,
+    OptionError,
+    Requirements,
+)
+from titan_objectives.registry import register_objective
+
+ProjectorKind = Literal["swiglu", "linear", "none"]
+DistanceKind = Literal["cosine", "smooth_l1", "mse"]
+
+
+@dataclass
+class NITPOptions(ObjectiveOptions):
+    target_layer: int | None = None
+    """Block k whose output at t+1 is the target (1-based; 0 = embeddings). Default:
+    ceil(0.2 * n_layers), the paper's rule (5 of 24, 6 of 28, 4 of 17 blocks)."""
+
+    projector: ProjectorKind = "swiglu"
+    """P: 'swiglu' (d -> 4d -> d, 12 d^2 params), 'linear' (d -> d) or 'none' (identity)."""
+
+    loss: DistanceKind = "cosine"
+    """Distance between P(h_t) and the target: 'cosine' (1 - cos), 'smooth_l1' or 'mse'
+    (both averaged over the hidden dimension; the paper found MSE diverges)."""
+
+    def validate(self, model: ModelInfo) -> None:
+        super().validate(model)
+        if self.target_layer is not None and not 0 <= self.target_layer < model.n_layers:
+            raise OptionError(
+                "target_layer",
+                self.target_layer,
+                f"an integer in 0..{model.n_layers - 1} for a model with "
+                f"{model.n_layers} blocks (0 = embeddings)",
+            )
+
+    def resolved_target_layer(self, model: ModelInfo) -> int:
+        if self.target_layer is not None:
+            return self.target_layer
+        return min(model.n_layers - 1, max(1, math.ceil(0.2 * model.n_layers)))
+
+
+class SwiGLUProjector(nn.Module):
+    """d -> 4d -> d SwiGLU, the paper's projector."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def build_projector(kind: ProjectorKind, dim: int) -> nn.Module:
+    if kind == "swiglu":
+        return SwiGLUProjector(dim, 4 * dim)
+    if kind == "linear":
+        return nn.Linear(dim, dim, bias=False)
+    return nn.Identity()
+
+
+def nitp_distance(
+    prediction: torch.Tensor, target: torch.Tensor, kind: DistanceKind
+) -> torch.Tensor:
+    """Per-position distance, reduced over the last (hidden) dimension."""
+    if kind == "cosine":
+        return 1.0 - F.cosine_similarity(prediction, target, dim=-1)
+    if kind == "smooth_l1":
+        return F.smooth_l1_loss(prediction, target, reduction="none").mean(-1)
+    return F.mse_loss(prediction, target, reduction="none").mean(-1)
+
+
+@register_objective("nitp")
+class NextImplicitTokenPrediction(Objective):
+    Options = NITPOptions
+    options: NITPOptions
+
+    def __init__(self, options: NITPOptions, model: ModelInfo):
+        super().__init__(options, model)
+        self.target_layer = options.resolved_target_layer(model)
+        self.projector = build_projector(options.projector, model.dim)
+
+    def requirements(self) -> Requirements:
+        return Requirements(final_hidden=True, layers=frozenset({self.target_layer}))
+
+    def init_weights(self) -> None:
+        # Same scheme as torchtitan's feed-forward blocks: small truncated normals.
+        for linear in self.projector.modules():
+            if isinstance(linear, nn.Linear):
+                nn.init.trunc_normal_(linear.weight, mean=0.0, std=0.02)
+
+    def forward(self, features: Features) -> ObjectiveOutput:
+        hidden = features.final_hidden[:, :-1]
+        # Stop-gradient: the target only teaches the trunk's top, never the shallow block.
+        target = features.layers[self.target_layer][:, 1:].detach()
+        # labels[:, t] is token t+1, the token whose representation is the target.
+        valid = features.labels[:, :-1] != IGNORE_INDEX
+
+        prediction = self.projector(hidden).float()
+        target = target.float()
+        distance = nitp_distance(prediction, target, self.options.loss)
+        loss_sum = torch.where(valid, distance, 0.0).sum()
+
+        with torch.no_grad():
+            cosine = F.cosine_similarity(prediction, target, dim=-1)
+            metrics = {"cosine": MeanMetric(torch.where(valid, cosine, 0.0).sum(), valid.sum())}
+        return ObjectiveOutput(loss_sum, metrics)

@@ -1,0 +1,32 @@
+"""``python -m titan_objectives.train --job.config_file CONFIG.toml [--section.key value ...]``
+
+torchtitan's own entry point (``torchtitan.train.main``) with the objective trainer.
+On a machine without CUDA the CPU runtime is switched on first, automatically.
+"""
+
+import sys
+
+from titan_objectives.integration import cpu_runtime
+
+
+def main(argv: list[str] | None = None) -> None:
+    cpu_runtime.activate()
+
+    import torchtitan.train
+
+    from titan_objectives.config import ObjectivesConfigError
+    from titan_objectives.integration.datasets import register_datasets
+    from titan_objectives.integration.preflight import check_toml_file, exit_on_config_error
+    from titan_objectives.integration.trainer import ObjectiveTrainer
+
+    argv = sys.argv[1:] if argv is None else argv
+    register_datasets()
+    try:
+        check_toml_file(argv)
+        torchtitan.train.main(ObjectiveTrainer)
+    except ObjectivesConfigError as error:
+        exit_on_config_error(error)
+
+
+if __name__ == "__main__":
+    main()
