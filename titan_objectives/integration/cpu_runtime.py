@@ -8,6 +8,7 @@ these, before torchtitan is imported, and does nothing when CUDA is available.
 """
 
 import importlib
+import inspect
 import os
 import resource
 import sys
@@ -116,9 +117,11 @@ def _force_sum_reductions_in_fsdp() -> None:
     from torch.distributed.fsdp._fully_shard import _fsdp_collectives
 
     original = _fsdp_collectives._get_gradient_divide_factors
+    signature = inspect.signature(original)
 
     def sum_only(*args, **kwargs):
-        kwargs["force_sum_reduction_for_comms"] = True
-        return original(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
+        bound.arguments["force_sum_reduction_for_comms"] = True
+        return original(*bound.args, **bound.kwargs)
 
     _fsdp_collectives._get_gradient_divide_factors = sum_only

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Launch training the torchtitan way:
+#   NGPU=8 CONFIG_FILE=toml_configs/llama3_8b_nitp.toml ./scripts/run_train.sh [--section.key value ...]
+# NGPU: processes on this node (default: the GPU count, or 1 without GPUs).
+# CONFIG_FILE: the job TOML (default: the CPU-sized debug model with ntp + nitp).
+# LOG_RANK: ranks whose output is shown (default 0). TRAIN_FILE: the module to run
+# (default titan_objectives.train). PYTHON: an interpreter that already has everything
+# installed; without it, ./scripts/setup.sh prepares .venv first.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+CONFIG_FILE=${CONFIG_FILE:-"$ROOT/toml_configs/llama3_debug_nitp.toml"}
+if [ ! -f "$CONFIG_FILE" ]; then
+  echo "run_train.sh: CONFIG_FILE=$CONFIG_FILE does not exist" >&2
+  exit 2
+fi
+CONFIG_FILE=$(cd "$(dirname "$CONFIG_FILE")" && pwd)/$(basename "$CONFIG_FILE")
+TRAIN_FILE=${TRAIN_FILE:-"titan_objectives.train"}
+LOG_RANK=${LOG_RANK:-0}
+
+if [ -z "${PYTHON:-}" ]; then
+  "$ROOT/scripts/setup.sh"
+  PYTHON="$ROOT/.venv/bin/python"
+fi
+if [ -z "${NGPU:-}" ]; then
+  NGPU=$("$PYTHON" -c "import torch; print(max(torch.cuda.device_count(), 1))")
+fi
+
+# The bundled configs name paths relative to the project root.
+cd "$ROOT"
+exec "$PYTHON" -m torch.distributed.run --nproc_per_node="$NGPU" \
+  --rdzv_backend c10d --rdzv_endpoint="localhost:0" \
+  --local-ranks-filter "$LOG_RANK" --role rank --tee 3 \
+  -m "$TRAIN_FILE" --job.config_file "$CONFIG_FILE" "$@"

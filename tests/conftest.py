@@ -1,0 +1,26 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+# torchtitan fixes its device type at import: the CPU runtime must come first.
+from titan_objectives.integration import cpu_runtime
+
+cpu_runtime.activate()
+
+from titan_objectives import registry  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture
+def clean_registry(monkeypatch):
+    """A registry with only the built-ins, restored after the test."""
+    registry.list_objectives()  # load built-ins and installed entry points once
+    builtins = {n: c for n, c in registry._objectives.items() if registry._sources[n].startswith("module titan_objectives.")}
+    monkeypatch.setattr(registry, "_objectives", dict(builtins))
+    monkeypatch.setattr(registry, "_sources", {n: registry._sources[n] for n in builtins})
+    monkeypatch.setattr(registry, "_broken_entry_points", {})
+    monkeypatch.setattr(registry, "_entry_points_loaded", False)
+    return registry

@@ -1,0 +1,75 @@
+"""Run real torchtitan trainings in subprocesses and read back what they logged."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEBUG_CONFIG = ROOT / "toml_configs" / "llama3_debug_nitp.toml"
+
+# Small enough for seconds per run on 2 CPU cores; every step logged.
+TINY = [
+    "--training.seq_len", "64",
+    "--training.local_batch_size", "4",
+    "--training.steps", "5",
+    "--lr_scheduler.warmup_steps", "2",
+    "--metrics.log_freq", "1",
+    "--metrics.disable_color_printing",
+    "--debug.seed", "42",
+]
+
+
+def train(
+    dump_folder: Path,
+    *overrides: str,
+    config: Path = DEBUG_CONFIG,
+    nproc: int = 1,
+    module: str = "titan_objectives.train",
+    extra_pythonpath: str | None = None,
+    timeout: int = 600,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
+    """torchrun a training; returns the finished process (stdout and stderr merged)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(max(1, 2 // nproc)))
+    if extra_pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [extra_pythonpath, env.get("PYTHONPATH")]))
+    command = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+        "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0",
+        "--local-ranks-filter", "0", "--role", "rank", "--tee", "3",
+        "-m", module, "--job.config_file", str(config),
+        "--job.dump_folder", str(dump_folder), *TINY, *overrides,
+    ]
+    result = subprocess.run(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, timeout=timeout,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout[-6000:]}")
+    return result
+
+
+def run_module(module: str, *args: str, timeout: int = 120, env: dict | None = None):
+    """Run ``python -m module args`` without torchrun (for config errors)."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, timeout=timeout,
+        env=dict(os.environ, **(env or {})),
+    )
+
+
+def scalars(dump_folder: Path) -> dict[str, dict[int, float]]:
+    """TensorBoard scalars written under ``dump_folder``: tag -> step -> value."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values: dict[str, dict[int, float]] = {}
+    event_files = sorted(Path(dump_folder).rglob("events.out.tfevents.*"))
+    assert event_files, f"no TensorBoard event files under {dump_folder}"
+    for event_file in event_files:
+        accumulator = EventAccumulator(str(event_file), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            for event in accumulator.Scalars(tag):
+                values.setdefault(tag, {})[event.step] = event.value
+    return values

@@ -1,0 +1,23 @@
+"""``python -m titan_objectives.baseline --job.config_file CONFIG.toml``
+
+torchtitan's own ``Trainer``, untouched, with only what this machine needs to run it (the
+CPU runtime, the local datasets). It is the reference the objective trainer is compared
+against: same config, same seed, plain torchtitan loss.
+"""
+
+from titan_objectives.integration import cpu_runtime
+
+
+def main() -> None:
+    cpu_runtime.activate()
+
+    import torchtitan.train
+
+    from titan_objectives.integration.datasets import register_datasets
+
+    register_datasets()
+    torchtitan.train.main(torchtitan.train.Trainer)
+
+
+if __name__ == "__main__":
+    main()
