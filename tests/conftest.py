@@ -18,7 +18,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 def clean_registry(monkeypatch):
     """A registry with only the built-ins, restored after the test."""
     registry.list_objectives()  # load built-ins and installed entry points once
-    builtins = {n: c for n, c in registry._objectives.items() if registry._sources[n].startswith("module titan_objectives.")}
+    builtins = {
+        n: c
+        for n, c in registry._objectives.items()
+        if registry._sources[n].startswith("module titan_objectives.")
+    }
     monkeypatch.setattr(registry, "_objectives", dict(builtins))
     monkeypatch.setattr(registry, "_sources", {n: registry._sources[n] for n in builtins})
     monkeypatch.setattr(registry, "_broken_entry_points", {})

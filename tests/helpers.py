@@ -10,13 +10,19 @@ DEBUG_CONFIG = ROOT / "toml_configs" / "llama3_debug_nitp.toml"
 
 # Small enough for seconds per run on 2 CPU cores; every step logged.
 TINY = [
-    "--training.seq_len", "64",
-    "--training.local_batch_size", "4",
-    "--training.steps", "5",
-    "--lr_scheduler.warmup_steps", "2",
-    "--metrics.log_freq", "1",
+    "--training.seq_len",
+    "64",
+    "--training.local_batch_size",
+    "4",
+    "--training.steps",
+    "5",
+    "--lr_scheduler.warmup_steps",
+    "2",
+    "--metrics.log_freq",
+    "1",
     "--metrics.disable_color_printing",
-    "--debug.seed", "42",
+    "--debug.seed",
+    "42",
 ]
 
 
@@ -35,15 +41,37 @@ def train(
     if extra_pythonpath:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [extra_pythonpath, env.get("PYTHONPATH")]))
     command = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-        "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0",
-        "--local-ranks-filter", "0", "--role", "rank", "--tee", "3",
-        "-m", module, "--job.config_file", str(config),
-        "--job.dump_folder", str(dump_folder), *TINY, *overrides,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--rdzv_backend",
+        "c10d",
+        "--rdzv_endpoint",
+        "localhost:0",
+        "--local-ranks-filter",
+        "0",
+        "--role",
+        "rank",
+        "--tee",
+        "3",
+        "-m",
+        module,
+        "--job.config_file",
+        str(config),
+        "--job.dump_folder",
+        str(dump_folder),
+        *TINY,
+        *overrides,
     ]
     result = subprocess.run(
-        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, timeout=timeout,
+        command,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
     )
     if check and result.returncode != 0:
         raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout[-6000:]}")
@@ -53,8 +81,12 @@ def train(
 def run_module(module: str, *args: str, timeout: int = 120, env: dict | None = None):
     """Run ``python -m module args`` without torchrun (for config errors)."""
     return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=ROOT, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, timeout=timeout,
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
         env=dict(os.environ, **(env or {})),
     )
 

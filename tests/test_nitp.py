@@ -55,7 +55,9 @@ def test_loss_matches_reference_formula(projector, kind):
     objective = make_nitp(projector=projector, loss=kind, target_layer=3)
     features = random_features(3)
     out = objective(features)
-    expected = reference_loss(objective, features.final_hidden, features.layers[3], features.labels, kind)
+    expected = reference_loss(
+        objective, features.final_hidden, features.layers[3], features.labels, kind
+    )
     torch.testing.assert_close(out.loss_sum.double(), expected, rtol=1e-5, atol=1e-6)
 
 
@@ -120,7 +122,9 @@ def test_last_position_has_no_target():
     # ...and the first position is never a target.
     changed = features.layers[1].detach().clone()
     changed[:, 0] = 7.0
-    out = objective(Features(labels=features.labels, final_hidden=features.final_hidden, layers={1: changed}))
+    out = objective(
+        Features(labels=features.labels, final_hidden=features.final_hidden, layers={1: changed})
+    )
     torch.testing.assert_close(out.loss_sum, objective(features).loss_sum)
 
 

@@ -26,8 +26,13 @@ def test_ntp_stack_matches_plain_torchtitan_bitwise(tmp_path):
 
 def check_ntp_nitp_run(dump_folder, steps=5):
     tb = scalars(dump_folder)
-    for tag in ("objectives/ntp/loss", "objectives/nitp/loss", "objectives/nitp/cosine",
-                "objectives/nitp/weight", "objectives/total/loss"):
+    for tag in (
+        "objectives/ntp/loss",
+        "objectives/nitp/loss",
+        "objectives/nitp/cosine",
+        "objectives/nitp/weight",
+        "objectives/total/loss",
+    ):
         assert sorted(tb[tag]) == list(range(1, steps + 1)), tag
     for step in tb["objectives/total/loss"]:
         ntp, nitp = tb["objectives/ntp/loss"][step], tb["objectives/nitp/loss"][step]
@@ -43,8 +48,14 @@ def check_ntp_nitp_run(dump_folder, steps=5):
 
 def test_ntp_nitp_single_process_with_checkpoint(tmp_path):
     result = train(
-        tmp_path, "--objectives.nitp.weight", "0.8", "--checkpoint.enable",
-        "--checkpoint.interval", "5", "--checkpoint.folder", "checkpoint",
+        tmp_path,
+        "--objectives.nitp.weight",
+        "0.8",
+        "--checkpoint.enable",
+        "--checkpoint.interval",
+        "5",
+        "--checkpoint.folder",
+        "checkpoint",
     )
     tb = check_ntp_nitp_run(tmp_path)
     assert list(tb["objectives/nitp/weight"].values()) == pytest.approx([0.8] * 5)
@@ -81,12 +92,31 @@ def test_ntp_nitp_activation_checkpointing(tmp_path, mode):
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
-    train(tmp_path / "big", "--training.local_batch_size", "4", "--training.global_batch_size", "4",
-          "--training.steps", "3")
-    train(tmp_path / "accum", "--training.local_batch_size", "2", "--training.global_batch_size", "4",
-          "--training.steps", "3")
+    train(
+        tmp_path / "big",
+        "--training.local_batch_size",
+        "4",
+        "--training.global_batch_size",
+        "4",
+        "--training.steps",
+        "3",
+    )
+    train(
+        tmp_path / "accum",
+        "--training.local_batch_size",
+        "2",
+        "--training.global_batch_size",
+        "4",
+        "--training.steps",
+        "3",
+    )
     big, accum = check_ntp_nitp_run(tmp_path / "big", 3), check_ntp_nitp_run(tmp_path / "accum", 3)
     # Same 4 sequences per step, summed in a different order: equal up to fp32 rounding.
-    for tag in ("objectives/ntp/loss", "objectives/nitp/loss", "objectives/nitp/cosine", "grad_norm"):
+    for tag in (
+        "objectives/ntp/loss",
+        "objectives/nitp/loss",
+        "objectives/nitp/cosine",
+        "grad_norm",
+    ):
         for step, value in big[tag].items():
             assert accum[tag][step] == pytest.approx(value, rel=2e-5), (tag, step)
