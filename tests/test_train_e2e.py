@@ -1,9 +1,12 @@
 """Real torchtitan trainings on CPU (gloo), at tiny sizes."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
-from helpers import scalars, train
+from helpers import ROOT, TINY, scalars, train
 
 pytestmark = pytest.mark.slow
 
@@ -120,3 +123,18 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     ):
         for step, value in big[tag].items():
             assert accum[tag][step] == pytest.approx(value, rel=2e-5), (tag, step)
+
+
+@pytest.mark.parametrize("ngpu", [1, 2])
+def test_run_train_script(tmp_path, ngpu):
+    """The launcher, as a user runs it: default CONFIG_FILE, extra args passed through."""
+    env = dict(os.environ, NGPU=str(ngpu), PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [str(ROOT / "scripts" / "run_train.sh"), "--job.dump_folder", str(tmp_path), *TINY,
+         "--training.steps", "2"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert f"dp_shard={ngpu}" in result.stdout
+    tb = scalars(tmp_path)
+    assert sorted(tb["objectives/nitp/loss"]) == [1, 2]

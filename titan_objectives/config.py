@@ -58,10 +58,19 @@ class JobConfig:
     objectives: Objectives = field(default_factory=Objectives)  # type: ignore[valid-type]
 
 
+_TYPE_NAMES = {
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    bool: "true or false",
+    type(None): "None (leave the key out)",
+}
+
+
 def _type_name(expected: Any) -> str:
     if typing.get_origin(expected) is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(expected))
-    return getattr(expected, "__name__", str(expected))
+    return _TYPE_NAMES.get(expected, getattr(expected, "__name__", str(expected)))
 
 
 def _coerce(value: Any, expected: Any) -> Any:
@@ -87,17 +96,17 @@ def _coerce(value: Any, expected: Any) -> Any:
     if expected is type(None):
         if value is None:
             return None
-        raise TypeError("None")
+        raise TypeError(_type_name(expected))
     if expected is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(value):
                 raise TypeError("a finite number")
             return float(value)
-        raise TypeError("a number")
+        raise TypeError(_type_name(float))
     if expected is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise TypeError("an integer")
+        raise TypeError(_type_name(int))
     if expected in (bool, str):
         if isinstance(value, expected):
             return value

@@ -1,0 +1,237 @@
+"""The [objectives] section: TOML and CLI parsing, and every bad input named clearly."""
+
+import logging
+import re
+
+import pytest
+from helpers import DEBUG_CONFIG, run_module
+from torchtitan.config import ConfigManager
+
+from titan_objectives.config import ObjectivesConfigError
+from titan_objectives.integration.preflight import check_job_config, check_toml_file
+from titan_objectives.objectives.nitp import NITPOptions
+
+OBJECTIVES_BLOCK = re.compile(r"\[objectives\].*?(?=\n\[profiling\])", re.S)
+
+
+def write_config(tmp_path, objectives_toml: str):
+    """The debug config with its [objectives] tables replaced."""
+    path = tmp_path / "job.toml"
+    path.write_text(OBJECTIVES_BLOCK.sub(objectives_toml.strip() + "\n", DEBUG_CONFIG.read_text()))
+    return path
+
+
+def parse(path, *overrides):
+    """What the trainer does before building anything: parse, then check."""
+    argv = ["--job.config_file", str(path), *overrides]
+    check_toml_file(argv)
+    return check_job_config(ConfigManager().parse_args(argv))
+
+
+def test_toml_stack_and_options(tmp_path):
+    path = write_config(
+        tmp_path,
+        """
+        [objectives]
+        stack = ["ntp", "nitp"]
+        [objectives.nitp]
+        weight = 1       # an integer is a valid float
+        target_layer = 0
+        projector = "linear"
+        loss = "smooth_l1"
+        """,
+    )
+    checked = parse(path)
+    assert list(checked.options) == ["ntp", "nitp"]
+    assert checked.options["nitp"] == NITPOptions(
+        weight=1.0, target_layer=0, projector="linear", loss="smooth_l1"
+    )
+    assert isinstance(checked.options["nitp"].weight, float)
+    assert checked.model_info.n_layers == 6 and checked.model_info.dim == 256
+
+
+def test_cli_overrides_in_torchtitan_style(tmp_path):
+    path = write_config(tmp_path, '[objectives]\nstack = ["ntp"]')
+    checked = parse(
+        path, "--objectives.stack", "ntp,nitp", "--objectives.nitp.weight", "0.8",
+        "--objectives.nitp.target_layer", "3", "--objectives.nitp.loss", "mse",
+    )  # fmt: skip
+    assert list(checked.options) == ["ntp", "nitp"]
+    assert checked.options["nitp"] == NITPOptions(weight=0.8, target_layer=3, loss="mse")
+
+
+def test_model_name_and_flavor_stay_torchtitans(tmp_path):
+    config = ConfigManager().parse_args(["--job.config_file", str(DEBUG_CONFIG)])
+    assert (config.model.name, config.model.flavor) == ("llama3", "debugmodel")
+
+
+def test_default_target_layer_follows_the_model(tmp_path):
+    path = write_config(tmp_path, '[objectives]\nstack = ["ntp", "nitp"]')
+    checked = parse(path)
+    assert checked.options["nitp"].resolved_target_layer(checked.model_info) == 2  # ceil(1.2)
+
+
+BAD_CONFIGS = {
+    "unknown_objective": (
+        '[objectives]\nstack = ["ntp", "nitpp"]',
+        r"objectives\.stack: unknown objective 'nitpp'; registered objectives: .*nitp.*ntp",
+    ),
+    "unknown_option": (
+        '[objectives]\nstack = ["ntp", "nitp"]\n[objectives.nitp]\nwieght = 0.5',
+        r"unknown option objectives\.nitp\.wieght; allowed: weight, target_layer, projector, loss",
+    ),
+    "unknown_objective_table": (
+        '[objectives]\nstack = ["ntp"]\n[objectives.mystery]\nweight = 0.5',
+        r"unknown key objectives\.mystery; allowed: stack, .*\[objectives\.nitp\]",
+    ),
+    "unknown_section_key": (
+        '[objectives]\nstack = ["ntp"]\nstacks = ["ntp"]',
+        r"unknown key objectives\.stacks",
+    ),
+    "wrong_type": (
+        '[objectives]\nstack = ["ntp", "nitp"]\n[objectives.nitp]\nweight = "heavy"',
+        r"objectives\.nitp\.weight = 'heavy' has the wrong type; expected a number",
+    ),
+    "wrong_literal": (
+        '[objectives]\nstack = ["ntp", "nitp"]\n[objectives.nitp]\nprojector = "mlp"',
+        r"objectives\.nitp\.projector = 'mlp' has the wrong type; "
+        r"expected one of 'swiglu', 'linear', 'none'",
+    ),
+    "stack_not_a_list": ('[objectives]\nstack = "ntp"', r"objectives\.stack = 'ntp'"),
+    "negative_weight": (
+        '[objectives]\nstack = ["ntp", "nitp"]\n[objectives.nitp]\nweight = -0.5',
+        r"objectives\.nitp\.weight = -0\.5 is not allowed; expected a finite number >= 0",
+    ),
+    "nan_weight": (
+        '[objectives]\nstack = ["ntp", "nitp"]\n[objectives.nitp]\nweight = nan',
+        r"objectives\.nitp\.weight = nan has the wrong type; expected a finite number",
+    ),
+    "inf_weight": (
+        '[objectives]\nstack = ["ntp"]\n[objectives.ntp]\nweight = inf',
+        r"objectives\.ntp\.weight = inf has the wrong type; expected a finite number",
+    ),
+    "empty_stack": ("[objectives]\nstack = []", r"objectives\.stack is empty"),
+    "duplicate": (
+        '[objectives]\nstack = ["ntp", "nitp", "ntp"]',
+        r"objectives\.stack = \['ntp', 'nitp', 'ntp'\] names ntp more than once",
+    ),
+    "target_layer_too_deep": (
+        '[objectives]\nstack = ["ntp", "nitp"]\n[objectives.nitp]\ntarget_layer = 6',
+        r"objectives\.nitp\.target_layer = 6 is not allowed; expected an integer in 0\.\.5 "
+        r"for a model with 6 blocks",
+    ),
+    "target_layer_negative": (
+        '[objectives]\nstack = ["ntp", "nitp"]\n[objectives.nitp]\ntarget_layer = -1',
+        r"objectives\.nitp\.target_layer = -1 is not allowed",
+    ),
+    "target_layer_float": (
+        '[objectives]\nstack = ["ntp", "nitp"]\n[objectives.nitp]\ntarget_layer = 2.5',
+        r"objectives\.nitp\.target_layer = 2\.5 has the wrong type; expected an integer or None",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFIGS))
+def test_bad_config_is_named(tmp_path, case):
+    toml, message = BAD_CONFIGS[case]
+    with pytest.raises(ObjectivesConfigError, match=message):
+        parse(write_config(tmp_path, toml))
+
+
+BAD_OVERRIDES = {
+    "cli_negative_weight": (
+        ["--objectives.stack", "ntp,nitp", "--objectives.nitp.weight", "-1"],
+        r"objectives\.nitp\.weight = -1\.0 is not allowed",
+    ),
+    "cli_unknown_objective": (["--objectives.stack", "ntp,foo"], r"unknown objective 'foo'"),
+    "cli_tensor_parallel_nitp": (
+        ["--objectives.stack", "ntp,nitp", "--parallelism.tensor_parallel_degree", "2"],
+        r"objectives\.stack = \['ntp', 'nitp'\] with parallelism\.tensor_parallel_degree = 2",
+    ),
+    "cli_pipeline_parallel_nitp": (
+        ["--objectives.stack", "ntp,nitp", "--parallelism.pipeline_parallel_degree", "2"],
+        r"pipeline_parallel_degree = 2: only a plain ntp stack",
+    ),
+    "cli_context_parallel_nitp": (
+        ["--objectives.stack", "ntp,nitp", "--parallelism.context_parallel_degree", "2"],
+        r"context_parallel_degree = 2: context parallelism reorders",
+    ),
+    "missing_dataset": (
+        ["--training.dataset_path", "/no/such/corpus.txt"],
+        r"training\.dataset_path: dataset path '/no/such/corpus\.txt' does not exist",
+    ),
+    "missing_tokenizer": (
+        ["--model.hf_assets_path", "/no/such/tokenizer"],
+        r"model\.hf_assets_path = '/no/such/tokenizer' has no tokenizer\.json",
+    ),
+    "unknown_flavor": (
+        ["--model.flavor", "tinymodel"],
+        r"model\.flavor = 'tinymodel' is not a llama3 flavor; available: debugmodel",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_OVERRIDES))
+def test_bad_override_is_named(case):
+    overrides, message = BAD_OVERRIDES[case]
+    with pytest.raises(ObjectivesConfigError, match=message):
+        parse(DEBUG_CONFIG, *overrides)
+
+
+def test_options_for_an_objective_not_in_the_stack_warn(tmp_path, caplog):
+    path = write_config(tmp_path, '[objectives]\nstack = ["ntp"]\n[objectives.nitp]\nweight = 0.5')
+    with caplog.at_level(logging.WARNING, logger="titan_objectives.config"):
+        checked = parse(path)
+    assert list(checked.options) == ["ntp"]
+    assert "[objectives.nitp] is set but 'nitp' is not in objectives.stack" in caplog.text
+
+
+def test_a_stack_without_ntp_warns(tmp_path, caplog):
+    path = write_config(tmp_path, '[objectives]\nstack = ["nitp"]')
+    with caplog.at_level(logging.WARNING, logger="titan_objectives.config"):
+        checked = parse(path)
+    assert list(checked.options) == ["nitp"]
+    assert "has no 'ntp'" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["--objectives.stack", "ntp,nitpp"], "unknown objective 'nitpp'"),
+        (["--objectives.nitp.target_layer", "9"], "objectives.nitp.target_layer = 9"),
+    ],
+)
+def test_trainer_exits_before_building_the_model(overrides, message):
+    result = run_module(
+        "titan_objectives.train", "--job.config_file", str(DEBUG_CONFIG), *overrides
+    )
+    assert result.returncode == 2, result.stdout[-3000:]
+    assert "titan-objectives: config error: objectives." in result.stdout
+    assert message in result.stdout
+    assert "Building llama3" not in result.stdout
+
+
+def test_trainer_rejects_unknown_toml_option_before_torchtitan(tmp_path):
+    path = write_config(tmp_path, '[objectives]\nstack = ["ntp", "nitp"]\n[objectives.nitp]\nk = 2')
+    result = run_module("titan_objectives.train", "--job.config_file", str(path))
+    assert result.returncode == 2
+    assert "unknown option objectives.nitp.k; allowed: weight, target_layer" in result.stdout
+
+
+def test_unknown_cli_flag_is_rejected_by_the_parser():
+    result = run_module(
+        "titan_objectives.train", "--job.config_file", str(DEBUG_CONFIG),
+        "--objectives.nitp.wieght", "0.5",
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "--objectives.nitp.wieght" in result.stdout
+
+
+@pytest.mark.parametrize("path", sorted((DEBUG_CONFIG.parent).glob("*.toml")), ids=lambda p: p.name)
+def test_bundled_configs_validate(path):
+    # The 8B config names a tokenizer the user downloads; any tokenizer does for validation.
+    checked = parse(path, "--model.hf_assets_path", "assets/tokenizer-bpe2k-tiny")
+    assert checked.options["ntp"].weight == 1.0
+    if path.name == "llama3_8b_nitp.toml":
+        assert checked.model_info.n_layers == 32
+        assert checked.options["nitp"].target_layer == 6
