@@ -17,6 +17,7 @@ def main() -> None:
 
     register_datasets()
     torchtitan.train.main(torchtitan.train.Trainer)
+    cpu_runtime.exit_after_training()
 
 
 if __name__ == "__main__":

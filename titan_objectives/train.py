@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> None:
         torchtitan.train.main(ObjectiveTrainer)
     except ObjectivesConfigError as error:
         exit_on_config_error(error)
+    cpu_runtime.exit_after_training()
 
 
 if __name__ == "__main__":
