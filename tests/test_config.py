@@ -78,7 +78,8 @@ BAD_CONFIGS = {
     ),
     "unknown_option": (
         '[objectives]\nstack = ["ntp", "nitp"]\n[objectives.nitp]\nwieght = 0.5',
-        r"unknown option objectives\.nitp\.wieght; allowed: weight, target_layer, projector, loss",
+        r"unknown option objectives\.nitp\.wieght; allowed: weight, schedule, warmup_steps, "
+        r"switch_step, weight_after, target_layer, projector, loss",
     ),
     "unknown_objective_table": (
         '[objectives]\nstack = ["ntp"]\n[objectives.mystery]\nweight = 0.5',
@@ -128,6 +129,37 @@ BAD_CONFIGS = {
         '[objectives]\nstack = ["ntp", "nitp"]\n[objectives.nitp]\ntarget_layer = 2.5',
         r"objectives\.nitp\.target_layer = 2\.5 has the wrong type; expected an integer or None",
     ),
+    "mtp_depth_zero": (
+        '[objectives]\nstack = ["ntp", "mtp"]\n[objectives.mtp]\ndepth = 0',
+        r"objectives\.mtp\.depth = 0 is not allowed; expected an integer >= 1",
+    ),
+    "mtp_unknown_variant": (
+        '[objectives]\nstack = ["ntp", "mtp"]\n[objectives.mtp]\nvariant = "medusa"',
+        r"objectives\.mtp\.variant = 'medusa' has the wrong type; "
+        r"expected one of 'deepseek', 'parallel'",
+    ),
+    "mtp_depth_beyond_sequence": (
+        '[objectives]\nstack = ["ntp", "mtp"]\n[objectives.mtp]\ndepth = 256',
+        r"objectives\.mtp\.depth = 256 is not allowed; expected an integer < "
+        r"training\.seq_len = 256",
+    ),
+    "chunk_size_negative": (
+        '[objectives]\nstack = ["ntp"]\n[objectives.ntp]\nchunk_size = -8',
+        r"objectives\.ntp\.chunk_size = -8 is not allowed; expected 0 \(off\) or a number",
+    ),
+    "mtp_chunk_size_negative": (
+        '[objectives]\nstack = ["ntp", "mtp"]\n[objectives.mtp]\nchunk_size = -1',
+        r"objectives\.mtp\.chunk_size = -1 is not allowed",
+    ),
+    "schedule_without_parameters": (
+        '[objectives]\nstack = ["ntp", "mtp"]\n[objectives.mtp]\nschedule = "step"',
+        r"objectives\.mtp\.switch_step = 0 is not allowed; expected an integer >= 1 with "
+        r"schedule = 'step'",
+    ),
+    "warmup_without_steps": (
+        '[objectives]\nstack = ["ntp", "nitp"]\n[objectives.nitp]\nschedule = "linear_warmup"',
+        r"objectives\.nitp\.warmup_steps = 0 is not allowed",
+    ),
 }
 
 
@@ -146,7 +178,8 @@ BAD_OVERRIDES = {
     "cli_unknown_objective": (["--objectives.stack", "ntp,foo"], r"unknown objective 'foo'"),
     "cli_tensor_parallel_nitp": (
         ["--objectives.stack", "ntp,nitp", "--parallelism.tensor_parallel_degree", "2"],
-        r"objectives\.stack = \['ntp', 'nitp'\] with parallelism\.tensor_parallel_degree = 2",
+        r"objectives\.stack = \[.ntp., .nitp.\] with parallelism\.tensor_parallel_degree = 2: "
+        r"only a plain ntp",
     ),
     "cli_pipeline_parallel_nitp": (
         ["--objectives.stack", "ntp,nitp", "--parallelism.pipeline_parallel_degree", "2"],
@@ -163,6 +196,14 @@ BAD_OVERRIDES = {
     "missing_tokenizer": (
         ["--model.hf_assets_path", "/no/such/tokenizer"],
         r"model\.hf_assets_path = '/no/such/tokenizer' has no tokenizer\.json",
+    ),
+    "mtp_reshard_always": (
+        ["--objectives.stack", "ntp,mtp", "--parallelism.fsdp_reshard_after_forward", "always"],
+        r"fsdp_reshard_after_forward = 'always' with mtp: they read the output head",
+    ),
+    "mtp_flex_attention": (
+        ["--objectives.stack", "ntp,mtp", "--model.flavor", "debugmodel_flex_attn"],
+        r"mtp with model\.flavor = 'debugmodel_flex_attn' \(attn_type 'flex'\)",
     ),
     "unknown_flavor": (
         ["--model.flavor", "tinymodel"],
@@ -215,7 +256,7 @@ def test_trainer_rejects_unknown_toml_option_before_torchtitan(tmp_path):
     path = write_config(tmp_path, '[objectives]\nstack = ["ntp", "nitp"]\n[objectives.nitp]\nk = 2')
     result = run_module("titan_objectives.train", "--job.config_file", str(path))
     assert result.returncode == 2
-    assert "unknown option objectives.nitp.k; allowed: weight, target_layer" in result.stdout
+    assert "unknown option objectives.nitp.k; allowed: weight, schedule" in result.stdout
 
 
 def test_unknown_cli_flag_is_rejected_by_the_parser():

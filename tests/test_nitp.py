@@ -9,7 +9,7 @@ from titan_objectives import Features, ModelInfo, get_objective
 from titan_objectives.objectives.nitp import NITPOptions
 
 DIM, LAYERS, BATCH, SEQ = 8, 6, 2, 7
-MODEL = ModelInfo(dim=DIM, n_layers=LAYERS, vocab_size=32)
+MODEL = ModelInfo(dim=DIM, n_layers=LAYERS, vocab_size=32, seq_len=SEQ)
 
 
 def make_nitp(**options):
@@ -132,7 +132,7 @@ def test_last_position_has_no_target():
     ("n_layers", "expected"), [(24, 5), (28, 6), (17, 4), (6, 2), (12, 3), (2, 1), (1, 0)]
 )
 def test_default_target_layer_is_paper_rule(n_layers, expected):
-    model = ModelInfo(dim=DIM, n_layers=n_layers, vocab_size=32)
+    model = ModelInfo(dim=DIM, n_layers=n_layers, vocab_size=32, seq_len=SEQ)
     assert NITPOptions().resolved_target_layer(model) == expected
     assert expected == min(n_layers - 1, max(1, math.ceil(0.2 * n_layers)))
 

@@ -4,7 +4,7 @@ from torchtitan.components.loss import cross_entropy_loss
 
 from titan_objectives import Features, ModelInfo, get_objective
 
-MODEL = ModelInfo(dim=8, n_layers=2, vocab_size=11)
+MODEL = ModelInfo(dim=8, n_layers=2, vocab_size=11, seq_len=5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -94,7 +94,9 @@ def test_entry_points_are_discovered(clean_registry, installed_plugin, monkeypat
     cls = objectives["hidden_rms"]
     from titan_objectives import Features, ModelInfo
 
-    objective = cls(cls.Options(target_rms=2.0), ModelInfo(dim=4, n_layers=2, vocab_size=8))
+    objective = cls(
+        cls.Options(target_rms=2.0), ModelInfo(dim=4, n_layers=2, vocab_size=8, seq_len=3)
+    )
     hidden = torch.ones(1, 3, 4)  # rms 1 everywhere
     labels = torch.tensor([[1, -100, 2]])
     out = objective(Features(labels=labels, final_hidden=hidden))

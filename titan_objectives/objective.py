@@ -10,7 +10,7 @@ term by the same global token count, exactly as torchtitan does for cross-entrop
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 from torch import nn
@@ -31,13 +31,46 @@ class OptionError(ValueError):
         super().__init__(f"{option} = {value!r} is not allowed; expected {allowed}")
 
 
+class SharedModules(Protocol):
+    """The model's own pieces an objective may reuse: weights are shared, never copied.
+
+    Implemented per model family by the integration layer, so objectives never import a
+    model class. Use them only inside ``forward`` (they are materialized and possibly
+    sharded after the objective is built)."""
+
+    def output_weight(self) -> torch.Tensor:
+        """The LM head's ``[vocab, dim]`` weight, as the forward pass just used it."""
+        ...
+
+    def new_block(self, index: int) -> nn.Module:
+        """A fresh transformer block of the model's own kind; ``index`` is its position
+        in depth (``n_layers`` for the first block after the trunk), which sets its init."""
+        ...
+
+    def init_block(self, block: nn.Module) -> None:
+        """Initialize a block from ``new_block`` the way the model initializes its own."""
+        ...
+
+    def run_block(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """Apply a block to ``[batch, seq, dim]`` hidden states (with the model's rotary
+        embedding and causal attention)."""
+        ...
+
+
 @dataclass(frozen=True)
 class ModelInfo:
-    """The few facts about the trunk that objectives may size themselves from."""
+    """The few facts about the trunk that objectives size themselves from, and (once the
+    model exists) the modules they may share with it."""
 
     dim: int
     n_layers: int
     vocab_size: int
+    seq_len: int
+    norm_eps: float = 1e-5
+    shared: SharedModules | None = field(default=None, compare=False, repr=False)
+
+
+WeightSchedule = Literal["constant", "linear_warmup", "step"]
 
 
 @dataclass
@@ -48,10 +81,46 @@ class ObjectiveOptions:
     weight: float = 1.0
     """Multiplier of this objective's loss in the total (lambda). Must be finite and >= 0."""
 
+    schedule: WeightSchedule = "constant"
+    """How the weight follows the training step: 'constant'; 'linear_warmup' (0 to
+    `weight` over `warmup_steps`); 'step' (`weight`, then `weight_after` from `switch_step`)."""
+
+    warmup_steps: int = 0
+    """Steps of the linear warm-up (schedule = 'linear_warmup')."""
+
+    switch_step: int = 0
+    """First step that uses `weight_after` (schedule = 'step')."""
+
+    weight_after: float | None = None
+    """Weight from `switch_step` on (schedule = 'step'), e.g. DeepSeek-V3's 0.3 -> 0.1."""
+
     def validate(self, model: ModelInfo) -> None:
         """Check values against the model; raise ``OptionError`` for a bad one."""
         if not math.isfinite(self.weight) or self.weight < 0:
             raise OptionError("weight", self.weight, "a finite number >= 0")
+        if self.schedule == "linear_warmup" and self.warmup_steps < 1:
+            raise OptionError(
+                "warmup_steps", self.warmup_steps, "an integer >= 1 with schedule = 'linear_warmup'"
+            )
+        if self.schedule == "step":
+            if self.switch_step < 1:
+                raise OptionError(
+                    "switch_step", self.switch_step, "an integer >= 1 with schedule = 'step'"
+                )
+            if self.weight_after is None or not (
+                math.isfinite(self.weight_after) and self.weight_after >= 0
+            ):
+                raise OptionError(
+                    "weight_after", self.weight_after, "a finite number >= 0 with schedule = 'step'"
+                )
+
+    def weight_at(self, step: int) -> float:
+        """The weight at training step ``step`` (torchtitan counts steps from 1)."""
+        if self.schedule == "linear_warmup":
+            return self.weight * min(1.0, step / self.warmup_steps)
+        if self.schedule == "step" and step >= self.switch_step:
+            return self.weight_after
+        return self.weight
 
 
 @dataclass(frozen=True)

@@ -29,12 +29,18 @@ class ObjectiveStack(nn.ModuleDict):
 
     def __init__(self, options: dict[str, ObjectiveOptions], model: ModelInfo):
         super().__init__({name: get_objective(name)(opts, model) for name, opts in options.items()})
+        self.step = 1
 
     def objectives(self) -> dict[str, Objective]:
         return {name: cast(Objective, module) for name, module in self.items()}
 
     def weights(self) -> dict[str, float]:
-        return {name: obj.options.weight for name, obj in self.objectives().items()}
+        """Each objective's weight at the current step (see ``set_step``)."""
+        return {name: obj.options.weight_at(self.step) for name, obj in self.objectives().items()}
+
+    def set_step(self, step: int) -> None:
+        """The training step the next forward belongs to, for weight schedules."""
+        self.step = step
 
     def requirements(self) -> Requirements:
         merged = Requirements()

@@ -5,8 +5,10 @@ adapter captures. One adapter per model family; all of torchtitan's decoder LMs 
 layout ``tok_embeddings -> layers["0".."n-1"] -> norm -> output``.
 """
 
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,12 +17,58 @@ from torch import nn
 from titan_objectives.objective import ModelInfo, Requirements
 
 
-class DecoderAdapter:
-    """torchtitan's decoder-only language models."""
+class DecoderSharedModules:
+    """``SharedModules`` of a torchtitan decoder: looked up on the live model at each
+    call, so they see the parameters as parallelization left them."""
 
-    def model_info(self, model_args: Any) -> ModelInfo:
+    def __init__(self, model: nn.Module, model_args: Any, block_cls: type[nn.Module]):
+        self._model = model
+        self._model_args = model_args
+        self._block_cls = block_cls
+
+    def output_weight(self) -> torch.Tensor:
+        return self._model.output.weight
+
+    def new_block(self, index: int) -> nn.Module:
+        return self._block_cls(index, self._model_args)
+
+    def init_block(self, block: nn.Module) -> None:
+        if "buffer_device" in inspect.signature(block.init_weights).parameters:
+            block.init_weights(buffer_device=self._model.freqs_cis.device)
+        else:
+            block.init_weights()
+
+    def run_block(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        return block(hidden, self._model.freqs_cis, attention_masks=None)
+
+
+@dataclass(frozen=True)
+class DecoderAdapter:
+    """torchtitan's decoder-only language models; ``block_module`` names the module
+    whose ``TransformerBlock`` the objectives' extra blocks are built from."""
+
+    block_module: str
+
+    def block_class(self) -> type[nn.Module]:
+        import importlib
+
+        return importlib.import_module(self.block_module).TransformerBlock
+
+    def model_info(
+        self, model_args: Any, seq_len: int, model: nn.Module | None = None
+    ) -> ModelInfo:
+        shared = (
+            DecoderSharedModules(model, model_args, self.block_class())
+            if model is not None
+            else None
+        )
         return ModelInfo(
-            dim=model_args.dim, n_layers=model_args.n_layers, vocab_size=model_args.vocab_size
+            dim=model_args.dim,
+            n_layers=model_args.n_layers,
+            vocab_size=model_args.vocab_size,
+            seq_len=seq_len,
+            norm_eps=getattr(model_args, "norm_eps", 1e-5),
+            shared=shared,
         )
 
     def layer_module(self, model: nn.Module, layer: int) -> nn.Module:
@@ -32,8 +80,14 @@ class DecoderAdapter:
     def final_norm(self, model: nn.Module) -> nn.Module:
         return model.norm
 
+    def output_head(self, model: nn.Module) -> nn.Module:
+        return model.output
 
-_adapters: dict[str, DecoderAdapter] = {"llama3": DecoderAdapter()}
+
+_adapters: dict[str, DecoderAdapter] = {
+    "llama3": DecoderAdapter("torchtitan.models.llama3.model.model"),
+    "deepseek_v3": DecoderAdapter("torchtitan.models.deepseek_v3.model.model"),
+}
 
 
 def register_model_adapter(model_name: str, adapter: DecoderAdapter) -> None:
@@ -65,6 +119,15 @@ class HiddenStateTap:
             adapter.final_norm(model).register_forward_hook(self._keep("final"))
         for layer in sorted(needs.layers):
             adapter.layer_module(model, layer).register_forward_hook(self._keep(layer))
+        if not needs.logits:
+            # Nobody reads the logits: let the head run on zero positions.
+            adapter.output_head(model).register_forward_pre_hook(self._skip_positions)
+
+    def _skip_positions(self, module: nn.Module, args: tuple) -> tuple | None:
+        if self._captured is None:
+            return None  # validation and other callers get the full logits
+        hidden, *rest = args
+        return (hidden[:, :0], *rest)
 
     def _keep(self, key: int | str):
         def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:

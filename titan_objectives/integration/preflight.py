@@ -23,10 +23,6 @@ class CheckedConfig:
     model_info: ModelInfo
     options: dict[str, ObjectiveOptions]
 
-    @property
-    def ntp_only(self) -> bool:
-        return list(self.options) == ["ntp"] and self.options["ntp"].weight == 1.0
-
 
 def config_file_from_argv(argv: list[str]) -> str | None:
     """The TOML path on a torchtitan command line (``--job.config_file``), if any."""
@@ -97,31 +93,54 @@ def _model_info(job_config: Any) -> tuple[DecoderAdapter, ModelInfo]:
         raise ObjectivesConfigError(
             f"model.flavor = {flavor!r} is not a {name} flavor; available: {', '.join(flavors)}"
         )
-    return adapter, adapter.model_info(flavors[flavor])
+    return adapter, adapter.model_info(flavors[flavor], job_config.training.seq_len)
+
+
+def _reads_output_head(name: str, options: ObjectiveOptions) -> bool:
+    """Whether an objective uses the LM head's weight outside the model's forward."""
+    return name == "mtp" or getattr(options, "chunk_size", 0) > 0
 
 
 def _check_parallelism(job_config: Any, options: dict[str, ObjectiveOptions]) -> None:
     parallelism = job_config.parallelism
-    beyond_ntp = [name for name in options if name != "ntp"]
     stack = f"{SECTION}.stack = {list(options)!r}"
-    if parallelism.pipeline_parallel_degree > 1 and (beyond_ntp or options["ntp"].weight != 1.0):
+    # torchtitan's own loss path, which every parallelism supports.
+    plain_ntp = list(options) == ["ntp"] and options["ntp"] == type(options["ntp"])()
+    shifted = [name for name in options if name != "ntp"]
+    head_readers = [name for name, opts in options.items() if _reads_output_head(name, opts)]
+
+    if parallelism.pipeline_parallel_degree > 1 and not plain_ntp:
         raise ObjectivesConfigError(
             f"{stack} with parallelism.pipeline_parallel_degree = "
-            f"{parallelism.pipeline_parallel_degree}: only a plain ntp stack runs under "
-            "pipeline parallelism (the loss is computed inside torchtitan's schedule on the "
-            "last stage, which does not see other stages' hidden states); use FSDP/TP instead"
+            f"{parallelism.pipeline_parallel_degree}: only a plain ntp stack (default options) "
+            "runs under pipeline parallelism (the loss is computed inside torchtitan's "
+            "schedule on the last stage, which does not see other stages' hidden states); "
+            "use FSDP instead"
         )
-    if parallelism.context_parallel_degree > 1 and beyond_ntp:
+    if parallelism.context_parallel_degree > 1 and shifted:
         raise ObjectivesConfigError(
             f"{stack} with parallelism.context_parallel_degree = "
             f"{parallelism.context_parallel_degree}: context parallelism reorders the "
-            f"sequence, which {', '.join(beyond_ntp)} shift by position; use FSDP instead"
+            f"sequence, which {', '.join(shifted)} shift by position; use FSDP instead"
         )
-    if parallelism.tensor_parallel_degree > 1 and beyond_ntp:
+    if parallelism.tensor_parallel_degree > 1 and not plain_ntp:
         raise ObjectivesConfigError(
             f"{stack} with parallelism.tensor_parallel_degree = "
-            f"{parallelism.tensor_parallel_degree}: {', '.join(beyond_ntp)} under tensor "
-            "parallelism is not supported yet; use FSDP (data_parallel_shard_degree) instead"
+            f"{parallelism.tensor_parallel_degree}: only a plain ntp stack (default options) "
+            "runs under tensor parallelism yet; use FSDP (data_parallel_shard_degree) instead"
+        )
+    if head_readers and parallelism.fsdp_reshard_after_forward == "always":
+        raise ObjectivesConfigError(
+            f"parallelism.fsdp_reshard_after_forward = 'always' with "
+            f"{', '.join(head_readers)}: they read the output head's weight after the forward, "
+            "which 'always' frees; use 'default' or 'never'"
+        )
+    model_args = get_train_spec(job_config.model.name).model_args[job_config.model.flavor]
+    attn_type = getattr(model_args, "attn_type", "sdpa")
+    if "mtp" in options and attn_type != "sdpa":
+        raise ObjectivesConfigError(
+            f"mtp with model.flavor = {job_config.model.flavor!r} (attn_type {attn_type!r}): "
+            "MTP blocks run with causal SDPA attention; use a flavor with attn_type 'sdpa'"
         )
 
 
@@ -147,6 +166,11 @@ def _check_paths(job_config: Any) -> None:
 
 def check_job_config(job_config: Any) -> CheckedConfig:
     """Everything the objectives need from a parsed job config, validated."""
+    if not hasattr(job_config, SECTION):
+        raise ObjectivesConfigError(
+            "the job config has no [objectives] section: set [job] custom_config_module = "
+            '"titan_objectives.config" in the TOML (or --job.custom_config_module)'
+        )
     adapter, model_info = _model_info(job_config)
     options = resolve_stack(job_config.objectives, model_info)
     _check_parallelism(job_config, options)

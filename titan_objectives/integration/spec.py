@@ -29,7 +29,8 @@ def model_class_with_objectives(
     class ModelWithObjectives(model_cls):  # type: ignore[valid-type, misc]
         def __init__(self, model_args: Any):
             super().__init__(model_args)
-            self.objectives = ObjectiveStack(options, adapter.model_info(model_args))
+            info = adapter.model_info(model_args, model_args.max_seq_len, model=self)
+            self.objectives = ObjectiveStack(options, info)
 
         def init_weights(self, *args: Any, **kwargs: Any) -> None:
             super().init_weights(*args, **kwargs)

@@ -8,7 +8,6 @@ import torch
 import torchtitan.protocols.train_spec as train_spec_module
 from torchtitan.train import Trainer
 
-from titan_objectives.config import SECTION, ObjectivesConfigError
 from titan_objectives.integration.metrics import ObjectiveMetrics
 from titan_objectives.integration.model_adapter import HiddenStateTap
 from titan_objectives.integration.preflight import check_job_config
@@ -39,11 +38,6 @@ class ObjectiveTrainer(Trainer):
     hidden_states: HiddenStateTap
 
     def __init__(self, job_config: Any):
-        if not hasattr(job_config, SECTION):
-            raise ObjectivesConfigError(
-                "the job config has no [objectives] section: set [job] custom_config_module = "
-                '"titan_objectives.config" in the TOML (or --job.custom_config_module)'
-            )
         checked = check_job_config(job_config)
         name = job_config.model.name
         spec = wrap_train_spec(
@@ -64,6 +58,8 @@ class ObjectiveTrainer(Trainer):
 
     def train_step(self, data_iterator: Any) -> None:
         self.objective_metrics.reset()
+        self.objective_stack.set_step(self.step)
+        self.objective_metrics.weights = self.objective_stack.weights()
         super().train_step(data_iterator)
 
     def forward_backward_step(
@@ -74,7 +70,7 @@ class ObjectiveTrainer(Trainer):
         global_valid_tokens: torch.Tensor,
     ) -> torch.Tensor:
         if self.parallel_dims.pp_enabled:
-            # Only a plain ntp stack passes preflight with PP: torchtitan's own path is it.
+            # Only a plain ntp stack passes preflight with PP: torchtitan's path is exactly it.
             loss = super().forward_backward_step(
                 input_dict=input_dict, labels=labels, global_valid_tokens=global_valid_tokens
             )

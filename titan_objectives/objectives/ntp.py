@@ -2,15 +2,14 @@
 
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
-
+from titan_objectives.losses import cross_entropy_sum, linear_cross_entropy_sum
 from titan_objectives.objective import (
-    IGNORE_INDEX,
     Features,
+    ModelInfo,
     Objective,
     ObjectiveOptions,
     ObjectiveOutput,
+    OptionError,
     Requirements,
 )
 from titan_objectives.registry import register_objective
@@ -18,31 +17,41 @@ from titan_objectives.registry import register_objective
 
 @dataclass
 class NTPOptions(ObjectiveOptions):
-    pass
+    chunk_size: int = 0
+    """0: cross-entropy of the model's logits (torchtitan's path, bit for bit). N > 0: the
+    memory-efficient linear cross-entropy, N tokens at a time; the model then skips its
+    full logits."""
 
-
-def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy summed over positions whose label is not ``IGNORE_INDEX``.
-
-    fp32 logits, as torchtitan's ``cross_entropy_loss``: an NTP-only stack must give the
-    same numbers as plain torchtitan, bit for bit.
-    """
-    return F.cross_entropy(
-        logits.flatten(0, 1).float(),
-        labels.flatten(0, 1),
-        reduction="sum",
-        ignore_index=IGNORE_INDEX,
-    )
+    def validate(self, model: ModelInfo) -> None:
+        super().validate(model)
+        if self.chunk_size < 0:
+            raise OptionError("chunk_size", self.chunk_size, "0 (off) or a number of tokens > 0")
 
 
 @register_objective("ntp")
 class NextTokenPrediction(Objective):
-    """Cross-entropy of the model's logits against the next token."""
+    """Cross-entropy of the next token, from the logits or from the final hidden state."""
 
     Options = NTPOptions
+    options: NTPOptions
+
+    def __init__(self, options: NTPOptions, model: ModelInfo):
+        super().__init__(options, model)
+        self.shared = model.shared
 
     def requirements(self) -> Requirements:
+        if self.options.chunk_size:
+            return Requirements(final_hidden=True)
         return Requirements(logits=True)
 
     def forward(self, features: Features) -> ObjectiveOutput:
-        return ObjectiveOutput(cross_entropy_sum(features.logits, features.labels))
+        if self.options.chunk_size:
+            loss_sum = linear_cross_entropy_sum(
+                features.final_hidden,
+                self.shared.output_weight(),
+                features.labels,
+                self.options.chunk_size,
+            )
+        else:
+            loss_sum = cross_entropy_sum(features.logits, features.labels)
+        return ObjectiveOutput(loss_sum)

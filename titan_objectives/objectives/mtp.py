@@ -1,0 +1,184 @@
+"""``mtp``: multi-token prediction, two ways of predicting tokens beyond the next one.
+
+``deepseek`` (DeepSeek-V3): D sequential modules. Module k joins ``RMSNorm(h^{k-1}_i)`` and
+``RMSNorm(Emb(t_{i+k}))`` with a 2d -> d projection, runs one transformer block of the
+model's own kind, and predicts t_{i+k+1} through its own norm and the model's shared
+output head. ``h^0`` is the trunk's last block output; the embeddings are the model's own
+embedding outputs, shifted, so the embedding is shared without a second lookup.
+
+``parallel`` (Gloeckle et al. 2024): D independent heads on the trunk's last block
+output, each one block of the model's kind, its own norm, and the shared output head;
+head k predicts t_{i+k+1}.
+
+In both, depth k predicts k tokens beyond the next one. The objective returns
+``(1/D) sum_k CE_k`` (so ``weight`` is DeepSeek-V3's lambda) and each ``CE_k`` as the
+metric ``depth_k``. Positions whose shifted label falls past the end of the sequence, or
+is -100, or whose input token t_{i+k} is a padding position, score nothing.
+"""
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from titan_objectives.losses import cross_entropy_sum, linear_cross_entropy_sum
+from titan_objectives.objective import (
+    IGNORE_INDEX,
+    Features,
+    MeanMetric,
+    ModelInfo,
+    Objective,
+    ObjectiveOptions,
+    ObjectiveOutput,
+    OptionError,
+    Requirements,
+    SharedModules,
+)
+from titan_objectives.registry import register_objective
+
+MTPVariant = Literal["deepseek", "parallel"]
+
+
+@dataclass
+class MTPOptions(ObjectiveOptions):
+    weight: float = 0.3
+    """Lambda of (1/D) sum_k CE_k. DeepSeek-V3: 0.3, then 0.1 (schedule = 'step')."""
+
+    variant: MTPVariant = "deepseek"
+    """'deepseek': sequential modules (DeepSeek-V3); 'parallel': independent heads
+    (Gloeckle et al. 2024)."""
+
+    depth: int = 1
+    """D, the number of extra tokens predicted (DeepSeek-V3 used 1)."""
+
+    chunk_size: int = 0
+    """0: full logits per depth. N > 0: memory-efficient linear cross-entropy, N tokens at
+    a time."""
+
+    recompute_heads: bool = False
+    """Recompute each depth's forward in backward instead of keeping its activations, so
+    activation memory does not grow with D (costs one extra forward per depth)."""
+
+    def validate(self, model: ModelInfo) -> None:
+        super().validate(model)
+        if self.depth < 1:
+            raise OptionError("depth", self.depth, "an integer >= 1")
+        if self.depth >= model.seq_len:
+            raise OptionError(
+                "depth",
+                self.depth,
+                f"an integer < training.seq_len = {model.seq_len}: depth k scores positions "
+                f"i < seq_len - k, so depth {self.depth} would score none",
+            )
+        if self.chunk_size < 0:
+            raise OptionError("chunk_size", self.chunk_size, "0 (off) or a number of tokens > 0")
+
+
+def shift_left(x: torch.Tensor, k: int, fill: float | int) -> torch.Tensor:
+    """``out[:, i] = x[:, i + k]``; the last k positions are ``fill``."""
+    tail = x.new_full((x.shape[0], k, *x.shape[2:]), fill)
+    return torch.cat([x[:, k:], tail], dim=1)
+
+
+def depth_labels(labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Targets of depth k: ``labels[:, i + k]`` (token i+k+1), ignored past the end or
+    where the input token t_{i+k} (``labels[:, i+k-1]``) is itself a padding position."""
+    target = shift_left(labels, k, IGNORE_INDEX)
+    input_is_padding = shift_left(labels, k - 1, IGNORE_INDEX) == IGNORE_INDEX
+    return target.masked_fill(input_is_padding, IGNORE_INDEX)
+
+
+class DeepSeekMTPModule(nn.Module):
+    def __init__(self, model: ModelInfo, block: nn.Module):
+        super().__init__()
+        self.hidden_norm = nn.RMSNorm(model.dim, eps=model.norm_eps)
+        self.embedding_norm = nn.RMSNorm(model.dim, eps=model.norm_eps)
+        self.projection = nn.Linear(2 * model.dim, model.dim, bias=False)
+        self.block = block
+        self.norm = nn.RMSNorm(model.dim, eps=model.norm_eps)
+
+
+class ParallelHead(nn.Module):
+    def __init__(self, model: ModelInfo, block: nn.Module):
+        super().__init__()
+        self.block = block
+        self.norm = nn.RMSNorm(model.dim, eps=model.norm_eps)
+
+
+@register_objective("mtp")
+class MultiTokenPrediction(Objective):
+    Options = MTPOptions
+    options: MTPOptions
+
+    def __init__(self, options: MTPOptions, model: ModelInfo):
+        super().__init__(options, model)
+        if model.shared is None:
+            raise ValueError("mtp needs the model's shared modules (ModelInfo.shared)")
+        self.shared: SharedModules = model.shared
+        module_cls = DeepSeekMTPModule if options.variant == "deepseek" else ParallelHead
+        self.depths = nn.ModuleList(
+            module_cls(model, model.shared.new_block(model.n_layers + k))
+            for k in range(options.depth)
+        )
+
+    def requirements(self) -> Requirements:
+        layers = {self.model_info.n_layers}
+        if self.options.variant == "deepseek":
+            layers.add(0)  # the embedding outputs, shifted, are Emb(t_{i+k})
+        return Requirements(layers=frozenset(layers))
+
+    def init_weights(self) -> None:
+        std = self.model_info.dim**-0.5
+        for module in self.depths:
+            for norm in (m for m in module.modules() if isinstance(m, nn.RMSNorm)):
+                norm.reset_parameters()
+            if isinstance(module, DeepSeekMTPModule):
+                nn.init.trunc_normal_(module.projection.weight, std=std, a=-3 * std, b=3 * std)
+            self.shared.init_block(module.block)
+
+    def _cross_entropy(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        weight = self.shared.output_weight()
+        if self.options.chunk_size:
+            return linear_cross_entropy_sum(hidden, weight, labels, self.options.chunk_size)
+        return cross_entropy_sum(F.linear(hidden, weight), labels)
+
+    def _depth_loss(
+        self,
+        k: int,
+        module: nn.Module,
+        previous: torch.Tensor,
+        embeddings: torch.Tensor | None,
+        labels: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """CE sum of depth k, and its hidden states (the next deepseek depth's input)."""
+        if isinstance(module, DeepSeekMTPModule):
+            embedded = shift_left(embeddings, k, 0.0)
+            joined = torch.cat(
+                [module.hidden_norm(previous), module.embedding_norm(embedded)], dim=-1
+            )
+            previous = module.projection(joined)
+        hidden = self.shared.run_block(module.block, previous)
+        return self._cross_entropy(module.norm(hidden), labels), hidden
+
+    def forward(self, features: Features) -> ObjectiveOutput:
+        trunk = features.layers[self.model_info.n_layers]
+        embeddings = features.layers.get(0)
+        sequential = self.options.variant == "deepseek"
+        previous = trunk
+        total = trunk.new_zeros((), dtype=torch.float32)
+        metrics: dict[str, MeanMetric] = {}
+        for k, module in enumerate(self.depths, start=1):
+            labels = depth_labels(features.labels, k)
+            args = (k, module, previous, embeddings, labels)
+            if self.options.recompute_heads:
+                ce, hidden = checkpoint(self._depth_loss, *args, use_reentrant=False)
+            else:
+                ce, hidden = self._depth_loss(*args)
+            if sequential:
+                previous = hidden
+            total = total + ce
+            metrics[f"depth_{k}"] = MeanMetric(ce.detach(), (labels != IGNORE_INDEX).sum())
+        return ObjectiveOutput(total / self.options.depth, metrics)
