@@ -201,10 +201,6 @@ BAD_OVERRIDES = {
         ["--objectives.stack", "ntp,mtp", "--parallelism.fsdp_reshard_after_forward", "always"],
         r"fsdp_reshard_after_forward = 'always' with mtp: they read the output head",
     ),
-    "mtp_flex_attention": (
-        ["--objectives.stack", "ntp,mtp", "--model.flavor", "debugmodel_flex_attn"],
-        r"mtp with model\.flavor = 'debugmodel_flex_attn' \(attn_type 'flex'\)",
-    ),
     "unknown_flavor": (
         ["--model.flavor", "tinymodel"],
         r"model\.flavor = 'tinymodel' is not a llama3 flavor; available: debugmodel",

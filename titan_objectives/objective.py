@@ -51,9 +51,11 @@ class SharedModules(Protocol):
         """Initialize a block from ``new_block`` the way the model initializes its own."""
         ...
 
-    def run_block(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        """Apply a block to ``[batch, seq, dim]`` hidden states (with the model's rotary
-        embedding and causal attention)."""
+    def run_block(
+        self, block: nn.Module, hidden: torch.Tensor, context: dict[str, Any]
+    ) -> torch.Tensor:
+        """Apply a block to ``[batch, seq, dim]`` hidden states, with the model's rotary
+        embedding and the trunk's attention masks (``context`` is ``Features.context``)."""
         ...
 
 
@@ -156,6 +158,8 @@ class Features:
     logits: torch.Tensor | None = None
     final_hidden: torch.Tensor | None = None
     layers: dict[int, torch.Tensor] = field(default_factory=dict)
+    context: dict[str, Any] = field(default_factory=dict)
+    """What the trunk's blocks ran with (attention masks): pass it to ``run_block``."""
 
 
 @dataclass

@@ -3,10 +3,12 @@
 As shipped, torchtitan picks ``cuda`` when no accelerator is found, imports a Triton
 kernel at package import (CPU builds of torch have no triton), asks the device module
 for memory statistics and device indices ``torch.cpu`` does not have, and lets FSDP2
-reduce gradients with ``PREMUL_SUM``, which gloo lacks. ``activate()`` fixes exactly
+reduce gradients with ``PREMUL_SUM``, which gloo lacks, and its MoE router counts integer
+expert ids with ``torch.histc``, which CPU refuses. ``activate()`` fixes exactly
 these, before torchtitan is imported, and does nothing when CUDA is available.
 """
 
+import functools
 import importlib
 import inspect
 import logging
@@ -39,6 +41,7 @@ def activate() -> bool:
     _install_moe_kernels_without_triton()
     _import_torchtitan_with_cpu_device()
     _force_sum_reductions_in_fsdp()
+    _histc_of_integers()
     _active = True
     return True
 
@@ -126,6 +129,22 @@ def _force_sum_reductions_in_fsdp() -> None:
         return original(*bound.args, **bound.kwargs)
 
     _fsdp_collectives._get_gradient_divide_factors = sum_only
+
+
+def _histc_of_integers() -> None:
+    """torchtitan's MoE router counts tokens per expert with ``torch.histc`` on integer
+    expert ids, which CUDA accepts and CPU does not; count them as floats there and hand
+    back integers, as CUDA does."""
+    original = torch.histc
+
+    @functools.wraps(original)
+    def histc(input: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if input.is_floating_point():
+            return original(input, *args, **kwargs)
+        # CUDA keeps the integer dtype; so do we.
+        return original(input.float(), *args, **kwargs).to(input.dtype)
+
+    torch.histc = histc
 
 
 def exit_after_training() -> None:

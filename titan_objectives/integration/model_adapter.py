@@ -38,8 +38,8 @@ class DecoderSharedModules:
         else:
             block.init_weights()
 
-    def run_block(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        return block(hidden, self._model.freqs_cis, attention_masks=None)
+    def run_block(self, block: nn.Module, hidden: torch.Tensor, context: dict) -> torch.Tensor:
+        return block(hidden, self._model.freqs_cis, context.get("attention_masks"))
 
 
 @dataclass(frozen=True)

@@ -135,13 +135,6 @@ def _check_parallelism(job_config: Any, options: dict[str, ObjectiveOptions]) ->
             f"{', '.join(head_readers)}: they read the output head's weight after the forward, "
             "which 'always' frees; use 'default' or 'never'"
         )
-    model_args = get_train_spec(job_config.model.name).model_args[job_config.model.flavor]
-    attn_type = getattr(model_args, "attn_type", "sdpa")
-    if "mtp" in options and attn_type != "sdpa":
-        raise ObjectivesConfigError(
-            f"mtp with model.flavor = {job_config.model.flavor!r} (attn_type {attn_type!r}): "
-            "MTP blocks run with causal SDPA attention; use a flavor with attn_type 'sdpa'"
-        )
 
 
 def _check_paths(job_config: Any) -> None:

@@ -89,6 +89,7 @@ class ObjectiveTrainer(Trainer):
                     logits=logits,
                     final_hidden=hidden.pop("final", None),
                     layers=hidden,
+                    context=extra_kwargs,
                 )
                 output = self.objective_stack(features)
                 loss = output.weighted_loss_sum / global_valid_tokens

@@ -39,18 +39,35 @@ def _chunk_loss_and_grads(
     loss = torch.where(valid, log_z - target_logit, 0.0).sum()
     if not with_grads:
         return loss, None, None
-    # d loss / d logits = softmax - onehot(label), zero for ignored positions.
-    grad_logits = torch.exp(logits - log_z[:, None])
-    grad_logits.scatter_add_(1, safe_labels[:, None], torch.full_like(target_logit[:, None], -1.0))
-    grad_logits = torch.where(valid[:, None], grad_logits, 0.0).to(hidden.dtype)
+    # d loss / d logits = softmax - onehot(label), zero for ignored positions; computed
+    # in the logits' own buffer so a chunk costs one [chunk, vocab] fp32 tensor.
+    grad_logits = logits.sub_(log_z[:, None]).exp_()
+    grad_logits.scatter_add_(
+        1, safe_labels[:, None], torch.full_like(target_logit[:, None], -1.0)
+    )
+    grad_logits = grad_logits.mul_(valid[:, None]).to(hidden.dtype)
     grad_hidden = grad_logits @ weight
     grad_weight = (grad_logits.t() @ hidden).float()
     return loss, grad_hidden, grad_weight
 
 
+_compiled_chunk: dict[bool, object] = {}
+
+
+def _chunk_function(on_gpu: bool):
+    """The per-chunk step, compiled on GPU (one fused kernel for softmax and its gradient),
+    eager elsewhere (CPU builds compile slowly and gain little)."""
+    if on_gpu not in _compiled_chunk:
+        _compiled_chunk[on_gpu] = (
+            torch.compile(_chunk_loss_and_grads, dynamic=True) if on_gpu else _chunk_loss_and_grads
+        )
+    return _compiled_chunk[on_gpu]
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk_size, with_grads):
+        chunk_step = _chunk_function(hidden.is_cuda)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if with_grads else None
         grad_weight = (
@@ -60,23 +77,27 @@ class _LinearCrossEntropy(torch.autograd.Function):
         )
         for start in range(0, hidden.shape[0], chunk_size):
             end = min(start + chunk_size, hidden.shape[0])
-            chunk_loss, chunk_grad_hidden, chunk_grad_weight = _chunk_loss_and_grads(
+            chunk_loss, chunk_grad_hidden, chunk_grad_weight = chunk_step(
                 hidden[start:end], weight, labels[start:end], with_grads
             )
             loss += chunk_loss
             if with_grads:
                 grad_hidden[start:end] = chunk_grad_hidden
                 grad_weight += chunk_grad_weight
-        ctx.weight_dtype = weight.dtype
+        if with_grads:
+            # Accumulated in fp32, kept in the weight's dtype, as autograd would return it.
+            grad_weight = grad_weight.to(weight.dtype)
         ctx.save_for_backward(grad_hidden, grad_weight)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
+        # Scaled in place, as Liger-Kernel does: the saved gradients are used once (a
+        # second backward through this graph would need retain_graph, which losses never do).
         grad_hidden, grad_weight = ctx.saved_tensors
         return (
-            grad_hidden * grad_loss.to(grad_hidden.dtype),
-            (grad_weight * grad_loss).to(ctx.weight_dtype),
+            grad_hidden.mul_(grad_loss.to(grad_hidden.dtype)),
+            grad_weight.mul_(grad_loss.to(grad_weight.dtype)),
             None,
             None,
             None,

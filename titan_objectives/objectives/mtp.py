@@ -152,6 +152,7 @@ class MultiTokenPrediction(Objective):
         previous: torch.Tensor,
         embeddings: torch.Tensor | None,
         labels: torch.Tensor,
+        context: dict,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """CE sum of depth k, and its hidden states (the next deepseek depth's input)."""
         if isinstance(module, DeepSeekMTPModule):
@@ -160,7 +161,7 @@ class MultiTokenPrediction(Objective):
                 [module.hidden_norm(previous), module.embedding_norm(embedded)], dim=-1
             )
             previous = module.projection(joined)
-        hidden = self.shared.run_block(module.block, previous)
+        hidden = self.shared.run_block(module.block, previous, context)
         return self._cross_entropy(module.norm(hidden), labels), hidden
 
     def forward(self, features: Features) -> ObjectiveOutput:
@@ -172,7 +173,7 @@ class MultiTokenPrediction(Objective):
         metrics: dict[str, MeanMetric] = {}
         for k, module in enumerate(self.depths, start=1):
             labels = depth_labels(features.labels, k)
-            args = (k, module, previous, embeddings, labels)
+            args = (k, module, previous, embeddings, labels, features.context)
             if self.options.recompute_heads:
                 ce, hidden = checkpoint(self._depth_loss, *args, use_reentrant=False)
             else:

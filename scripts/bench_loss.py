@@ -1,0 +1,118 @@
+"""Peak memory and time of forward + backward: plain cross-entropy vs the chunked linear
+cross-entropy, side by side in one run, as ratios.
+
+    python scripts/bench_loss.py                                   # the GPU sizes
+    python scripts/bench_loss.py --vocab 32768 --hidden 1024 --tokens 2048 --device cpu
+
+Each measurement runs in a fresh process, so on CPU the peak resident memory of that
+process (over what the inputs already take) is the loss's own peak. On CUDA it is
+``max_memory_allocated`` over the inputs.
+"""
+
+import argparse
+import multiprocessing
+import resource
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from titan_objectives.losses import linear_cross_entropy_sum
+
+
+def plain_loss(hidden, weight, labels, chunk_size):
+    logits = hidden @ weight.t()
+    return F.cross_entropy(logits.float(), labels, reduction="sum")
+
+
+def chunked_loss(hidden, weight, labels, chunk_size):
+    return linear_cross_entropy_sum(hidden, weight, labels, chunk_size)
+
+
+PATHS = {"plain": plain_loss, "chunked": chunked_loss}
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def measure(path, vocab, hidden_dim, tokens, chunk_size, dtype, device, repeats, queue):
+    torch.manual_seed(0)
+    dtype = getattr(torch, dtype)
+    hidden = torch.randn(tokens, hidden_dim, dtype=dtype, device=device, requires_grad=True)
+    weight = (0.02 * torch.randn(vocab, hidden_dim, device=device)).to(dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (tokens,), device=device)
+    fn = PATHS[path]
+    cuda = device.startswith("cuda")
+    if cuda:
+        fn(hidden, weight, labels, chunk_size).backward()  # warm-up (kernels, allocator)
+        hidden.grad = weight.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = rss_bytes()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(hidden, weight, labels, chunk_size).backward()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        hidden.grad = weight.grad = None
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    # The first CPU repeat pays for page faults; report the median of the rest.
+    queue.put((statistics.median(times[1:] if len(times) > 1 else times), peak))
+
+
+def run_isolated(*args):
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=measure, args=(*args, queue))
+    process.start()
+    result = queue.get()
+    process.join()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vocab", type=int, nargs="+", default=[32768, 131072])
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[8192, 16384])
+    parser.add_argument("--chunk-size", type=int, default=4096)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    print(
+        f"# {device_name}, torch {torch.__version__}, {args.dtype}, hidden {args.hidden}, "
+        f"chunk {args.chunk_size} tokens, median of {args.repeats} fwd+bwd"
+    )
+    print(
+        "| vocab | tokens | plain ms | chunked ms | time ratio | plain peak MiB "
+        "| chunked peak MiB | memory ratio |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for vocab in args.vocab:
+        for tokens in args.tokens:
+            results = {
+                path: run_isolated(path, vocab, args.hidden, tokens, args.chunk_size,
+                                   args.dtype, args.device, args.repeats)
+                for path in PATHS
+            }  # fmt: skip
+            (plain_t, plain_m), (chunk_t, chunk_m) = results["plain"], results["chunked"]
+            print(f"| {vocab} | {tokens} | {plain_t * 1e3:.1f} | {chunk_t * 1e3:.1f} | "
+                  f"{chunk_t / plain_t:.2f} | {plain_m / 2**20:.0f} | {chunk_m / 2**20:.0f} | "
+                  f"{chunk_m / plain_m:.2f} |", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
