@@ -4,12 +4,20 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from helpers import DEBUG_CONFIG, scalars, train
 
-from titan_objectives import Objective, ObjectiveOptions, ObjectiveOutput, Requirements
+from titan_objectives import (
+    ModelInfo,
+    Objective,
+    ObjectiveOptions,
+    ObjectiveOutput,
+    Requirements,
+)
+from titan_objectives.config import ObjectivesConfigError, resolve_stack
 from titan_objectives.registry import RegistryError
 
 PLUGIN = Path(__file__).parent / "plugin_fixture"
@@ -101,6 +109,25 @@ def test_entry_points_are_discovered(clean_registry, installed_plugin, monkeypat
     labels = torch.tensor([[1, -100, 2]])
     out = objective(Features(labels=labels, final_hidden=hidden))
     assert out.loss_sum.item() == pytest.approx(2.0)  # two scored positions, (1 - 2)^2 each
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("broken_import", "entry point 'tiny_plugin.missing_module:Anything' of tiny-plugin "
+                          "failed to import: ModuleNotFoundError"),
+        ("not_an_objective", "entry point 'tiny_plugin:NotAnObjective' of tiny-plugin is "),
+    ],
+)  # fmt: skip
+def test_a_broken_entry_point_in_the_stack_is_named(
+    clean_registry, installed_plugin, monkeypatch, name, message
+):
+    monkeypatch.syspath_prepend(str(installed_plugin))
+    section = SimpleNamespace(stack=["ntp", name], nonfinite="error")
+    with pytest.raises(ObjectivesConfigError) as error:
+        resolve_stack(section, ModelInfo(dim=4, n_layers=2, vocab_size=8, seq_len=3))
+    assert message in str(error.value)
+    assert str(error.value).startswith(f"objectives.stack: objective {name!r} is unavailable")
 
 
 @pytest.mark.slow

@@ -220,3 +220,36 @@ def test_full_stack_fsdp_matches_single_process(tmp_path, twin_corpus):
                 "objectives/mtp/depth_2", "grad_norm"):  # fmt: skip
         for step in range(1, 5):
             assert two[tag][step] == pytest.approx(one[tag][step], rel=1e-4), (tag, step)
+
+
+@pytest.fixture(scope="module")
+def nan_plugin(tmp_path_factory):
+    from test_registry import PLUGIN
+
+    target = tmp_path_factory.mktemp("nan_site")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+         "--disable-pip-version-check", "--target", str(target), str(PLUGIN)],
+        check=True,
+    )  # fmt: skip
+    return target
+
+
+def test_a_nan_loss_stops_training_naming_objective_and_step(tmp_path, nan_plugin):
+    result = train(
+        tmp_path, "--objectives.stack", "ntp,nan_probe", "--objectives.nan_probe.weight", "0.5",
+        extra_pythonpath=str(nan_plugin), check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "step 1: the loss of nan_probe is not finite (NaN or inf)" in result.stdout
+    assert "stopped before the optimizer applied it" in result.stdout
+
+
+def test_nan_steps_can_be_skipped(tmp_path, nan_plugin):
+    result = train(
+        tmp_path, "--objectives.stack", "ntp,nan_probe", "--objectives.nonfinite", "skip",
+        "--training.steps", "3", extra_pythonpath=str(nan_plugin),
+    )  # fmt: skip
+    for step in (1, 2, 3):
+        assert f"step {step}: the loss of nan_probe is not finite" in result.stdout
+    assert result.stdout.count("skipping this optimizer step") == 3

@@ -23,6 +23,7 @@ from titan_objectives.registry import RegistryError, get_objective, list_objecti
 logger = logging.getLogger(__name__)
 
 SECTION = "objectives"
+NonFinitePolicy = Literal["error", "skip", "off"]
 
 
 class ObjectivesConfigError(ValueError):
@@ -40,7 +41,20 @@ def _build_section() -> type:
                 ),
             ],
             field(default_factory=lambda: ["ntp"]),
-        )
+        ),
+        (
+            "nonfinite",
+            Annotated[
+                NonFinitePolicy,
+                tyro.conf.arg(
+                    help="When an objective's loss is NaN or inf: 'error' stops training "
+                    "naming the objective and step, before the optimizer step; 'skip' skips "
+                    "that optimizer step; 'off' does not check (saves one device-to-host "
+                    "read per step)."
+                ),
+            ],
+            "error",
+        ),
     ]
     for name, cls in list_objectives().items():
         section_fields.append((name, cls.Options, field(default_factory=cls.Options)))
@@ -164,6 +178,11 @@ def resolve_stack(section: Any, model: ModelInfo) -> dict[str, ObjectiveOptions]
         except RegistryError as error:
             raise ObjectivesConfigError(f"{SECTION}.stack: {error}") from None
 
+    if section.nonfinite not in typing.get_args(NonFinitePolicy):
+        raise ObjectivesConfigError(
+            f"{SECTION}.nonfinite = {section.nonfinite!r} is not allowed; expected "
+            + _type_name(NonFinitePolicy)
+        )
     resolved = {name: _checked_options(name, getattr(section, name), model) for name in stack}
 
     for name, cls in list_objectives().items():

@@ -104,6 +104,13 @@ class ObjectiveOptions:
             raise OptionError(
                 "warmup_steps", self.warmup_steps, "an integer >= 1 with schedule = 'linear_warmup'"
             )
+        if self.schedule != "linear_warmup" and self.warmup_steps:
+            raise OptionError(
+                "warmup_steps", self.warmup_steps, "0 unless schedule = 'linear_warmup'"
+            )
+        if self.schedule != "step" and (self.switch_step or self.weight_after is not None):
+            option = "switch_step" if self.switch_step else "weight_after"
+            raise OptionError(option, getattr(self, option), "unset unless schedule = 'step'")
         if self.schedule == "step":
             if self.switch_step < 1:
                 raise OptionError(
@@ -202,6 +209,12 @@ class Objective(nn.Module):
 
     def forward(self, features: Features) -> ObjectiveOutput:
         raise NotImplementedError
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs this objective adds per token (forward + backward). The default
+        counts 6 per owned parameter, right for objectives made of matmuls applied once
+        per token; objectives that reuse the model's modules add those."""
+        return 6 * sum(p.numel() for p in self.parameters())
 
     def extra_repr(self) -> str:
         return ", ".join(

@@ -26,11 +26,16 @@ class RegistryError(ValueError):
     pass
 
 
+# Keys of the [objectives] section itself.
+RESERVED_NAMES = ("stack", "nonfinite")
+
+
 def _check_name(name: str) -> None:
     # The name becomes a TOML table, a dataclass field and a CLI flag segment.
-    if not name.isidentifier() or keyword.iskeyword(name) or name == "stack":
+    if not name.isidentifier() or keyword.iskeyword(name) or name in RESERVED_NAMES:
         raise RegistryError(
-            f"objective name {name!r} must be a Python identifier other than 'stack'"
+            f"objective name {name!r} must be a Python identifier other than "
+            + " and ".join(repr(n) for n in RESERVED_NAMES)
         )
 
 

@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> None:
     from titan_objectives.config import ObjectivesConfigError
     from titan_objectives.integration.datasets import register_datasets
     from titan_objectives.integration.preflight import check_toml_file, exit_on_config_error
-    from titan_objectives.integration.trainer import ObjectiveTrainer
+    from titan_objectives.integration.trainer import NonFiniteLossError, ObjectiveTrainer
 
     argv = sys.argv[1:] if argv is None else argv
     register_datasets()
@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> None:
         torchtitan.train.main(ObjectiveTrainer)
     except ObjectivesConfigError as error:
         exit_on_config_error(error)
+    except NonFiniteLossError as error:
+        print(f"titan-objectives: {error}", file=sys.stderr)
+        raise SystemExit(3) from None
     cpu_runtime.exit_after_training()
 
 

@@ -14,7 +14,7 @@ from titan_objectives.config import SECTION, ObjectivesConfigError, resolve_stac
 from titan_objectives.integration.datasets import DATASET_NAME, corpus_files
 from titan_objectives.integration.model_adapter import DecoderAdapter, get_model_adapter
 from titan_objectives.objective import ModelInfo, ObjectiveOptions
-from titan_objectives.registry import broken_entry_points, list_objectives
+from titan_objectives.registry import RESERVED_NAMES, broken_entry_points, list_objectives
 
 
 @dataclass
@@ -22,6 +22,7 @@ class CheckedConfig:
     adapter: DecoderAdapter
     model_info: ModelInfo
     options: dict[str, ObjectiveOptions]
+    nonfinite: str
 
 
 def config_file_from_argv(argv: list[str]) -> str | None:
@@ -45,13 +46,13 @@ def check_objectives_table(toml: dict[str, Any]) -> None:
     registered = list_objectives()
     broken = broken_entry_points()
     for key, value in table.items():
-        if key == "stack":
+        if key in RESERVED_NAMES:
             continue
         if key in broken:
             raise ObjectivesConfigError(f"[{SECTION}.{key}]: {broken[key]}")
         if key not in registered:
             raise ObjectivesConfigError(
-                f"unknown key {SECTION}.{key}; allowed: stack, "
+                f"unknown key {SECTION}.{key}; allowed: {', '.join(RESERVED_NAMES)}, "
                 + ", ".join(f"[{SECTION}.{n}]" for n in registered)
             )
         if not isinstance(value, dict):
@@ -139,10 +140,18 @@ def _check_parallelism(job_config: Any, options: dict[str, ObjectiveOptions]) ->
 
 def _check_paths(job_config: Any) -> None:
     assets = job_config.model.hf_assets_path
-    if (
-        not Path(assets, "tokenizer.json").is_file()
-        and not Path(assets, "tokenizer.model").is_file()
-    ):
+    tokenizer_file = Path(assets, "tokenizer.json")
+    if tokenizer_file.is_file():
+        from tokenizers import Tokenizer
+
+        try:
+            Tokenizer.from_file(str(tokenizer_file))
+        except Exception as error:  # noqa: BLE001 - any parse failure means unreadable
+            raise ObjectivesConfigError(
+                f"model.hf_assets_path = {assets!r}: {tokenizer_file.name} cannot be read "
+                f"as a tokenizer ({type(error).__name__}: {str(error)[:200]})"
+            ) from None
+    elif not Path(assets, "tokenizer.model").is_file():
         raise ObjectivesConfigError(
             f"model.hf_assets_path = {assets!r} has no tokenizer.json (or tokenizer.model)"
         )
@@ -168,7 +177,7 @@ def check_job_config(job_config: Any) -> CheckedConfig:
     options = resolve_stack(job_config.objectives, model_info)
     _check_parallelism(job_config, options)
     _check_paths(job_config)
-    return CheckedConfig(adapter, model_info, options)
+    return CheckedConfig(adapter, model_info, options, job_config.objectives.nonfinite)
 
 
 def exit_on_config_error(error: ObjectivesConfigError) -> None:

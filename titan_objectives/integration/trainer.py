@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 import torchtitan.protocols.train_spec as train_spec_module
+from torchtitan.tools.logging import logger
 from torchtitan.train import Trainer
 
 from titan_objectives.integration.metrics import ObjectiveMetrics
@@ -32,6 +33,10 @@ def _train_spec_override(name: str, spec: train_spec_module.TrainSpec) -> Iterat
             registry[name] = previous
 
 
+class NonFiniteLossError(RuntimeError):
+    """An objective's loss was NaN or inf; raised before the optimizer applied it."""
+
+
 class ObjectiveTrainer(Trainer):
     objective_stack: ObjectiveStack
     objective_metrics: ObjectiveMetrics
@@ -55,8 +60,36 @@ class ObjectiveTrainer(Trainer):
         self.hidden_states = HiddenStateTap(
             model, checked.adapter, self.objective_stack.requirements()
         )
+        self.nonfinite_policy = checked.nonfinite
+        self._nonfinite = torch.zeros(len(self.objective_stack), dtype=torch.bool)
+        if self.nonfinite_policy != "off":
+            self._guard_optimizer_step()
+
+    def _guard_optimizer_step(self) -> None:
+        """Check the step's losses before the optimizer applies them: one read of a flag
+        vector from the device per step (``[objectives] nonfinite = "off"`` removes it)."""
+        apply_step = self.optimizers.step
+
+        def checked_step(*args: Any, **kwargs: Any) -> None:
+            flags = self._nonfinite.tolist()
+            bad = [name for name, flag in zip(self.objective_stack, flags, strict=True) if flag]
+            if not bad:
+                return apply_step(*args, **kwargs)
+            what = f"step {self.step}: the loss of {', '.join(bad)} is not finite (NaN or inf)"
+            if self.nonfinite_policy == "skip":
+                logger.warning(f"{what}; skipping this optimizer step")
+                return None
+            raise NonFiniteLossError(
+                f"{what}; stopped before the optimizer applied it. Set [objectives] "
+                "nonfinite = 'skip' (or --objectives.nonfinite skip) to skip such steps"
+            )
+
+        self.optimizers.step = checked_step
 
     def train_step(self, data_iterator: Any) -> None:
+        self._nonfinite = torch.zeros(
+            len(self.objective_stack), dtype=torch.bool, device=self.device
+        )
         self.objective_metrics.reset()
         self.objective_stack.set_step(self.step)
         self.objective_metrics.weights = self.objective_stack.weights()
@@ -98,4 +131,7 @@ class ObjectiveTrainer(Trainer):
             loss.backward()
 
         self.objective_metrics.add(output, global_valid_tokens)
+        if self.nonfinite_policy != "off":
+            losses = torch.stack([out.loss_sum.detach() for out in output.outputs.values()])
+            self._nonfinite |= ~torch.isfinite(losses)
         return loss

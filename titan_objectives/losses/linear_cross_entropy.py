@@ -42,9 +42,7 @@ def _chunk_loss_and_grads(
     # d loss / d logits = softmax - onehot(label), zero for ignored positions; computed
     # in the logits' own buffer so a chunk costs one [chunk, vocab] fp32 tensor.
     grad_logits = logits.sub_(log_z[:, None]).exp_()
-    grad_logits.scatter_add_(
-        1, safe_labels[:, None], torch.full_like(target_logit[:, None], -1.0)
-    )
+    grad_logits.scatter_add_(1, safe_labels[:, None], torch.full_like(target_logit[:, None], -1.0))
     grad_logits = grad_logits.mul_(valid[:, None]).to(hidden.dtype)
     grad_hidden = grad_logits @ weight
     grad_weight = (grad_logits.t() @ hidden).float()

@@ -110,6 +110,9 @@ class ParallelHead(nn.Module):
 
 @register_objective("mtp")
 class MultiTokenPrediction(Objective):
+    """Multi-token prediction: DeepSeek-V3's sequential modules or parallel heads, each a
+    block of the model's own kind, through the model's shared output head."""
+
     Options = MTPOptions
     options: MTPOptions
 
@@ -138,6 +141,14 @@ class MultiTokenPrediction(Objective):
             if isinstance(module, DeepSeekMTPModule):
                 nn.init.trunc_normal_(module.projection.weight, std=std, a=-3 * std, b=3 * std)
             self.shared.init_block(module.block)
+
+    def flops_per_token(self) -> int:
+        """Own matmuls (6 per parameter; all experts counted for MoE blocks, an upper
+        bound), plus per depth the shared output head (6 V d) and the block's attention
+        scores (12 d seq_len, torchtitan's convention)."""
+        info = self.model_info
+        per_depth = 6 * info.vocab_size * info.dim + 12 * info.dim * info.seq_len
+        return super().flops_per_token() + self.options.depth * per_depth
 
     def _cross_entropy(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         weight = self.shared.output_weight()

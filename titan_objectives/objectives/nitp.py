@@ -98,6 +98,9 @@ def nitp_distance(
 
 @register_objective("nitp")
 class NextImplicitTokenPrediction(Objective):
+    """Next Implicit Token Prediction: pull P(h_t) towards the stop-gradient output of a
+    shallow block at t+1 (arXiv 2605.24956)."""
+
     Options = NITPOptions
     options: NITPOptions
 

@@ -44,6 +44,9 @@ class NextTokenPrediction(Objective):
             return Requirements(final_hidden=True)
         return Requirements(logits=True)
 
+    def flops_per_token(self) -> int:
+        return 0  # the model's own head: already in the model's count
+
     def forward(self, features: Features) -> ObjectiveOutput:
         if self.options.chunk_size:
             loss_sum = linear_cross_entropy_sum(

@@ -35,3 +35,13 @@ class HiddenRMS(Objective):
 
 class NotAnObjective:
     pass
+
+
+class NaNProbe(Objective):
+    """A loss that is always NaN: to test what training does with one."""
+
+    def requirements(self) -> Requirements:
+        return Requirements(final_hidden=True)
+
+    def forward(self, features: Features) -> ObjectiveOutput:
+        return ObjectiveOutput(features.final_hidden.float().sum() * float("nan"))

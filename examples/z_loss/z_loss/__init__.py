@@ -1,0 +1,46 @@
+"""PaLM's z-loss (Chowdhery et al. 2022, section 5): ``coefficient * log(Z)^2`` per token,
+where ``Z`` is the softmax normalizer of the logits. It keeps ``log Z`` near 0, which
+stabilizes training in low precision."""
+
+from dataclasses import dataclass
+
+import torch
+
+from titan_objectives import (
+    IGNORE_INDEX,
+    Features,
+    MeanMetric,
+    Objective,
+    ObjectiveOptions,
+    ObjectiveOutput,
+    OptionError,
+    Requirements,
+)
+
+
+@dataclass
+class ZLossOptions(ObjectiveOptions):
+    coefficient: float = 1e-4
+    """Multiplier of log(Z)^2 (PaLM used 1e-4)."""
+
+    def validate(self, model) -> None:
+        super().validate(model)
+        if self.coefficient <= 0:
+            raise OptionError("coefficient", self.coefficient, "a number > 0")
+
+
+class ZLoss(Objective):
+    """coefficient * log(Z)^2 per scored token (PaLM's z-loss)."""
+
+    Options = ZLossOptions
+
+    def requirements(self) -> Requirements:
+        return Requirements(logits=True)
+
+    def forward(self, features: Features) -> ObjectiveOutput:
+        log_z = torch.logsumexp(features.logits.float(), dim=-1)
+        valid = features.labels != IGNORE_INDEX
+        per_token = self.options.coefficient * log_z.square()
+        loss_sum = torch.where(valid, per_token, 0.0).sum()
+        mean_log_z = MeanMetric(torch.where(valid, log_z, 0.0).sum().detach(), valid.sum())
+        return ObjectiveOutput(loss_sum, {"log_z": mean_log_z})
