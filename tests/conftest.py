@@ -8,6 +8,10 @@ from titan_objectives.integration import cpu_runtime
 
 cpu_runtime.activate()
 
+from titan_objectives.integration.extensions import register_extensions  # noqa: E402
+
+register_extensions()
+
 from titan_objectives import registry  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -160,6 +160,23 @@ BAD_CONFIGS = {
         '[objectives]\nstack = ["ntp", "nitp"]\n[objectives.nitp]\nschedule = "linear_warmup"',
         r"objectives\.nitp\.warmup_steps = 0 is not allowed",
     ),
+    "geometry_layer_missing": (
+        '[objectives]\nstack = ["ntp"]\n[objectives.geometry]\nfreq = 10\nlayers = [7]',
+        r"objectives\.geometry\.layers: 7 is not a hidden state of a model with 6 blocks",
+    ),
+    "geometry_negative_freq": (
+        '[objectives]\nstack = ["ntp"]\n[objectives.geometry]\nfreq = -1',
+        r"objectives\.geometry\.freq = -1 is not allowed",
+    ),
+    "geometry_sample_smaller_than_width": (
+        '[objectives]\nstack = ["ntp"]\n[objectives.geometry]\nfreq = 10\nmax_tokens = 100',
+        r"objectives\.geometry\.max_tokens = 100 is too small to estimate a rank: the model "
+        r"width is 256",
+    ),
+    "geometry_unknown_option": (
+        '[objectives]\nstack = ["ntp"]\n[objectives.geometry]\nevery = 10',
+        r"unknown option objectives\.geometry\.every; allowed: freq, layers, max_tokens, pairs",
+    ),
 }
 
 
@@ -266,8 +283,13 @@ def test_unknown_cli_flag_is_rejected_by_the_parser():
 
 @pytest.mark.parametrize("path", sorted((DEBUG_CONFIG.parent).glob("*.toml")), ids=lambda p: p.name)
 def test_bundled_configs_validate(path):
-    # The 8B config names a tokenizer the user downloads; any tokenizer does for validation.
-    checked = parse(path, "--model.hf_assets_path", "assets/tokenizer-bpe2k-tiny")
+    # Real-size configs name a tokenizer and corpora the user downloads; the bundled ones
+    # stand in for them here.
+    checked = parse(
+        path, "--model.hf_assets_path", "assets/tokenizer-bpe2k-tiny",
+        "--training.dataset_path", "assets/tiny/train.txt",
+        "--validation.dataset_path", "assets/tiny/val.txt",
+    )  # fmt: skip
     assert checked.options["ntp"].weight == 1.0
     if path.name == "llama3_8b_nitp.toml":
         assert checked.model_info.n_layers == 32

@@ -13,9 +13,9 @@ def main() -> None:
 
     import torchtitan.train
 
-    from titan_objectives.integration.datasets import register_datasets
+    from titan_objectives.integration.extensions import register_extensions
 
-    register_datasets()
+    register_extensions()
     torchtitan.train.main(torchtitan.train.Trainer)
     cpu_runtime.exit_after_training()
 

@@ -96,10 +96,10 @@ def describe(job_config, checked) -> str:
 
 def validate_command(config: str, overrides: Sequence[str]) -> int:
     from titan_objectives.config import ObjectivesConfigError
-    from titan_objectives.integration.datasets import register_datasets
+    from titan_objectives.integration.extensions import register_extensions
     from titan_objectives.integration.preflight import check_job_config, exit_on_config_error
 
-    register_datasets()
+    register_extensions()
     argv = ["--job.config_file", config, *overrides]
     try:
         job_config = _parse_job_config(argv)
@@ -121,8 +121,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     validate.add_argument("config", help="job TOML")
     validate.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value ...")
+    compare = commands.add_parser(
+        "compare", help="plots and a table of final values from runs' TensorBoard logs"
+    )
+    compare.add_argument("runs", nargs="+", help="run folders holding TensorBoard event files")
+    compare.add_argument("--out", required=True, help="folder for the PNGs and summary.md")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
+    if args.command == "compare":
+        from titan_objectives.report import compare_runs
+
+        for path in compare_runs(args.runs, args.out):
+            print(path)
+        return 0
     cpu_runtime.activate()
     if args.command == "list":
         return list_command()

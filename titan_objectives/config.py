@@ -30,6 +30,29 @@ class ObjectivesConfigError(ValueError):
     """A bad ``[objectives]`` setting. The message names the key, the value and what is allowed."""
 
 
+@dataclass
+class GeometryOptions:
+    """Representation geometry of the hidden states during training and validation."""
+
+    freq: int = 0
+    """Every `freq` steps, log effective rank and average cosine (0 = off)."""
+
+    layers: list[int] | None = None
+    """Hidden states besides the final one (0 = embeddings, k = output of block k).
+    Default: the NITP target layer when nitp is in the stack, else none."""
+
+    max_tokens: int = 2048
+    """Tokens sampled per measurement, over all ranks; at least the model width."""
+
+    pairs: int = 4096
+    """Random token pairs (from different sequences) for the average cosine."""
+
+    def resolved_layers(self, nitp_target: int | None) -> list[int]:
+        if self.layers is not None:
+            return sorted(set(self.layers))
+        return [] if nitp_target is None else [nitp_target]
+
+
 def _build_section() -> type:
     section_fields: list[tuple[str, Any, Any]] = [
         (
@@ -55,6 +78,7 @@ def _build_section() -> type:
             ],
             "error",
         ),
+        ("geometry", GeometryOptions, field(default_factory=GeometryOptions)),
     ]
     for name, cls in list_objectives().items():
         section_fields.append((name, cls.Options, field(default_factory=cls.Options)))
@@ -184,6 +208,7 @@ def resolve_stack(section: Any, model: ModelInfo) -> dict[str, ObjectiveOptions]
             + _type_name(NonFinitePolicy)
         )
     resolved = {name: _checked_options(name, getattr(section, name), model) for name in stack}
+    check_geometry(section.geometry, model)
 
     for name, cls in list_objectives().items():
         if name not in stack and getattr(section, name, None) != cls.Options():
@@ -202,3 +227,33 @@ def resolve_stack(section: Any, model: ModelInfo) -> dict[str, ObjectiveOptions]
             stack,
         )
     return resolved
+
+
+def check_geometry(options: Any, model: ModelInfo) -> None:
+    key = f"{SECTION}.geometry"
+    hints = typing.get_type_hints(GeometryOptions)
+    for option in dataclasses.fields(GeometryOptions):
+        value = getattr(options, option.name)
+        try:
+            _coerce(value, hints[option.name])
+        except TypeError as error:
+            raise ObjectivesConfigError(
+                f"{key}.{option.name} = {value!r} has the wrong type; expected {error}"
+            ) from None
+    if options.freq < 0:
+        raise ObjectivesConfigError(
+            f"{key}.freq = {options.freq} is not allowed; expected 0 (off) or a number of steps"
+        )
+    for layer in options.layers or []:
+        if not 0 <= layer <= model.n_layers:
+            raise ObjectivesConfigError(
+                f"{key}.layers: {layer} is not a hidden state of a model with {model.n_layers} "
+                f"blocks; expected 0 (embeddings) .. {model.n_layers}"
+            )
+    if options.freq and options.max_tokens < model.dim:
+        raise ObjectivesConfigError(
+            f"{key}.max_tokens = {options.max_tokens} is too small to estimate a rank: the "
+            f"model width is {model.dim}; expected at least {model.dim} tokens"
+        )
+    if options.pairs < 1:
+        raise ObjectivesConfigError(f"{key}.pairs = {options.pairs} is not allowed; expected >= 1")

@@ -27,7 +27,7 @@ class RegistryError(ValueError):
 
 
 # Keys of the [objectives] section itself.
-RESERVED_NAMES = ("stack", "nonfinite")
+RESERVED_NAMES = ("stack", "nonfinite", "geometry")
 
 
 def _check_name(name: str) -> None:
@@ -35,7 +35,7 @@ def _check_name(name: str) -> None:
     if not name.isidentifier() or keyword.iskeyword(name) or name in RESERVED_NAMES:
         raise RegistryError(
             f"objective name {name!r} must be a Python identifier other than "
-            + " and ".join(repr(n) for n in RESERVED_NAMES)
+            + ", ".join(repr(n) for n in RESERVED_NAMES)
         )
 
 

@@ -15,12 +15,12 @@ def main(argv: list[str] | None = None) -> None:
     import torchtitan.train
 
     from titan_objectives.config import ObjectivesConfigError
-    from titan_objectives.integration.datasets import register_datasets
+    from titan_objectives.integration.extensions import register_extensions
     from titan_objectives.integration.preflight import check_toml_file, exit_on_config_error
     from titan_objectives.integration.trainer import NonFiniteLossError, ObjectiveTrainer
 
     argv = sys.argv[1:] if argv is None else argv
-    register_datasets()
+    register_extensions()
     try:
         check_toml_file(argv)
         torchtitan.train.main(ObjectiveTrainer)

@@ -115,6 +115,7 @@ class HiddenStateTap:
 
     def __init__(self, model: nn.Module, adapter: DecoderAdapter, needs: Requirements):
         self._captured: dict[int | str, torch.Tensor] | None = None
+        self._keep_logits = False
         if needs.final_hidden:
             adapter.final_norm(model).register_forward_hook(self._keep("final"))
         for layer in sorted(needs.layers):
@@ -124,7 +125,7 @@ class HiddenStateTap:
             adapter.output_head(model).register_forward_pre_hook(self._skip_positions)
 
     def _skip_positions(self, module: nn.Module, args: tuple) -> tuple | None:
-        if self._captured is None:
+        if self._captured is None or self._keep_logits:
             return None  # validation and other callers get the full logits
         hidden, *rest = args
         return (hidden[:, :0], *rest)
@@ -137,9 +138,11 @@ class HiddenStateTap:
         return hook
 
     @contextmanager
-    def capture(self) -> Iterator[dict[int | str, torch.Tensor]]:
-        """Within the block, forward passes record into the yielded dict ("final", k)."""
+    def capture(self, keep_logits: bool = False) -> Iterator[dict[int | str, torch.Tensor]]:
+        """Within the block, forward passes record into the yielded dict ("final", k).
+        Unless ``keep_logits``, the model skips logits no objective reads."""
         self._captured = captured = {}
+        self._keep_logits = keep_logits
         try:
             yield captured
         finally:

@@ -10,7 +10,12 @@ from typing import Any
 import tomllib
 from torchtitan.protocols.train_spec import get_train_spec
 
-from titan_objectives.config import SECTION, ObjectivesConfigError, resolve_stack
+from titan_objectives.config import (
+    SECTION,
+    GeometryOptions,
+    ObjectivesConfigError,
+    resolve_stack,
+)
 from titan_objectives.integration.datasets import DATASET_NAME, corpus_files
 from titan_objectives.integration.model_adapter import DecoderAdapter, get_model_adapter
 from titan_objectives.objective import ModelInfo, ObjectiveOptions
@@ -23,6 +28,7 @@ class CheckedConfig:
     model_info: ModelInfo
     options: dict[str, ObjectiveOptions]
     nonfinite: str
+    geometry: GeometryOptions
 
 
 def config_file_from_argv(argv: list[str]) -> str | None:
@@ -46,6 +52,14 @@ def check_objectives_table(toml: dict[str, Any]) -> None:
     registered = list_objectives()
     broken = broken_entry_points()
     for key, value in table.items():
+        if key == "geometry" and isinstance(value, dict):
+            allowed = [f.name for f in dataclasses.fields(GeometryOptions)]
+            for option in value:
+                if option not in allowed:
+                    raise ObjectivesConfigError(
+                        f"unknown option {SECTION}.geometry.{option}; allowed: {', '.join(allowed)}"
+                    )
+            continue
         if key in RESERVED_NAMES:
             continue
         if key in broken:
@@ -177,7 +191,19 @@ def check_job_config(job_config: Any) -> CheckedConfig:
     options = resolve_stack(job_config.objectives, model_info)
     _check_parallelism(job_config, options)
     _check_paths(job_config)
-    return CheckedConfig(adapter, model_info, options, job_config.objectives.nonfinite)
+    if job_config.objectives.geometry.freq and job_config.parallelism.tensor_parallel_degree > 1:
+        raise ObjectivesConfigError(
+            f"{SECTION}.geometry.freq = {job_config.objectives.geometry.freq} with "
+            "parallelism.tensor_parallel_degree > 1: geometry under tensor parallelism is not "
+            "supported yet; set freq = 0"
+        )
+    return CheckedConfig(
+        adapter,
+        model_info,
+        options,
+        job_config.objectives.nonfinite,
+        job_config.objectives.geometry,
+    )
 
 
 def exit_on_config_error(error: ObjectivesConfigError) -> None:

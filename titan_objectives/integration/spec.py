@@ -13,12 +13,14 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torchtitan.components.validate import build_validator
 from torchtitan.config import TORCH_DTYPE_MAP
 from torchtitan.protocols.train_spec import ParallelizeFunction, TrainSpec
 from torchtitan.tools.logging import logger
 
 from titan_objectives.integration.metrics import build_objective_metrics_processor
 from titan_objectives.integration.model_adapter import DecoderAdapter
+from titan_objectives.integration.validation import build_objective_validator
 from titan_objectives.objective import ObjectiveOptions
 from titan_objectives.stack import ObjectiveStack
 
@@ -87,9 +89,13 @@ def wrap_train_spec(
             "titan-objectives cannot yet combine with a TrainSpec that has its own metrics "
             "processor"
         )
+    validator_fn = base.build_validator_fn
+    if validator_fn is build_validator:
+        validator_fn = build_objective_validator
     return dataclasses.replace(
         base,
         model_cls=model_class_with_objectives(base.model_cls, adapter, options),
         parallelize_fn=partial(parallelize_with_objectives, base.parallelize_fn),
         build_metrics_processor_fn=build_objective_metrics_processor,
+        build_validator_fn=validator_fn,
     )

@@ -9,11 +9,13 @@ import torchtitan.protocols.train_spec as train_spec_module
 from torchtitan.tools.logging import logger
 from torchtitan.train import Trainer
 
+from titan_objectives.integration.geometry import GeometryProbe
 from titan_objectives.integration.metrics import ObjectiveMetrics
 from titan_objectives.integration.model_adapter import HiddenStateTap
 from titan_objectives.integration.preflight import check_job_config
 from titan_objectives.integration.spec import wrap_train_spec
-from titan_objectives.objective import Features
+from titan_objectives.integration.validation import ObjectiveValidator
+from titan_objectives.objective import Features, Requirements
 from titan_objectives.stack import ObjectiveStack
 
 
@@ -57,13 +59,53 @@ class ObjectiveTrainer(Trainer):
         self.metrics_processor.objective_metrics = self.objective_metrics
         if self.parallel_dims.dp_cp_enabled:
             self.metrics_processor.objective_mesh = self.parallel_dims.get_optional_mesh("loss")
-        self.hidden_states = HiddenStateTap(
-            model, checked.adapter, self.objective_stack.requirements()
-        )
+        self.geometry, self.geometry_freq = self._build_geometry(checked, job_config)
+        needs = self.objective_stack.requirements()
+        if self.geometry is not None:
+            needs = needs | Requirements(
+                final_hidden=True, layers=frozenset(self.geometry.keys[1:])
+            )
+        self.hidden_states = HiddenStateTap(model, checked.adapter, needs)
+        if isinstance(getattr(self, "validator", None), ObjectiveValidator):
+            self.validator.attach(
+                self.hidden_states, self.objective_stack, self.geometry,
+                self.metrics_processor.objective_mesh,
+            )  # fmt: skip
         self.nonfinite_policy = checked.nonfinite
         self._nonfinite = torch.zeros(len(self.objective_stack), dtype=torch.bool)
         if self.nonfinite_policy != "off":
             self._guard_optimizer_step()
+
+    def _build_geometry(self, checked: Any, job_config: Any) -> tuple[GeometryProbe | None, int]:
+        options = checked.geometry
+        if not options.freq and not job_config.validation.enable:
+            return None, 0
+        nitp = self.objective_stack["nitp"].target_layer if "nitp" in self.objective_stack else None
+        if self.parallel_dims.dp_enabled:
+            batch_mesh = self.parallel_dims.get_mesh("batch")
+            dp_size, dp_rank = batch_mesh.size(), batch_mesh.get_local_rank()
+        else:
+            dp_size, dp_rank = 1, 0
+        probe = GeometryProbe(
+            layers=options.resolved_layers(nitp),
+            max_tokens=max(options.max_tokens, checked.model_info.dim),
+            pairs=options.pairs,
+            mesh=self.metrics_processor.objective_mesh,
+            dp_rank=dp_rank,
+            dp_size=dp_size,
+        )
+        return probe, options.freq
+
+    def _geometry_due(self) -> bool:
+        return bool(self.geometry_freq) and self.step % self.geometry_freq == 0
+
+    def _log_geometry(self) -> None:
+        values = {f"geometry/{k}": v for k, v in self.geometry.measure(seed=self.step).items()}
+        self.metrics_processor.logger.log(values, self.step)
+        final = "  ".join(
+            f"{k.split('/')[2]}: {v:.4g}" for k, v in values.items() if "/final/" in k
+        )
+        logger.info(f"step: {self.step:2}  geometry of the final hidden states  {final}")
 
     def _guard_optimizer_step(self) -> None:
         """Check the step's losses before the optimizer applies them: one read of a flag
@@ -90,10 +132,13 @@ class ObjectiveTrainer(Trainer):
         self._nonfinite = torch.zeros(
             len(self.objective_stack), dtype=torch.bool, device=self.device
         )
+        self._geometry_sampled = False
         self.objective_metrics.reset()
         self.objective_stack.set_step(self.step)
         self.objective_metrics.weights = self.objective_stack.weights()
         super().train_step(data_iterator)
+        if self._geometry_due():
+            self._log_geometry()
 
     def forward_backward_step(
         self,
@@ -117,6 +162,9 @@ class ObjectiveTrainer(Trainer):
             with self.maybe_enable_amp:
                 with self.hidden_states.capture() as hidden:
                     logits = model(inputs, **extra_inputs, **extra_kwargs)
+                if self._geometry_due() and not self._geometry_sampled:
+                    self.geometry.take_sample(hidden, seed=self.step)
+                    self._geometry_sampled = True
                 features = Features(
                     labels=labels,
                     logits=logits,

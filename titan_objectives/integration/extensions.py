@@ -1,0 +1,10 @@
+"""What this project adds to torchtitan's registries, for every entry point."""
+
+from titan_objectives.integration.datasets import register_datasets
+from titan_objectives.integration.flavors import register_flavors
+
+
+def register_extensions() -> None:
+    """Local-file datasets and research flavors. Idempotent."""
+    register_datasets()
+    register_flavors()

@@ -1,0 +1,106 @@
+"""Compare training runs from their TensorBoard event files: PNG plots and a Markdown
+table of final values (``titan-objectives compare`` and ``scripts/compare_runs.py``)."""
+
+from pathlib import Path
+
+PLOTS = {
+    "losses.png": ("objectives/", "/loss"),
+    "effective_rank.png": ("geometry/", "/effective_rank"),
+    "avg_cosine.png": ("geometry/", "/avg_cosine"),
+}
+
+
+def load_scalars(run_dir: str | Path) -> dict[str, dict[int, float]]:
+    """tag -> step -> value, from every event file under ``run_dir``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = sorted(Path(run_dir).rglob("events.out.tfevents.*"))
+    if not files:
+        raise FileNotFoundError(f"no TensorBoard event files under {run_dir}")
+    values: dict[str, dict[int, float]] = {}
+    for path in files:
+        accumulator = EventAccumulator(str(path), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            for event in accumulator.Scalars(tag):
+                values.setdefault(tag, {})[event.step] = event.value
+    return values
+
+
+def run_names(run_dirs: list[Path]) -> list[str]:
+    """Shortest distinct names: the folder name, or more of the path when they clash."""
+    for depth in range(1, max(len(p.parts) for p in run_dirs) + 1):
+        names = ["/".join(p.parts[-depth:]) for p in run_dirs]
+        if len(set(names)) == len(names):
+            return names
+    return [str(p) for p in run_dirs]
+
+
+def _tags(runs: dict, infix: str, suffix: str) -> list[str]:
+    """Matching tags, training first, then validation (``validation/<tag>``)."""
+    tags = {t for scalars in runs.values() for t in scalars if t.endswith(suffix)}
+    training = sorted(t for t in tags if t.startswith(infix))
+    validation = sorted(t for t in tags if t.startswith("validation/" + infix))
+    return training + validation
+
+
+def _plot(runs: dict, tags: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = min(3, len(tags))
+    rows = (len(tags) + columns - 1) // columns
+    figure, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.4 * rows), squeeze=False)
+    for axis, tag in zip(axes.flat, tags, strict=False):
+        for name, scalars in runs.items():
+            if tag in scalars:
+                steps = sorted(scalars[tag])
+                axis.plot(steps, [scalars[tag][s] for s in steps], label=name, marker=".")
+        axis.set_title(tag, fontsize=9)
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    for axis in list(axes.flat)[len(tags) :]:
+        axis.set_visible(False)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def summary_table(runs: dict[str, dict[str, dict[int, float]]]) -> str:
+    tags = [t for infix, suffix in PLOTS.values() for t in _tags(runs, infix, suffix)]
+    tags = list(dict.fromkeys(tags))
+    lines = [
+        "| tag | " + " | ".join(runs) + " |",
+        "|---|" + "---|" * len(runs),
+    ]
+    for tag in tags:
+        cells = []
+        for scalars in runs.values():
+            if tag in scalars:
+                step = max(scalars[tag])
+                cells.append(f"{scalars[tag][step]:.4f} (step {step})")
+            else:
+                cells.append("")
+        lines.append(f"| {tag} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def compare_runs(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
+    """Writes the plots and ``summary.md`` into ``out_dir``; returns the files written."""
+    paths = [Path(p) for p in run_dirs]
+    runs = {name: load_scalars(path) for name, path in zip(run_names(paths), paths, strict=True)}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for filename, (infix, suffix) in PLOTS.items():
+        tags = _tags(runs, infix, suffix)
+        if tags:
+            _plot(runs, tags, out / filename)
+            written.append(out / filename)
+    summary = out / "summary.md"
+    summary.write_text("# Final values\n\n" + summary_table(runs))
+    written.append(summary)
+    return written
