@@ -60,11 +60,12 @@ def test_ntp_nitp_single_process_with_checkpoint(tmp_path):
         "5",
         "--checkpoint.folder",
         "checkpoint",
+        "--checkpoint.no-last_save_model_only",
     )
     tb = check_ntp_nitp_run(tmp_path)
     assert list(tb["objectives/nitp/weight"].values()) == pytest.approx([0.8] * 5)
     assert "objectives  ntp:" in result.stdout and "nitp:" in result.stdout
-    # The projector is part of the model: checkpointed with it.
+    # The projector is part of the model: training checkpoints hold it.
     metadata = (tmp_path / "checkpoint" / "step-5" / ".metadata").read_bytes()
     assert b"objectives.nitp.projector.w1.weight" in metadata
     assert b"objectives.nitp.projector.w2.weight" in metadata

@@ -9,6 +9,7 @@ import torchtitan.protocols.train_spec as train_spec_module
 from torchtitan.tools.logging import logger
 from torchtitan.train import Trainer
 
+from titan_objectives.integration import checkpointing
 from titan_objectives.integration.geometry import GeometryProbe
 from titan_objectives.integration.metrics import ObjectiveMetrics
 from titan_objectives.integration.model_adapter import HiddenStateTap
@@ -71,6 +72,7 @@ class ObjectiveTrainer(Trainer):
                 self.hidden_states, self.objective_stack, self.geometry,
                 self.metrics_processor.objective_mesh,
             )  # fmt: skip
+        checkpointing.install(self.checkpointer)
         self.nonfinite_policy = checked.nonfinite
         self._nonfinite = torch.zeros(len(self.objective_stack), dtype=torch.bool)
         if self.nonfinite_policy != "off":

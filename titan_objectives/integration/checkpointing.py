@@ -1,0 +1,139 @@
+"""Checkpoints with objective modules in them, exports without.
+
+torchtitan's DCP checkpoints take the whole model, so they already hold the objectives'
+modules and their optimizer state, and a resumed run continues exactly. Two things are
+added here, both on torchtitan's ``CheckpointManager``:
+
+- model-only saves at the last step (``last_save_model_only``, ``export_dtype``, the HF
+  export) leave the objective modules out: the shipped model is the plain model. Seed
+  checkpoints (step 0) keep them, since training starts from them.
+- loading reconciles the checkpoint with the current stack: modules of an objective the
+  checkpoint lacks keep their initialization (logged), saved state of an objective no
+  longer in the stack is ignored (with a warning), and a module or model tensor whose
+  shape differs is a clear error naming it, before anything is read.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.stateful import Stateful
+from torchtitan.components.checkpoint import MODEL, OPTIMIZER, CheckpointManager
+from torchtitan.tools.logging import logger
+
+PREFIX = "objectives."
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint does not fit the model and objectives this config builds."""
+
+
+def objective_of(key: str) -> str | None:
+    """``objectives.nitp.projector.w1.weight`` (or an optimizer key holding it) -> nitp."""
+    at = key.find(PREFIX)
+    return key[at + len(PREFIX) :].split(".", 1)[0] if at >= 0 else None
+
+
+class _WithoutKeys(Stateful):
+    """A Stateful that hides some keys from a checkpoint load, keeping their current
+    values, and hands the rest to the wrapped one."""
+
+    def __init__(self, inner: Stateful, hidden: Callable[[str], bool]):
+        self.inner, self.hidden = inner, hidden
+        self._kept: dict[str, Any] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        state = self.inner.state_dict()
+        self._kept = {k: v for k, v in state.items() if self.hidden(k)}
+        return {k: v for k, v in state.items() if not self.hidden(k)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.inner.load_state_dict({**state_dict, **self._kept})
+
+
+def reconcile(states: dict[str, Any], checkpoint_id: str) -> dict[str, Any]:
+    """The states to load from ``checkpoint_id``, fitted to what it holds."""
+    saved = FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata
+    saved_objectives = {objective_of(k) for k in saved} - {None}
+    wanted_objectives = {objective_of(k) for k in states} - {None}
+
+    for key, value in states.items():
+        if not hasattr(value, "shape"):
+            continue
+        name = objective_of(key)
+        if key not in saved:
+            if name is None:
+                raise CheckpointMismatchError(
+                    f"checkpoint {checkpoint_id} has no {key!r}: it was written for another "
+                    "model or flavor than this config builds"
+                )
+            if name in saved_objectives:
+                raise CheckpointMismatchError(
+                    f"checkpoint {checkpoint_id}: objective {name!r} has no module {key!r} "
+                    "there (were its options changed?)"
+                )
+            continue
+        stored = saved[key]
+        if isinstance(stored, TensorStorageMetadata) and tuple(stored.size) != tuple(value.shape):
+            what = f"objective {name!r} module {key!r}" if name else f"model tensor {key!r}"
+            raise CheckpointMismatchError(
+                f"checkpoint {checkpoint_id}: {what} has shape {tuple(stored.size)} there and "
+                f"{tuple(value.shape)} in this config"
+                + (" (were its options changed?)" if name else " (another flavor?)")
+            )
+
+    new = sorted(n for n in wanted_objectives - saved_objectives)
+    gone = sorted(saved_objectives - wanted_objectives)
+    if gone:
+        logger.warning(
+            f"checkpoint {checkpoint_id} holds state for objective(s) {', '.join(gone)}, "
+            "which the stack no longer has: ignored"
+        )
+    if not new:
+        return states
+    logger.info(
+        f"checkpoint {checkpoint_id} has no state for objective(s) {', '.join(new)}: "
+        "their modules keep their fresh initialization; everything else is resumed"
+    )
+    is_new = lambda key: objective_of(key) in new  # noqa: E731
+    fitted = {k: v for k, v in states.items() if not is_new(k)}
+    if OPTIMIZER in fitted:
+        fitted[OPTIMIZER] = _WithoutKeys(fitted[OPTIMIZER], is_new)
+    return fitted
+
+
+def _model_only(wrapper: Stateful) -> Stateful:
+    class ModelWithoutObjectives(Stateful):
+        def state_dict(self) -> dict[str, Any]:
+            return {k: v for k, v in wrapper.state_dict().items() if not k.startswith(PREFIX)}
+
+        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+            wrapper.load_state_dict(state_dict)
+
+    return ModelWithoutObjectives()
+
+
+def install(checkpointer: CheckpointManager) -> None:
+    """Add both behaviours to a torchtitan ``CheckpointManager`` (which has no hooks for
+    them: its two methods are wrapped on the instance)."""
+    dcp_load = checkpointer.dcp_load
+    save_last_step = checkpointer._save_last_step
+
+    def load(state_dict, checkpoint_id, from_hf, from_quantized):
+        if not from_hf:
+            state_dict = reconcile(state_dict, checkpoint_id)
+        return dcp_load(state_dict, checkpoint_id, from_hf, from_quantized)
+
+    def save_last(curr_step: int) -> None:
+        if not checkpointer.last_save_model_only or curr_step == 0:
+            return save_last_step(curr_step)
+        full = checkpointer.states[MODEL]
+        checkpointer.states[MODEL] = _model_only(full)
+        try:
+            save_last_step(curr_step)
+        finally:
+            checkpointer.states[MODEL] = full
+
+    checkpointer.dcp_load = load
+    checkpointer._save_last_step = save_last
