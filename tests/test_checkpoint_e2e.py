@@ -92,6 +92,7 @@ def test_export_has_no_objective_modules_and_gives_the_same_logits(tmp_path):
     train(tmp_path / "full", *STACK, *FULL, *steps)
     train(tmp_path / "export", *STACK, *CHECKPOINT, *steps)
     train(tmp_path / "hf", *STACK, *CHECKPOINT, "--checkpoint.last_save_in_hf", *steps)
+    train(tmp_path / "bf16", *STACK, *CHECKPOINT, "--checkpoint.export_dtype", "bfloat16", *steps)
 
     args = llama3_args["debugmodel"]
     options = {"ntp": NTPOptions(), "nitp": NITPOptions(), "mtp": MTPOptions(depth=2)}
@@ -110,6 +111,12 @@ def test_export_has_no_objective_modules_and_gives_the_same_logits(tmp_path):
     with torch.no_grad():
         expected = trained(tokens)
         assert torch.equal(plain(tokens), expected)
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    bf16 = FileSystemReader(str(tmp_path / "bf16" / "ckpt" / "step-3")).read_metadata()
+    assert set(bf16.state_dict_metadata) == exported_keys
+    assert {m.properties.dtype for m in bf16.state_dict_metadata.values()} == {torch.bfloat16}
 
     # The HF export, through the model's own adapter.
     from safetensors.torch import load_file

@@ -170,9 +170,11 @@ def test_ntp_mtp_single_process(tmp_path):
     check_mtp_run(tmp_path, steps=5)
 
 
-def test_full_stack_compiled(tmp_path):
-    result = train(tmp_path, *FULL_STACK, "--compile.enable", "--training.steps", "3")
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_full_stack_compiled(tmp_path, nproc):
+    result = train(tmp_path, *FULL_STACK, "--compile.enable", "--training.steps", "3", nproc=nproc)
     assert "Compiling objectives with torch.compile: ntp, nitp, mtp" in result.stdout
+    assert f"dp_shard={nproc}" in result.stdout
     check_mtp_run(tmp_path, steps=3)
 
 
