@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from titan_objectives.report import load_scalars as scalars  # noqa: F401 (tests import it here)
+
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG_CONFIG = ROOT / "toml_configs" / "llama3_debug_nitp.toml"
 
@@ -91,17 +93,12 @@ def run_module(module: str, *args: str, timeout: int = 120, env: dict | None = N
     )
 
 
-def scalars(dump_folder: Path) -> dict[str, dict[int, float]]:
-    """TensorBoard scalars written under ``dump_folder``: tag -> step -> value."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    values: dict[str, dict[int, float]] = {}
-    event_files = sorted(Path(dump_folder).rglob("events.out.tfevents.*"))
-    assert event_files, f"no TensorBoard event files under {dump_folder}"
-    for event_file in event_files:
-        accumulator = EventAccumulator(str(event_file), size_guidance={"scalars": 0})
-        accumulator.Reload()
-        for tag in accumulator.Tags()["scalars"]:
-            for event in accumulator.Scalars(tag):
-                values.setdefault(tag, {})[event.step] = event.value
-    return values
+def pip_install(package: Path, target: Path) -> Path:
+    """Install a package (and its entry points) with pip into a folder, as a user would
+    with ``pip install``; return the folder, to put on ``sys.path`` / ``PYTHONPATH``."""
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+         "--disable-pip-version-check", "--target", str(target), str(package)],
+        check=True,
+    )  # fmt: skip
+    return target

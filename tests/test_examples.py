@@ -1,25 +1,17 @@
 """examples/z_loss: a third-party objective package, installed with pip, trained by name."""
 
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
-from helpers import ROOT, scalars, train
+from helpers import ROOT, pip_install, scalars, train
 
 EXAMPLE = ROOT / "examples" / "z_loss"
 
 
 @pytest.fixture(scope="module")
 def z_loss_site(tmp_path_factory):
-    target = tmp_path_factory.mktemp("z_loss_site")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-         "--disable-pip-version-check", "--target", str(target), str(EXAMPLE)],
-        check=True,
-    )  # fmt: skip
-    return target
+    return pip_install(EXAMPLE, tmp_path_factory.mktemp("z_loss_site"))
 
 
 def test_z_loss_formula(z_loss_site, monkeypatch):

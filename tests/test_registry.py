@@ -1,14 +1,12 @@
 """The registry: built-ins, duplicates, and third-party objectives through entry points."""
 
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import DEBUG_CONFIG, scalars, train
+from helpers import DEBUG_CONFIG, pip_install, scalars, train
 
 from titan_objectives import (
     ModelInfo,
@@ -26,12 +24,7 @@ PLUGIN = Path(__file__).parent / "plugin_fixture"
 @pytest.fixture(scope="session")
 def installed_plugin(tmp_path_factory) -> Path:
     """tiny_plugin, installed by pip (build + dist-info + entry_points.txt) into a folder."""
-    target = tmp_path_factory.mktemp("site")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-         "--disable-pip-version-check", "--target", str(target), str(PLUGIN)],
-        check=True,
-    )  # fmt: skip
+    target = pip_install(PLUGIN, tmp_path_factory.mktemp("site"))
     assert (target / "tiny_plugin-0.1.dist-info" / "entry_points.txt").is_file()
     return target
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ROOT, TINY, scalars, train
+from helpers import ROOT, TINY, pip_install, scalars, train
 
 pytestmark = pytest.mark.slow
 
@@ -229,13 +229,7 @@ def test_full_stack_fsdp_matches_single_process(tmp_path, twin_corpus):
 def nan_plugin(tmp_path_factory):
     from test_registry import PLUGIN
 
-    target = tmp_path_factory.mktemp("nan_site")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-         "--disable-pip-version-check", "--target", str(target), str(PLUGIN)],
-        check=True,
-    )  # fmt: skip
-    return target
+    return pip_install(PLUGIN, tmp_path_factory.mktemp("nan_site"))
 
 
 def test_a_nan_loss_stops_training_naming_objective_and_step(tmp_path, nan_plugin):
