@@ -32,3 +32,14 @@ def clean_registry(monkeypatch):
     monkeypatch.setattr(registry, "_broken_entry_points", {})
     monkeypatch.setattr(registry, "_entry_points_loaded", False)
     return registry
+
+
+@pytest.fixture(scope="session")
+def twin_corpus(tmp_path_factory):
+    """Two identical files: with 2 data-parallel ranks each reads one, so the global
+    batch is two copies of what a single process reads, and the mean loss is the same."""
+    folder = tmp_path_factory.mktemp("twin")
+    text = (ROOT / "assets" / "tiny" / "train.txt").read_text()[:60_000]
+    for name in ("a.txt", "b.txt"):
+        (folder / name).write_text(text)
+    return folder

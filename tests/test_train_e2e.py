@@ -191,17 +191,6 @@ def test_parallel_mtp_with_recomputed_heads_and_step_schedule(tmp_path):
     )
 
 
-@pytest.fixture(scope="module")
-def twin_corpus(tmp_path_factory):
-    """Two identical files: with 2 data-parallel ranks each reads one, so the global
-    batch is two copies of what a single process reads, and the mean loss is the same."""
-    folder = tmp_path_factory.mktemp("twin")
-    text = (ROOT / "assets" / "tiny" / "train.txt").read_text()[:60_000]
-    for name in ("a.txt", "b.txt"):
-        (folder / name).write_text(text)
-    return folder
-
-
 def test_full_stack_fsdp_matches_single_process(tmp_path, twin_corpus):
     """Gradients of every objective (shared head and embedding included) survive FSDP2."""
     common = (*FULL_STACK, "--training.dataset_path", str(twin_corpus), "--training.steps", "4")

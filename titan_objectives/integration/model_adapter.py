@@ -21,10 +21,16 @@ class DecoderSharedModules:
     """``SharedModules`` of a torchtitan decoder: looked up on the live model at each
     call, so they see the parameters as parallelization left them."""
 
-    def __init__(self, model: nn.Module, model_args: Any, block_cls: type[nn.Module]):
+    def __init__(
+        self, model: nn.Module, model_args: Any, block_cls: type[nn.Module], rope_buffer: str
+    ):
         self._model = model
         self._model_args = model_args
         self._block_cls = block_cls
+        self._rope_buffer = rope_buffer
+
+    def _rope(self) -> torch.Tensor:
+        return getattr(self._model, self._rope_buffer)
 
     def output_weight(self) -> torch.Tensor:
         return self._model.output.weight
@@ -34,20 +40,22 @@ class DecoderSharedModules:
 
     def init_block(self, block: nn.Module) -> None:
         if "buffer_device" in inspect.signature(block.init_weights).parameters:
-            block.init_weights(buffer_device=self._model.freqs_cis.device)
+            block.init_weights(buffer_device=self._rope().device)
         else:
             block.init_weights()
 
     def run_block(self, block: nn.Module, hidden: torch.Tensor, context: dict) -> torch.Tensor:
-        return block(hidden, self._model.freqs_cis, context.get("attention_masks"))
+        return block(hidden, self._rope(), context.get("attention_masks"))
 
 
 @dataclass(frozen=True)
 class DecoderAdapter:
     """torchtitan's decoder-only language models; ``block_module`` names the module
-    whose ``TransformerBlock`` the objectives' extra blocks are built from."""
+    whose ``TransformerBlock`` the objectives' extra blocks are built from, and
+    ``rope_buffer`` the model buffer its blocks take rotary embeddings from."""
 
     block_module: str
+    rope_buffer: str = "freqs_cis"
 
     def block_class(self) -> type[nn.Module]:
         import importlib
@@ -58,7 +66,7 @@ class DecoderAdapter:
         self, model_args: Any, seq_len: int, model: nn.Module | None = None
     ) -> ModelInfo:
         shared = (
-            DecoderSharedModules(model, model_args, self.block_class())
+            DecoderSharedModules(model, model_args, self.block_class(), self.rope_buffer)
             if model is not None
             else None
         )
@@ -87,6 +95,8 @@ class DecoderAdapter:
 _adapters: dict[str, DecoderAdapter] = {
     "llama3": DecoderAdapter("torchtitan.models.llama3.model.model"),
     "deepseek_v3": DecoderAdapter("torchtitan.models.deepseek_v3.model.model"),
+    "qwen3": DecoderAdapter("torchtitan.models.qwen3.model.model", rope_buffer="rope_cache"),
+    "llama4": DecoderAdapter("torchtitan.models.llama4.model.model"),
 }
 
 

@@ -6,10 +6,11 @@ from typing import Any
 
 import torch
 import torchtitan.protocols.train_spec as train_spec_module
+from torchtitan.components.optimizer import build_optimizers_with_moe_load_balancing
 from torchtitan.tools.logging import logger
 from torchtitan.train import Trainer
 
-from titan_objectives.integration import checkpointing
+from titan_objectives.integration import checkpointing, moe_balance
 from titan_objectives.integration.geometry import GeometryProbe
 from titan_objectives.integration.metrics import ObjectiveMetrics
 from titan_objectives.integration.model_adapter import HiddenStateTap
@@ -73,6 +74,11 @@ class ObjectiveTrainer(Trainer):
                 self.metrics_processor.objective_mesh,
             )  # fmt: skip
         checkpointing.install(self.checkpointer)
+        if self.train_spec.build_optimizers_fn is build_optimizers_with_moe_load_balancing:
+            # Balance the objectives' own routers exactly when torchtitan balances the trunk's.
+            moe_balance.install(
+                self.optimizers, self.objective_stack, self.parallel_dims.get_optional_mesh("loss")
+            )
         self.nonfinite_policy = checked.nonfinite
         self._nonfinite = torch.zeros(len(self.objective_stack), dtype=torch.bool)
         if self.nonfinite_policy != "off":
