@@ -45,9 +45,10 @@ def _parse_job_config(argv: list[str]):
         raise ObjectivesConfigError(str(error).splitlines()[0]) from None
 
 
-def describe(job_config, checked) -> str:
-    """The stack against the model: parameters and training FLOPs each objective adds,
-    from a model built on the meta device (nothing allocated)."""
+def objective_costs(job_config, checked) -> tuple[int, int, dict[str, tuple[int, int]]]:
+    """The model's parameters and training FLOPs per token (torchtitan's count), and each
+    objective's extra parameters and FLOPs per token, from models built on the meta
+    device (nothing allocated)."""
     import torch
     from torchtitan.protocols.train_spec import get_train_spec
 
@@ -56,14 +57,23 @@ def describe(job_config, checked) -> str:
     spec = get_train_spec(job_config.model.name)
     model_args = copy.deepcopy(spec.model_args[job_config.model.flavor])
     model_args.update_from_config(job_config)
-    seq_len = job_config.training.seq_len
     with torch.device("meta"):
         model = spec.model_cls(model_args)
         with_objectives = model_class_with_objectives(
             spec.model_cls, checked.adapter, checked.options
         )(model_args)
-    params, flops = model_args.get_nparams_and_flops(model, seq_len)
+    params, flops = model_args.get_nparams_and_flops(model, job_config.training.seq_len)
+    extra = {
+        name: (sum(p.numel() for p in objective.parameters()), objective.flops_per_token())
+        for name, objective in with_objectives.objectives.objectives().items()
+    }
+    return params, flops, extra
 
+
+def describe(job_config, checked) -> str:
+    """The stack against the model: parameters and training FLOPs each objective adds."""
+    params, flops, extra = objective_costs(job_config, checked)
+    seq_len = job_config.training.seq_len
     lines = [
         f"model: {job_config.model.name} {job_config.model.flavor}, {params:,} parameters, "
         f"{flops / 1e6:,.1f} MFLOPs per token for training (torchtitan's count, seq_len {seq_len})",
@@ -72,19 +82,15 @@ def describe(job_config, checked) -> str:
         f"{'objective':<10} {'weight':>8} {'extra params':>14} {'extra MFLOPs/token':>20} "
         f"{'overhead':>9}",
     ]
-    total_params = total_flops = 0
-    for name, objective in with_objectives.objectives.objectives().items():
-        extra_params = sum(p.numel() for p in objective.parameters())
-        extra_flops = objective.flops_per_token()
-        total_params += extra_params
-        total_flops += extra_flops
-        weight = objective.options.weight
-        if objective.options.schedule != "constant":
-            weight = f"{weight:g}*"
+    for name, (extra_params, extra_flops) in extra.items():
+        options = checked.options[name]
+        weight = options.weight if options.schedule == "constant" else f"{options.weight:g}*"
         lines.append(
             f"{name:<10} {weight:>8} {extra_params:>14,} {extra_flops / 1e6:>20,.2f} "
             f"{100 * extra_flops / flops:>8.2f}%"
         )
+    total_params = sum(p for p, _ in extra.values())
+    total_flops = sum(f for _, f in extra.values())
     lines.append(
         f"{'total':<10} {'':>8} {total_params:>14,} {total_flops / 1e6:>20,.2f} "
         f"{100 * total_flops / flops:>8.2f}%"

@@ -1,0 +1,37 @@
+"""The benchmark scripts run (CPU smoke mode); their figures are not asserted."""
+
+import subprocess
+import sys
+
+import pytest
+from helpers import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_tiny_prints_every_stack():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--tiny"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith("| stack")]
+    names = [row.split("|")[1].strip() for row in rows]
+    assert names == [
+        "ntp", "torchtitan (plain)", "ntp+nitp", "ntp+mtp", "ntp+mtp (chunked CE)", "ntp+nitp+mtp"
+    ]  # fmt: skip
+    flops = {name: row.split("|")[7].strip() for name, row in zip(names, rows, strict=True)}
+    assert flops["ntp"] == flops["torchtitan (plain)"] == "+0.0%"
+    assert float(flops["ntp+nitp"].rstrip("%")) > 0
+
+
+def test_bench_loss_small():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_loss.py"), "--vocab", "512",
+         "--hidden", "64", "--tokens", "256", "--chunk-size", "64", "--dtype", "float32",
+         "--device", "cpu", "--repeats", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "| 512 | 256 |" in result.stdout
