@@ -86,11 +86,12 @@ def build_projector(kind: ProjectorKind, dim: int) -> nn.Module:
 
 
 def nitp_distance(
-    prediction: torch.Tensor, target: torch.Tensor, kind: DistanceKind
+    prediction: torch.Tensor, target: torch.Tensor, kind: DistanceKind, cosine: torch.Tensor
 ) -> torch.Tensor:
-    """Per-position distance, reduced over the last (hidden) dimension."""
+    """Per-position distance, reduced over the last (hidden) dimension. ``cosine`` is
+    the per-position cosine similarity, computed once for the loss and the metric."""
     if kind == "cosine":
-        return 1.0 - F.cosine_similarity(prediction, target, dim=-1)
+        return 1.0 - cosine
     if kind == "smooth_l1":
         return F.smooth_l1_loss(prediction, target, reduction="none").mean(-1)
     return F.mse_loss(prediction, target, reduction="none").mean(-1)
@@ -127,10 +128,8 @@ class NextImplicitTokenPrediction(Objective):
 
         prediction = self.projector(hidden).float()
         target = target.float()
-        distance = nitp_distance(prediction, target, self.options.loss)
+        cosine = F.cosine_similarity(prediction, target, dim=-1)
+        distance = nitp_distance(prediction, target, self.options.loss, cosine)
         loss_sum = torch.where(valid, distance, 0.0).sum()
-
-        with torch.no_grad():
-            cosine = F.cosine_similarity(prediction, target, dim=-1)
-            metrics = {"cosine": MeanMetric(torch.where(valid, cosine, 0.0).sum(), valid.sum())}
-        return ObjectiveOutput(loss_sum, metrics)
+        cosine_sum = torch.where(valid, cosine.detach(), 0.0).sum()
+        return ObjectiveOutput(loss_sum, {"cosine": MeanMetric(cosine_sum, valid.sum())})
