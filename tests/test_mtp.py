@@ -33,6 +33,9 @@ class TinyShared:
     def output_weight(self):
         return self.head.weight
 
+    def logits(self, hidden):
+        return self.head(hidden)
+
     def new_block(self, index):
         return CausalBlock(index)
 

@@ -2,9 +2,11 @@
 
 An objective is an ``nn.Module`` so that whatever it owns (a projector, MTP blocks) is
 part of the model: the optimizer, FSDP2, ``torch.compile`` and checkpoints see it without
-special cases. It knows nothing of torchtitan, parallelism or logging: it receives plain
-tensors and returns a *sum* over valid positions, so that the caller can normalize every
-term by the same global token count, exactly as torchtitan does for cross-entropy.
+special cases. It knows nothing of torchtitan or logging: it receives plain tensors and
+returns a *sum* over valid positions, so that the caller can normalize every term by the
+same global token count, exactly as torchtitan does for cross-entropy. Under sequence
+parallelism the tensors are one rank's positions (see ``sequence.py``); an objective that
+handles that declares ``sequence_parallel = True``.
 """
 
 import dataclasses
@@ -14,6 +16,9 @@ from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 from torch import nn
+from torch.distributed.tensor.parallel import ParallelStyle
+
+from titan_objectives.sequence import UNSHARDED, SequenceShards
 
 # torch's default ignore index, which torchtitan also uses for padded labels.
 IGNORE_INDEX = -100
@@ -40,6 +45,13 @@ class SharedModules(Protocol):
 
     def output_weight(self) -> torch.Tensor:
         """The LM head's ``[vocab, dim]`` weight, as the forward pass just used it."""
+        ...
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head applied to ``[batch, seq, dim]`` hidden states (this rank's
+        positions under sequence parallelism). Under tensor parallelism the result covers
+        the whole sequence and may be vocabulary-sharded: give it, with the whole
+        sequence's labels, to ``losses.cross_entropy_sum``."""
         ...
 
     def new_block(self, index: int) -> nn.Module:
@@ -167,6 +179,9 @@ class Features:
     layers: dict[int, torch.Tensor] = field(default_factory=dict)
     context: dict[str, Any] = field(default_factory=dict)
     """What the trunk's blocks ran with (attention masks): pass it to ``run_block``."""
+    sequence: SequenceShards = UNSHARDED
+    """Which positions the hidden states hold; ``labels`` and ``logits`` always cover the
+    whole sequence. Shift and sum over positions through it."""
 
 
 @dataclass
@@ -195,6 +210,10 @@ class Objective(nn.Module):
 
     name: ClassVar[str] = ""
     Options: ClassVar[type[ObjectiveOptions]] = ObjectiveOptions
+    sequence_parallel: ClassVar[bool] = False
+    """True if ``forward`` is right on sequence-sharded hidden states (it shifts and sums
+    over positions through ``Features.sequence``) and ``tensor_parallel_plan`` covers
+    every owned parameter. Tensor-parallel jobs refuse objectives that do not say so."""
 
     def __init__(self, options: ObjectiveOptions, model: ModelInfo):
         super().__init__()
@@ -209,6 +228,13 @@ class Objective(nn.Module):
 
     def forward(self, features: Features) -> ObjectiveOutput:
         raise NotImplementedError
+
+    def tensor_parallel_plan(self) -> dict[str, ParallelStyle]:
+        """How to split owned submodules over a tensor-parallel group, as a
+        ``parallelize_module`` plan relative to this objective; inputs and outputs are
+        sequence shards (``Shard(1)``). Blocks from ``SharedModules.new_block`` are left
+        out: the model's own parallelization treats them like its blocks."""
+        return {}
 
     def flops_per_token(self) -> int:
         """Training FLOPs this objective adds per token (forward + backward). The default

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from titan_objectives.objective import ModelInfo, Requirements
 
@@ -28,12 +30,30 @@ class DecoderSharedModules:
         self._model_args = model_args
         self._block_cls = block_cls
         self._rope_buffer = rope_buffer
+        self._loss_parallel: bool | None = None  # None: no tensor parallelism
+
+    def use_tensor_parallel(self, loss_parallel: bool) -> None:
+        """The head is vocabulary-sharded and hidden states are sequence shards."""
+        self._loss_parallel = loss_parallel
 
     def _rope(self) -> torch.Tensor:
         return getattr(self._model, self._rope_buffer)
 
     def output_weight(self) -> torch.Tensor:
         return self._model.output.weight
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.output_weight()
+        if self._loss_parallel is None:
+            return F.linear(hidden, weight)
+        # What the model's own head does under TP (torchtitan's ColwiseParallel plan for
+        # ``output``): gather the sequence, multiply by this rank's vocabulary rows.
+        mesh = weight.device_mesh
+        hidden = DTensor.from_local(hidden, mesh, [Shard(1)]).redistribute(mesh, [Replicate()])
+        logits = F.linear(hidden, weight)
+        if self._loss_parallel:
+            return logits
+        return logits.redistribute(mesh, [Replicate()]).to_local()
 
     def new_block(self, index: int) -> nn.Module:
         return self._block_cls(index, self._model_args)
@@ -143,7 +163,9 @@ class HiddenStateTap:
     def _keep(self, key: int | str):
         def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
             if self._captured is not None:
-                self._captured[key] = output
+                # Under sequence parallelism the final norm returns a DTensor; objectives
+                # get every hidden state as this rank's plain sequence shard.
+                self._captured[key] = output.to_local() if isinstance(output, DTensor) else output
 
         return hook
 

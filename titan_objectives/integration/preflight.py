@@ -19,7 +19,12 @@ from titan_objectives.config import (
 from titan_objectives.integration.datasets import DATASET_NAME, corpus_files
 from titan_objectives.integration.model_adapter import DecoderAdapter, get_model_adapter
 from titan_objectives.objective import ModelInfo, ObjectiveOptions
-from titan_objectives.registry import RESERVED_NAMES, broken_entry_points, list_objectives
+from titan_objectives.registry import (
+    RESERVED_NAMES,
+    broken_entry_points,
+    get_objective,
+    list_objectives,
+)
 
 
 @dataclass
@@ -138,17 +143,43 @@ def _check_parallelism(job_config: Any, options: dict[str, ObjectiveOptions]) ->
             f"{parallelism.context_parallel_degree}: context parallelism reorders the "
             f"sequence, which {', '.join(shifted)} shift by position; use FSDP instead"
         )
-    if parallelism.tensor_parallel_degree > 1 and not plain_ntp:
-        raise ObjectivesConfigError(
-            f"{stack} with parallelism.tensor_parallel_degree = "
-            f"{parallelism.tensor_parallel_degree}: only a plain ntp stack (default options) "
-            "runs under tensor parallelism yet; use FSDP (data_parallel_shard_degree) instead"
-        )
+    if parallelism.tensor_parallel_degree > 1:
+        _check_tensor_parallel(job_config, options)
     if head_readers and parallelism.fsdp_reshard_after_forward == "always":
         raise ObjectivesConfigError(
             f"parallelism.fsdp_reshard_after_forward = 'always' with "
             f"{', '.join(head_readers)}: they read the output head's weight after the forward, "
             "which 'always' frees; use 'default' or 'never'"
+        )
+
+
+def _check_tensor_parallel(job_config: Any, options: dict[str, ObjectiveOptions]) -> None:
+    degree = job_config.parallelism.tensor_parallel_degree
+    tp = f"parallelism.tensor_parallel_degree = {degree}"
+    unsupported = [name for name in options if not get_objective(name).sequence_parallel]
+    if unsupported:
+        raise ObjectivesConfigError(
+            f"{SECTION}.stack has {', '.join(unsupported)}, which cannot run with {tp}: the "
+            "objective does not declare sequence_parallel = True (see the README, 'Adding an "
+            "objective'); use FSDP (data_parallel_shard_degree) instead"
+        )
+    for name, opts in options.items():
+        chunk_size = getattr(opts, "chunk_size", 0)
+        if chunk_size:
+            raise ObjectivesConfigError(
+                f"{SECTION}.{name}.chunk_size = {chunk_size} with {tp}: the chunked "
+                "cross-entropy needs the whole vocabulary on each rank; under tensor "
+                "parallelism the logits are already split over the vocabulary (loss "
+                "parallel). Set chunk_size = 0"
+            )
+    shard = job_config.training.seq_len // degree
+    depth = getattr(options.get("mtp"), "depth", 0)
+    if depth > shard:
+        raise ObjectivesConfigError(
+            f"{SECTION}.mtp.depth = {depth} with {tp} and training.seq_len = "
+            f"{job_config.training.seq_len}: each rank holds {shard} positions, and a depth "
+            "may not shift further than one shard; use a depth <= "
+            f"{shard} or a smaller tensor_parallel_degree"
         )
 
 

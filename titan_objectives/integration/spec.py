@@ -1,9 +1,14 @@
 """A torchtitan TrainSpec whose model carries the objectives' modules.
 
 The model class is subclassed so that the objectives are built on the meta device with
-the rest of the model and initialized by the model's own ``init_weights``; the
-parallelize function gives each objective with parameters its own FSDP2 unit (and
-compiles it) before torchtitan shards the root, which would otherwise absorb them.
+the rest of the model and initialized by the model's own ``init_weights``.
+
+Parallelization: blocks of the model's own kind that objectives own (MTP's) are lent to
+the model's ``layers`` while torchtitan's parallelize function runs, so they get exactly
+the trunk blocks' tensor/expert parallel plan, activation checkpointing, compile and
+FSDP2 unit. The rest of each objective then gets its own tensor-parallel plan, compile
+(``loss`` in ``compile.components``) and FSDP2 unit; the objectives are kept out of the
+model meanwhile so that torchtitan's root ``fully_shard`` does not absorb them.
 """
 
 import dataclasses
@@ -12,7 +17,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import parallelize_module
 from torchtitan.components.validate import build_validator
 from torchtitan.config import TORCH_DTYPE_MAP
 from torchtitan.protocols.train_spec import ParallelizeFunction, TrainSpec
@@ -33,6 +40,7 @@ def model_class_with_objectives(
             super().__init__(model_args)
             info = adapter.model_info(model_args, model_args.max_seq_len, model=self)
             self.objectives = ObjectiveStack(options, info)
+            self.objective_shared_modules = info.shared
 
         def init_weights(self, *args: Any, **kwargs: Any) -> None:
             super().init_weights(*args, **kwargs)
@@ -68,17 +76,70 @@ def _shard_objectives(stack: ObjectiveStack, parallel_dims: Any, job_config: Any
     for objective in stack.values():
         if any(True for _ in objective.parameters()):
             fully_shard(objective, **config)
+    # torchtitan normalizes gradients by the global token count itself.
+    for module in stack.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+
+
+def _tensor_parallelize_objectives(stack: ObjectiveStack, tp_mesh: Any) -> None:
+    for name, objective in stack.objectives().items():
+        plan = objective.tensor_parallel_plan()
+        if plan:
+            parallelize_module(objective, tp_mesh, plan)
+        missed = [key for key, p in objective.named_parameters() if not isinstance(p, DTensor)]
+        if missed:
+            raise RuntimeError(
+                f"objective {name!r}: tensor_parallel_plan() leaves parameters "
+                f"{', '.join(missed)} unsplit; their gradients would not be reduced over "
+                "the tensor-parallel group"
+            )
+
+
+def _owned_blocks(stack: ObjectiveStack, block_cls: type[nn.Module]) -> list[tuple[nn.Module, str]]:
+    """(parent, attribute) of each block of the model's own kind that an objective owns."""
+    return [
+        (parent, attribute)
+        for parent in stack.modules()
+        for attribute, child in parent.named_children()
+        if isinstance(child, block_cls)
+    ]
 
 
 def parallelize_with_objectives(
-    parallelize_fn: ParallelizeFunction, model: nn.Module, parallel_dims: Any, job_config: Any
+    parallelize_fn: ParallelizeFunction,
+    adapter: DecoderAdapter,
+    model: nn.Module,
+    parallel_dims: Any,
+    job_config: Any,
 ) -> nn.Module:
     stack: ObjectiveStack = model.objectives
+    blocks = _owned_blocks(stack, adapter.block_class())
+    first_lent = len(model.layers)
+    for i, (parent, attribute) in enumerate(blocks):
+        model.layers[str(first_lent + i)] = getattr(parent, attribute)
+    # Without FSDP nothing absorbs the objectives, and DDP must see their parameters.
+    detach = parallel_dims.fsdp_enabled
+    if detach:
+        del model.objectives
+    model = parallelize_fn(model, parallel_dims, job_config)
+    for i, (parent, attribute) in enumerate(blocks):
+        key = str(first_lent + i)
+        setattr(parent, attribute, model.layers[key])  # as wrapped: AC, compile, FSDP
+        del model.layers[key]
+
+    if parallel_dims.tp_enabled:
+        _tensor_parallelize_objectives(stack, parallel_dims.get_mesh("tp"))
+        model.objective_shared_modules.use_tensor_parallel(
+            loss_parallel=not job_config.parallelism.disable_loss_parallel
+        )
     if job_config.compile.enable and "loss" in job_config.compile.components:
         _compile_objectives(stack, job_config)
     if parallel_dims.fsdp_enabled:
         _shard_objectives(stack, parallel_dims, job_config)
-    return parallelize_fn(model, parallel_dims, job_config)
+    if detach:
+        model.objectives = stack
+    return model
 
 
 def wrap_train_spec(
@@ -95,7 +156,7 @@ def wrap_train_spec(
     return dataclasses.replace(
         base,
         model_cls=model_class_with_objectives(base.model_cls, adapter, options),
-        parallelize_fn=partial(parallelize_with_objectives, base.parallelize_fn),
+        parallelize_fn=partial(parallelize_with_objectives, base.parallelize_fn, adapter),
         build_metrics_processor_fn=build_objective_metrics_processor,
         build_validator_fn=validator_fn,
     )

@@ -16,8 +16,9 @@ from titan_objectives.integration.metrics import ObjectiveMetrics
 from titan_objectives.integration.model_adapter import HiddenStateTap
 from titan_objectives.integration.preflight import check_job_config
 from titan_objectives.integration.spec import wrap_train_spec
-from titan_objectives.integration.validation import ObjectiveValidator
-from titan_objectives.objective import Features, Requirements
+from titan_objectives.integration.validation import ObjectiveValidator, features_from
+from titan_objectives.objective import Requirements
+from titan_objectives.sequence import SequenceShards
 from titan_objectives.stack import ObjectiveStack
 
 
@@ -68,10 +69,14 @@ class ObjectiveTrainer(Trainer):
                 final_hidden=True, layers=frozenset(self.geometry.keys[1:])
             )
         self.hidden_states = HiddenStateTap(model, checked.adapter, needs)
+        # torchtitan's tensor parallelism is sequence parallel: hidden states are shards.
+        self.sequence = SequenceShards(
+            self.parallel_dims.get_mesh("tp") if self.parallel_dims.tp_enabled else None
+        )
         if isinstance(getattr(self, "validator", None), ObjectiveValidator):
             self.validator.attach(
                 self.hidden_states, self.objective_stack, self.geometry,
-                self.metrics_processor.objective_mesh,
+                self.metrics_processor.objective_mesh, self.sequence,
             )  # fmt: skip
         checkpointing.install(self.checkpointer)
         if self.train_spec.build_optimizers_fn is build_optimizers_with_moe_load_balancing:
@@ -173,13 +178,7 @@ class ObjectiveTrainer(Trainer):
                 if self._geometry_due() and not self._geometry_sampled:
                     self.geometry.take_sample(hidden, seed=self.step)
                     self._geometry_sampled = True
-                features = Features(
-                    labels=labels,
-                    logits=logits,
-                    final_hidden=hidden.pop("final", None),
-                    layers=hidden,
-                    context=extra_kwargs,
-                )
+                features = features_from(hidden, labels, logits, extra_kwargs, self.sequence)
                 output = self.objective_stack(features)
                 loss = output.weighted_loss_sum / global_valid_tokens
             # Free the logits and hidden states before backward, as torchtitan does.

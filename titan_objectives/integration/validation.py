@@ -11,14 +11,22 @@ from torchtitan.components.validate import Validator
 from titan_objectives.integration.geometry import GeometryProbe
 from titan_objectives.integration.model_adapter import HiddenStateTap
 from titan_objectives.objective import IGNORE_INDEX, Features
+from titan_objectives.sequence import SequenceShards
 from titan_objectives.stack import ObjectiveStack
 
 
-def features_from(hidden: dict, labels: torch.Tensor, logits: torch.Tensor, context: dict):
+def features_from(
+    hidden: dict,
+    labels: torch.Tensor,
+    logits: torch.Tensor | None,
+    context: dict,
+    sequence: SequenceShards,
+) -> Features:
+    """The objectives' view of one forward pass, from what ``HiddenStateTap`` captured."""
     layers = {key: value for key, value in hidden.items() if key != "final"}
     return Features(
         labels=labels, logits=logits, final_hidden=hidden.get("final"), layers=layers,
-        context=context,
+        context=context, sequence=sequence,
     )  # fmt: skip
 
 
@@ -32,9 +40,10 @@ class ObjectiveValidator(Validator):
         stack: ObjectiveStack,
         geometry: GeometryProbe | None,
         mesh: DeviceMesh | None,
+        sequence: SequenceShards,
     ) -> None:
-        self.hidden_states, self.stack, self.geometry, self.mesh = (
-            hidden_states, stack, geometry, mesh,
+        self.hidden_states, self.stack, self.geometry, self.mesh, self.sequence = (
+            hidden_states, stack, geometry, mesh, sequence,
         )  # fmt: skip
 
     @torch.no_grad()
@@ -45,7 +54,7 @@ class ObjectiveValidator(Validator):
         def loss_with_objectives(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
             if self.geometry is not None and not sums:
                 self.geometry.take_sample(hidden, seed=step)
-            output = self.stack(features_from(hidden, labels, logits, {}))
+            output = self.stack(features_from(hidden, labels, logits, {}, self.sequence))
             tokens = (labels != IGNORE_INDEX).sum().float()
             for name, out in output.outputs.items():
                 for key, value in ((f"{name}/loss", out.loss_sum), (f"{name}/tokens", tokens)):

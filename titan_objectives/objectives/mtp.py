@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor.parallel import ParallelStyle, SequenceParallel
 from torch.utils.checkpoint import checkpoint
 
 from titan_objectives.losses import cross_entropy_sum, linear_cross_entropy_sum
@@ -38,6 +38,7 @@ from titan_objectives.objective import (
     SharedModules,
 )
 from titan_objectives.registry import register_objective
+from titan_objectives.sequence import SequenceShards, shift_left
 
 MTPVariant = Literal["deepseek", "parallel"]
 
@@ -77,12 +78,6 @@ class MTPOptions(ObjectiveOptions):
             raise OptionError("chunk_size", self.chunk_size, "0 (off) or a number of tokens > 0")
 
 
-def shift_left(x: torch.Tensor, k: int, fill: float | int) -> torch.Tensor:
-    """``out[:, i] = x[:, i + k]``; the last k positions are ``fill``."""
-    tail = x.new_full((x.shape[0], k, *x.shape[2:]), fill)
-    return torch.cat([x[:, k:], tail], dim=1)
-
-
 def depth_labels(labels: torch.Tensor, k: int) -> torch.Tensor:
     """Targets of depth k: ``labels[:, i + k]`` (token i+k+1), ignored past the end or
     where the input token t_{i+k} (``labels[:, i+k-1]``) is itself a padding position."""
@@ -115,6 +110,7 @@ class MultiTokenPrediction(Objective):
 
     Options = MTPOptions
     options: MTPOptions
+    sequence_parallel = True
 
     def __init__(self, options: MTPOptions, model: ModelInfo):
         super().__init__(options, model)
@@ -142,6 +138,17 @@ class MultiTokenPrediction(Objective):
                 nn.init.trunc_normal_(module.projection.weight, std=std, a=-3 * std, b=3 * std)
             self.shared.init_block(module.block)
 
+    def tensor_parallel_plan(self) -> dict[str, ParallelStyle]:
+        # Norms and the 2d -> d projection act per position: replicate their weights and
+        # run them on sequence shards (their gradients are reduced over the group).
+        per_position = ("hidden_norm", "embedding_norm", "projection", "norm")
+        return {
+            f"depths.{k}.{name}": SequenceParallel(use_local_output=True)
+            for k, module in enumerate(self.depths)
+            for name in per_position
+            if hasattr(module, name)
+        }
+
     def flops_per_token(self) -> int:
         """Own matmuls (6 per parameter; all experts counted for MoE blocks, an upper
         bound), plus per depth the shared output head (6 V d) and the block's attention
@@ -151,10 +158,10 @@ class MultiTokenPrediction(Objective):
         return super().flops_per_token() + self.options.depth * per_depth
 
     def _cross_entropy(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        weight = self.shared.output_weight()
         if self.options.chunk_size:
+            weight = self.shared.output_weight()
             return linear_cross_entropy_sum(hidden, weight, labels, self.options.chunk_size)
-        return cross_entropy_sum(F.linear(hidden, weight), labels)
+        return cross_entropy_sum(self.shared.logits(hidden), labels)
 
     def _depth_loss(
         self,
@@ -164,10 +171,11 @@ class MultiTokenPrediction(Objective):
         embeddings: torch.Tensor | None,
         labels: torch.Tensor,
         context: dict,
+        sequence: SequenceShards,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """CE sum of depth k, and its hidden states (the next deepseek depth's input)."""
         if isinstance(module, DeepSeekMTPModule):
-            embedded = shift_left(embeddings, k, 0.0)
+            embedded = sequence.shift_left(embeddings, k, 0.0)
             joined = torch.cat(
                 [module.hidden_norm(previous), module.embedding_norm(embedded)], dim=-1
             )
@@ -184,7 +192,7 @@ class MultiTokenPrediction(Objective):
         metrics: dict[str, MeanMetric] = {}
         for k, module in enumerate(self.depths, start=1):
             labels = depth_labels(features.labels, k)
-            args = (k, module, previous, embeddings, labels, features.context)
+            args = (k, module, previous, embeddings, labels, features.context, features.sequence)
             if self.options.recompute_heads:
                 ce, hidden = checkpoint(self._depth_loss, *args, use_reentrant=False)
             else:

@@ -17,6 +17,14 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+)
 
 from titan_objectives.objective import (
     IGNORE_INDEX,
@@ -104,6 +112,7 @@ class NextImplicitTokenPrediction(Objective):
 
     Options = NITPOptions
     options: NITPOptions
+    sequence_parallel = True
 
     def __init__(self, options: NITPOptions, model: ModelInfo):
         super().__init__(options, model)
@@ -119,17 +128,36 @@ class NextImplicitTokenPrediction(Objective):
             if isinstance(linear, nn.Linear):
                 nn.init.trunc_normal_(linear.weight, mean=0.0, std=0.02)
 
-    def forward(self, features: Features) -> ObjectiveOutput:
-        hidden = features.final_hidden[:, :-1]
-        # Stop-gradient: the target only teaches the trunk's top, never the shallow block.
-        target = features.layers[self.target_layer][:, 1:].detach()
-        # labels[:, t] is token t+1, the token whose representation is the target.
-        valid = features.labels[:, :-1] != IGNORE_INDEX
+    def tensor_parallel_plan(self) -> dict[str, ParallelStyle]:
+        if self.options.projector == "swiglu":
+            # Megatron's MLP split, as torchtitan splits the trunk's feed-forward blocks.
+            return {
+                "projector": PrepareModuleInput(
+                    input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
+                ),
+                "projector.w1": ColwiseParallel(),
+                "projector.w3": ColwiseParallel(),
+                "projector.w2": RowwiseParallel(output_layouts=Shard(1)),
+            }
+        if self.options.projector == "linear":
+            return {"projector": SequenceParallel(use_local_output=True)}
+        return {}
 
-        prediction = self.projector(hidden).float()
+    def forward(self, features: Features) -> ObjectiveOutput:
+        sequence = features.sequence
+        # Stop-gradient: the target only teaches the trunk's top, never the shallow block.
+        # Position t is compared with the target at t + 1; the last position has none.
+        target = sequence.shift_left(features.layers[self.target_layer].detach(), 1, 0.0)
+        # labels[:, t] is token t+1, the token whose representation is the target.
+        valid = features.labels != IGNORE_INDEX
+        valid[:, -1] = False
+        count = valid.sum()
+        valid = sequence.local(valid)
+
+        prediction = self.projector(features.final_hidden).float()
         target = target.float()
         cosine = F.cosine_similarity(prediction, target, dim=-1)
         distance = nitp_distance(prediction, target, self.options.loss, cosine)
-        loss_sum = torch.where(valid, distance, 0.0).sum()
-        cosine_sum = torch.where(valid, cosine.detach(), 0.0).sum()
-        return ObjectiveOutput(loss_sum, {"cosine": MeanMetric(cosine_sum, valid.sum())})
+        loss_sum = sequence.sum(torch.where(valid, distance, 0.0).sum())
+        cosine_sum = sequence.sum(torch.where(valid, cosine.detach(), 0.0).sum())
+        return ObjectiveOutput(loss_sum, {"cosine": MeanMetric(cosine_sum, count)})

@@ -34,6 +34,9 @@ class NextTokenPrediction(Objective):
 
     Options = NTPOptions
     options: NTPOptions
+    # The logits cover the whole sequence on every rank (vocabulary-sharded under loss
+    # parallel); the chunked path needs the whole vocabulary, so TP jobs keep it off.
+    sequence_parallel = True
 
     def __init__(self, options: NTPOptions, model: ModelInfo):
         super().__init__(options, model)

@@ -1,0 +1,89 @@
+"""How a batch's positions are split over ranks, and the two operations that cross shards.
+
+Under sequence parallelism (torchtitan's tensor parallel) each rank of the group holds
+positions ``[rank * n, (rank + 1) * n)`` of every hidden state, while labels stay whole.
+Most of an objective is per position and runs unchanged on a shard; only a shift along
+the sequence and a sum over positions need the other shards. Objectives do both through
+``Features.sequence``, so one code path is right on one rank and on a sharded group.
+"""
+
+import torch
+import torch.distributed._functional_collectives as funcol
+from torch.distributed.device_mesh import DeviceMesh
+
+# all_gather_single_autograd is torch >= 2.13's name; older releases only have the other.
+_all_gather = getattr(funcol, "all_gather_single_autograd", None)
+if _all_gather is None:
+    _all_gather = funcol.all_gather_tensor_autograd
+
+
+def shift_left(x: torch.Tensor, k: int, fill: float | int) -> torch.Tensor:
+    """``out[:, i] = x[:, i + k]`` along dim 1; the last k positions are ``fill``."""
+    tail = x.new_full((x.shape[0], k, *x.shape[2:]), fill)
+    return torch.cat([x[:, k:], tail], dim=1)
+
+
+class _SumOverShards(torch.autograd.Function):
+    """All-reduce (sum) forward, identity backward: each rank's partial sum enters the
+    one global loss, whose gradient every rank already holds whole."""
+
+    @staticmethod
+    def forward(ctx, partial: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:  # type: ignore[override]
+        return funcol.wait_tensor(funcol.all_reduce(partial, "sum", mesh))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return grad, None
+
+
+class SequenceShards:
+    """The positions this rank holds: all of them (``mesh=None``), or one of
+    ``mesh.size()`` equal, contiguous shards of dim 1."""
+
+    def __init__(self, mesh: DeviceMesh | None = None):
+        self.mesh = mesh
+        self.size = mesh.size() if mesh is not None else 1
+        self.rank = mesh.get_local_rank() if mesh is not None else 0
+
+    @property
+    def sharded(self) -> bool:
+        return self.size > 1
+
+    def local(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's positions of a whole-sequence tensor (e.g. labels or a mask)."""
+        if not self.sharded:
+            return full
+        n = full.shape[1] // self.size
+        return full[:, self.rank * n : (self.rank + 1) * n]
+
+    def shift_left(self, x: torch.Tensor, k: int, fill: float | int) -> torch.Tensor:
+        """``shift_left`` of the whole sequence, on this rank's shard: the last k positions
+        of a shard come from the next rank's first k (gradients flow back to it), those
+        of the last shard are ``fill``. Communicates only the k boundary positions."""
+        if not self.sharded:
+            return shift_left(x, k, fill)
+        if k > x.shape[1]:
+            raise ValueError(
+                f"a shift by {k} positions crosses more than one sequence shard of "
+                f"{x.shape[1]} positions"
+            )
+        # Gather every rank's first k positions along dim 0 (the collectives' native
+        # layout), then keep the next rank's.
+        heads = _all_gather(x[:, :k].transpose(0, 1).contiguous(), 0, self.mesh)
+        following_rank = (self.rank + 1) % self.size
+        following = heads[following_rank * k : (following_rank + 1) * k].transpose(0, 1)
+        if following_rank == 0:
+            # The last shard has nothing after it. Fill, but from the gathered tensor, so
+            # that every rank takes part in the gather's backward (a reduce-scatter).
+            everywhere = torch.ones((), dtype=torch.bool, device=x.device)
+            following = following.masked_fill(everywhere, fill)
+        return torch.cat([x[:, k:], following], dim=1)
+
+    def sum(self, partial: torch.Tensor) -> torch.Tensor:
+        """The sum over all shards of a per-shard sum, the same on every rank."""
+        if not self.sharded:
+            return partial
+        return _SumOverShards.apply(partial, self.mesh)
+
+
+UNSHARDED = SequenceShards()
