@@ -36,10 +36,11 @@ def clean_registry(monkeypatch):
 
 @pytest.fixture(scope="session")
 def twin_corpus(tmp_path_factory):
-    """Two identical files: with 2 data-parallel ranks each reads one, so the global
-    batch is two copies of what a single process reads, and the mean loss is the same."""
+    """Four identical files: with up to 4 data-parallel ranks each reads its own copy, so
+    the global batch is copies of what a single process reads, and the mean loss is the
+    same."""
     folder = tmp_path_factory.mktemp("twin")
     text = (ROOT / "assets" / "tiny" / "train.txt").read_text()[:60_000]
-    for name in ("a.txt", "b.txt"):
+    for name in ("a.txt", "b.txt", "c.txt", "d.txt"):
         (folder / name).write_text(text)
     return folder

@@ -173,10 +173,10 @@ AUDIT = {
     "duplicate_objective": ('[objectives]\nstack = ["ntp", "ntp"]', [], "names ntp more than once"),
     "empty_stack": ("[objectives]\nstack = []", [], "objectives.stack is empty"),
     "bad_nonfinite_policy": (None, ["--objectives.nonfinite", "maybe"], "nonfinite"),
-    "tensor_parallel_with_nitp": (
+    "tensor_parallel_with_chunked_ce": (
         None,
-        ["--parallelism.tensor_parallel_degree", "2"],
-        "tensor_parallel_degree = 2",
+        ["--objectives.ntp.chunk_size", "64", "--parallelism.tensor_parallel_degree", "2"],
+        "objectives.ntp.chunk_size = 64 with parallelism.tensor_parallel_degree = 2",
     ),
     "pipeline_parallel_with_mtp": (
         None,

@@ -193,10 +193,43 @@ BAD_OVERRIDES = {
         r"objectives\.nitp\.weight = -1\.0 is not allowed",
     ),
     "cli_unknown_objective": (["--objectives.stack", "ntp,foo"], r"unknown objective 'foo'"),
-    "cli_tensor_parallel_nitp": (
-        ["--objectives.stack", "ntp,nitp", "--parallelism.tensor_parallel_degree", "2"],
-        r"objectives\.stack = \[.ntp., .nitp.\] with parallelism\.tensor_parallel_degree = 2: "
-        r"only a plain ntp",
+    "cli_tensor_parallel_mtp_deeper_than_a_shard": (
+        [
+            "--objectives.stack",
+            "ntp,mtp",
+            "--objectives.mtp.depth",
+            "100",
+            "--parallelism.tensor_parallel_degree",
+            "4",
+        ],
+        r"objectives\.mtp\.depth = 100 with parallelism\.tensor_parallel_degree = 4 and "
+        r"training\.seq_len = 256: each rank holds 64 positions",
+    ),
+    "cli_tensor_parallel_chunked_mtp": (
+        [
+            "--objectives.stack",
+            "ntp,mtp",
+            "--objectives.mtp.chunk_size",
+            "64",
+            "--parallelism.tensor_parallel_degree",
+            "2",
+        ],
+        r"objectives\.mtp\.chunk_size = 64 with parallelism\.tensor_parallel_degree = 2: the "
+        r"chunked cross-entropy needs the whole vocabulary",
+    ),
+    "moe_target_layer_too_deep": (
+        [
+            "--model.name",
+            "deepseek_v3",
+            "--model.flavor",
+            "debugmodel",
+            "--objectives.stack",
+            "ntp,nitp",
+            "--objectives.nitp.target_layer",
+            "6",
+        ],
+        r"objectives\.nitp\.target_layer = 6 is not allowed; expected an integer in 0\.\.5 "
+        r"for a model with 6 blocks",
     ),
     "cli_pipeline_parallel_nitp": (
         ["--objectives.stack", "ntp,nitp", "--parallelism.pipeline_parallel_degree", "2"],

@@ -183,6 +183,17 @@ class Features:
     """Which positions the hidden states hold; ``labels`` and ``logits`` always cover the
     whole sequence. Shift and sum over positions through it."""
 
+    def restricted_to(self, needs: Requirements) -> "Features":
+        """Only the tensors ``needs`` names. An objective is called with its own view:
+        FSDP2 hooks every tensor a unit receives, and a vocabulary-sharded logits DTensor
+        passed to a unit that ignores it would get a plain zero gradient in backward."""
+        return dataclasses.replace(
+            self,
+            logits=self.logits if needs.logits else None,
+            final_hidden=self.final_hidden if needs.final_hidden else None,
+            layers={k: v for k, v in self.layers.items() if k in needs.layers},
+        )
+
 
 @dataclass
 class MeanMetric:

@@ -53,7 +53,10 @@ class ObjectiveStack(nn.ModuleDict):
             objective.init_weights()
 
     def forward(self, features: Features) -> StackOutput:
-        outputs = {name: module(features) for name, module in self.items()}
+        outputs = {
+            name: objective(features.restricted_to(objective.requirements()))
+            for name, objective in self.objectives().items()
+        }
         weights = self.weights()
         weighted = sum(weights[name] * out.loss_sum for name, out in outputs.items())
         return StackOutput(cast(torch.Tensor, weighted), outputs)

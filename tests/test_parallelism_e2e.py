@@ -1,0 +1,92 @@
+"""Every objective gives the single-process numbers however the model is split: tensor
+parallel (sequence parallel, loss parallel on and off), FSDP2 x TP, HSDP, and expert
+parallel on a MoE model. Each case starts from one seed checkpoint and reads identical
+data on every data-parallel rank (``twin_corpus``), so only the order of floating-point
+reductions differs from the single-process run: fp32 agreement to 1e-4 relative after a
+few optimizer steps is expected, and a missing gradient reduction or a wrong shift
+across sequence shards shows as percent-level differences."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import scalars, train
+from test_moe_e2e import expert_biases
+
+pytestmark = pytest.mark.slow
+
+CHECKPOINT = ("--checkpoint.enable", "--checkpoint.folder", "ckpt", "--checkpoint.interval", "100")
+TP = ("--parallelism.tensor_parallel_degree", "2")
+
+
+def run_from_one_seed(folder: Path, common: tuple, runs: dict[str, tuple[int, tuple]]) -> dict:
+    """Train ``one`` (1 process) and each of ``runs`` from the same seed checkpoint."""
+    train(folder / "seed", *common, *CHECKPOINT, "--checkpoint.create_seed_checkpoint")
+    logged = {}
+    for name, (nproc, overrides) in {"one": (1, ()), **runs}.items():
+        shutil.copytree(folder / "seed" / "ckpt", folder / name / "ckpt")
+        result = train(folder / name, *common, *CHECKPOINT, *overrides, nproc=nproc)
+        logged[name] = scalars(folder / name)
+        logged[name]["stdout"] = result.stdout
+    return logged
+
+
+def assert_same_numbers(logged: dict, tags: tuple[str, ...], steps: int) -> None:
+    one = logged["one"]
+    for name, run in logged.items():
+        for tag in tags:
+            for step in range(1, steps + 1):
+                assert run[tag][step] == pytest.approx(one[tag][step], rel=1e-4), (name, tag, step)
+
+
+def test_llama3_full_stack_under_tp_2d_and_hsdp_matches_single_process(tmp_path, twin_corpus):
+    common = (
+        "--objectives.stack", "ntp,nitp,mtp", "--objectives.mtp.depth", "2",
+        "--training.dataset_path", str(twin_corpus), "--training.steps", "4",
+    )  # fmt: skip
+    logged = run_from_one_seed(tmp_path, common, {
+        # torchtitan's own compiled loss is wrong under loss parallel; ours is not.
+        "tp_compiled_loss_ac": (
+            2, (*TP, "--compile.enable", "--compile.components", "loss",
+                "--activation_checkpoint.mode", "selective"),
+        ),
+        "tp_no_loss_parallel": (2, (*TP, "--parallelism.disable_loss_parallel")),
+        "fsdp_x_tp": (4, (*TP, "--parallelism.data_parallel_shard_degree", "2")),
+        "hsdp": (4, ("--parallelism.data_parallel_replicate_degree", "2",
+                     "--parallelism.data_parallel_shard_degree", "2")),
+    })  # fmt: skip
+    assert "Applied HSDP to the model" in logged["hsdp"]["stdout"]
+    tags = (
+        "objectives/ntp/loss", "objectives/nitp/loss", "objectives/mtp/depth_1",
+        "objectives/mtp/depth_2", "grad_norm",
+    )  # fmt: skip
+    assert_same_numbers(logged, tags, steps=4)
+
+
+def test_deepseek_v3_tensor_and_expert_parallel_match_single_process(tmp_path, twin_corpus):
+    common = (
+        "--objectives.stack", "ntp,nitp,mtp", "--training.seq_len", "32",
+        "--training.local_batch_size", "2", "--model.name", "deepseek_v3",
+        "--training.dataset_path", str(twin_corpus), "--training.steps", "3",
+        "--checkpoint.no-last_save_model_only",  # keep the objectives' state at the end
+    )  # fmt: skip
+    logged = run_from_one_seed(tmp_path, common, {
+        "fsdp": (2, ()),
+        "tp": (2, TP),
+        "ep": (2, ("--parallelism.expert_parallel_degree", "2")),
+    })  # fmt: skip
+    tags = ("objectives/ntp/loss", "objectives/nitp/loss", "objectives/mtp/loss", "grad_norm")
+    assert_same_numbers(logged, tags, steps=3)
+    # The MTP block's router is balanced like the trunk's. Under TP, torchtitan 0.2.2's
+    # own trunk biases already differ from the single-process ones (plain torchtitan,
+    # ntp only, same seed: up to 2.5e-3 after 3 steps, losses equal to 6e-5), so there
+    # the MTP router is only checked to have been updated.
+    reference = expert_biases(tmp_path / "one" / "ckpt" / "step-3")
+    mtp_router = "objectives.mtp.depths.0.block.moe.expert_bias"
+    assert reference[mtp_router].abs().max() > 0
+    for name in ("fsdp", "ep"):
+        biases = expert_biases(tmp_path / name / "ckpt" / "step-3")
+        for key, value in reference.items():
+            torch.testing.assert_close(biases[key], value, msg=f"{name}: {key}")
+    assert expert_biases(tmp_path / "tp" / "ckpt" / "step-3")[mtp_router].abs().max() > 0
