@@ -327,3 +327,29 @@ def test_bundled_configs_validate(path):
     if path.name == "llama3_8b_nitp.toml":
         assert checked.model_info.n_layers == 32
         assert checked.options["nitp"].target_layer == 6
+
+
+def test_tensor_parallel_refuses_objectives_that_do_not_declare_it(clean_registry):
+    from types import SimpleNamespace
+
+    from titan_objectives import Objective, ObjectiveOptions, Requirements, register_objective
+    from titan_objectives.integration.preflight import _check_tensor_parallel
+    from titan_objectives.objectives import NTPOptions
+
+    @register_objective("logit_norm")
+    class LogitNorm(Objective):  # per position, but says nothing about sequence shards
+        def requirements(self):
+            return Requirements(logits=True)
+
+    job_config = SimpleNamespace(
+        parallelism=SimpleNamespace(tensor_parallel_degree=2),
+        training=SimpleNamespace(seq_len=256),
+    )
+    with pytest.raises(
+        ObjectivesConfigError,
+        match=r"objectives\.stack has logit_norm, which cannot run with "
+        r"parallelism\.tensor_parallel_degree = 2: the objective does not declare "
+        r"sequence_parallel = True",
+    ):
+        _check_tensor_parallel(job_config, {"ntp": NTPOptions(), "logit_norm": ObjectiveOptions()})
+    _check_tensor_parallel(job_config, {"ntp": NTPOptions()})  # built-ins declare it

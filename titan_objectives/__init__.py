@@ -16,6 +16,7 @@ from titan_objectives.registry import (
     list_objectives,
     register_objective,
 )
+from titan_objectives.sequence import SequenceShards
 from titan_objectives.stack import ObjectiveStack
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "ObjectiveStack",
     "OptionError",
     "Requirements",
+    "SequenceShards",
     "get_objective",
     "list_objectives",
     "register_objective",

@@ -65,7 +65,17 @@ class DecoderSharedModules:
             block.init_weights()
 
     def run_block(self, block: nn.Module, hidden: torch.Tensor, context: dict) -> torch.Tensor:
-        return block(hidden, self._rope(), context.get("attention_masks"))
+        return _run_block(block, hidden, self._rope(), context.get("attention_masks"))
+
+
+@torch.compiler.disable
+def _run_block(
+    block: nn.Module, hidden: torch.Tensor, rope: torch.Tensor, masks: Any
+) -> torch.Tensor:
+    """A block outside any compiled objective graph: torchtitan already gave it the trunk
+    blocks' compile, activation checkpointing and FSDP hooks, which a second, enclosing
+    compile would trace through (and fails to, with AC and TP)."""
+    return block(hidden, rope, masks)
 
 
 @dataclass(frozen=True)
