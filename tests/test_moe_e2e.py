@@ -2,7 +2,6 @@
 own MoE blocks and their routers are load-balanced (FSDP2, TP and EP equivalence:
 test_parallelism_e2e.py)."""
 
-
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp

@@ -83,46 +83,34 @@ def test_ntp_nitp_compiled(tmp_path):
     check_ntp_nitp_run(tmp_path, steps=3)
 
 
+FULL_STACK = (
+    "--objectives.stack", "ntp,nitp,mtp", "--objectives.mtp.depth", "2",
+    "--objectives.ntp.chunk_size", "48", "--objectives.mtp.chunk_size", "48",
+)  # fmt: skip
+STACK_TAGS = ("objectives/ntp/loss", "objectives/nitp/loss", "objectives/mtp/depth_1",
+              "objectives/mtp/depth_2")  # fmt: skip
+
+
 @pytest.mark.parametrize("mode", ["selective", "full"])
-def test_ntp_nitp_activation_checkpointing(tmp_path, mode):
-    ac = train(tmp_path / "ac", "--activation_checkpoint.mode", mode, "--training.steps", "3")
+def test_full_stack_activation_checkpointing(tmp_path, mode):
+    ac = train(tmp_path / "ac", *FULL_STACK, "--activation_checkpoint.mode", mode,
+               "--training.steps", "3")  # fmt: skip
     assert f"Applied {mode} activation checkpointing" in ac.stdout
-    plain = train(tmp_path / "plain", "--training.steps", "3")
-    # Recomputation changes no number.
-    ac_tb, plain_tb = check_ntp_nitp_run(tmp_path / "ac", 3), scalars(tmp_path / "plain")
-    for tag in ("objectives/ntp/loss", "objectives/nitp/loss"):
+    train(tmp_path / "plain", *FULL_STACK, "--training.steps", "3")
+    # Recomputation (the MTP blocks' included) changes no number.
+    ac_tb, plain_tb = check_mtp_run(tmp_path / "ac", 3), scalars(tmp_path / "plain")
+    for tag in STACK_TAGS:
         for step, value in plain_tb[tag].items():
             assert ac_tb[tag][step] == pytest.approx(value, rel=1e-5, abs=1e-6), (tag, step)
-    assert plain.returncode == 0
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
-    train(
-        tmp_path / "big",
-        "--training.local_batch_size",
-        "4",
-        "--training.global_batch_size",
-        "4",
-        "--training.steps",
-        "3",
-    )
-    train(
-        tmp_path / "accum",
-        "--training.local_batch_size",
-        "2",
-        "--training.global_batch_size",
-        "4",
-        "--training.steps",
-        "3",
-    )
-    big, accum = check_ntp_nitp_run(tmp_path / "big", 3), check_ntp_nitp_run(tmp_path / "accum", 3)
+    batch = ("--training.global_batch_size", "4", "--training.steps", "3")
+    train(tmp_path / "big", *FULL_STACK, *batch, "--training.local_batch_size", "4")
+    train(tmp_path / "accum", *FULL_STACK, *batch, "--training.local_batch_size", "2")
+    big, accum = check_mtp_run(tmp_path / "big", 3), check_mtp_run(tmp_path / "accum", 3)
     # Same 4 sequences per step, summed in a different order: equal up to fp32 rounding.
-    for tag in (
-        "objectives/ntp/loss",
-        "objectives/nitp/loss",
-        "objectives/nitp/cosine",
-        "grad_norm",
-    ):
+    for tag in (*STACK_TAGS, "grad_norm"):
         for step, value in big[tag].items():
             assert accum[tag][step] == pytest.approx(value, rel=2e-5), (tag, step)
 
@@ -140,12 +128,6 @@ def test_run_train_script(tmp_path, ngpu):
     assert f"dp_shard={ngpu}" in result.stdout
     tb = scalars(tmp_path)
     assert sorted(tb["objectives/nitp/loss"]) == [1, 2]
-
-
-FULL_STACK = (
-    "--objectives.stack", "ntp,nitp,mtp", "--objectives.mtp.depth", "2",
-    "--objectives.ntp.chunk_size", "48", "--objectives.mtp.chunk_size", "48",
-)  # fmt: skip
 
 
 def check_mtp_run(dump_folder, steps, depth=2, weight=0.3):

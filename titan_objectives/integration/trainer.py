@@ -49,6 +49,16 @@ class ObjectiveTrainer(Trainer):
 
     def __init__(self, job_config: Any):
         checked = check_job_config(job_config)
+        self.pipeline_passthrough = job_config.parallelism.pipeline_parallel_degree > 1
+        if self.pipeline_passthrough:
+            # Preflight lets only a plain ntp stack through: it is torchtitan's own loss,
+            # computed inside its pipeline schedule, so the Trainer runs untouched.
+            logger.info(
+                "Pipeline parallel with a plain ntp stack: torchtitan's own training step "
+                "(no objectives/* metrics)"
+            )
+            super().__init__(job_config)
+            return
         name = job_config.model.name
         spec = wrap_train_spec(
             train_spec_module.get_train_spec(name), checked.adapter, checked.options
@@ -142,6 +152,8 @@ class ObjectiveTrainer(Trainer):
         self.optimizers.step = checked_step
 
     def train_step(self, data_iterator: Any) -> None:
+        if self.pipeline_passthrough:
+            return super().train_step(data_iterator)
         self._nonfinite = torch.zeros(
             len(self.objective_stack), dtype=torch.bool, device=self.device
         )
@@ -160,13 +172,10 @@ class ObjectiveTrainer(Trainer):
         labels: torch.Tensor,
         global_valid_tokens: torch.Tensor,
     ) -> torch.Tensor:
-        if self.parallel_dims.pp_enabled:
-            # Only a plain ntp stack passes preflight with PP: torchtitan's path is exactly it.
-            loss = super().forward_backward_step(
+        if self.pipeline_passthrough:
+            return super().forward_backward_step(
                 input_dict=input_dict, labels=labels, global_valid_tokens=global_valid_tokens
             )
-            return loss
-
         inputs, labels, extra_inputs, extra_kwargs = self.post_dataloading_process(
             input_dict, labels
         )
