@@ -166,3 +166,25 @@ def test_cosine_uses_fp32_for_bf16_inputs():
     cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
     expected = ((1 - cos) * valid).sum()
     torch.testing.assert_close(out.loss_sum, expected)
+
+
+def test_recomputed_projector_gives_the_same_loss_and_gradients_keeping_less():
+    def run(recompute):
+        objective = make_nitp(target_layer=3)
+        if recompute:
+            objective.checkpoint_activations()
+        features = random_features(3, requires_grad=True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            loss = objective(features).loss_sum
+        loss.backward()
+        grads = [features.final_hidden.grad, *(p.grad for p in objective.parameters())]
+        return loss.detach(), grads, sum(t.numel() for t in saved)
+
+    loss, grads, kept = run(recompute=False)
+    recomputed_loss, recomputed_grads, recomputed_kept = run(recompute=True)
+    torch.testing.assert_close(recomputed_loss, loss)
+    for recomputed, plain in zip(recomputed_grads, grads, strict=True):
+        torch.testing.assert_close(recomputed, plain)
+    # The three [tokens, 4d] activations of the SwiGLU projector are no longer kept.
+    assert kept - recomputed_kept >= 3 * BATCH * SEQ * 4 * DIM

@@ -7,7 +7,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
+import torch.distributed.checkpoint as dcp
 from helpers import ROOT, TINY, pip_install, scalars, train
+from torch.distributed.checkpoint import FileSystemReader
 
 pytestmark = pytest.mark.slow
 
@@ -96,6 +99,7 @@ def test_full_stack_activation_checkpointing(tmp_path, mode):
     ac = train(tmp_path / "ac", *FULL_STACK, "--activation_checkpoint.mode", mode,
                "--training.steps", "3")  # fmt: skip
     assert f"Applied {mode} activation checkpointing" in ac.stdout
+    assert "Objectives recompute their activations in backward" in ac.stdout
     train(tmp_path / "plain", *FULL_STACK, "--training.steps", "3")
     # Recomputation (the MTP blocks' included) changes no number.
     ac_tb, plain_tb = check_mtp_run(tmp_path / "ac", 3), scalars(tmp_path / "plain")
@@ -208,9 +212,9 @@ def test_a_nan_loss_stops_training_naming_objective_and_step(tmp_path, nan_plugi
         tmp_path, "--objectives.stack", "ntp,nan_probe", "--objectives.nan_probe.weight", "0.5",
         extra_pythonpath=str(nan_plugin), check=False,
     )  # fmt: skip
-    assert result.returncode != 0
+    assert result.returncode != 0 and "exitcode  : 3" in result.stdout
     assert "step 1: the loss of nan_probe is not finite (NaN or inf)" in result.stdout
-    assert "stopped before the optimizer applied it" in result.stdout
+    assert "the optimizer did not apply it, and training stopped at step 1" in result.stdout
 
 
 def test_nan_steps_can_be_skipped(tmp_path, nan_plugin):
@@ -220,4 +224,26 @@ def test_nan_steps_can_be_skipped(tmp_path, nan_plugin):
     )  # fmt: skip
     for step in (1, 2, 3):
         assert f"step {step}: the loss of nan_probe is not finite" in result.stdout
-    assert result.stdout.count("skipping this optimizer step") == 3
+    assert result.stdout.count("the optimizer skipped those steps") == 3
+
+
+def test_a_nan_step_is_skipped_on_the_device_and_reported_at_the_next_log_step(
+    tmp_path, nan_plugin
+):
+    """Fused AdamW skips the step itself (no host read on steps that are not logged): the
+    NaN at step 3 is reported after step 4's metrics, and Adam counted 3 steps, not 4."""
+    result = train(
+        tmp_path, "--objectives.stack", "ntp,nan_probe", "--objectives.nan_probe.at_call", "3",
+        "--objectives.nonfinite", "skip", "--training.steps", "4", "--metrics.log_freq", "2",
+        "--checkpoint.enable", "--checkpoint.folder", "ckpt", "--checkpoint.interval", "4",
+        "--checkpoint.no-last_save_model_only", extra_pythonpath=str(nan_plugin),
+    )  # fmt: skip
+    warning = "step 3: the loss of nan_probe is not finite (NaN or inf); the optimizer skipped"
+    assert result.stdout.count(warning) == 1
+    assert result.stdout.index(warning) > result.stdout.index("step:  4")
+    metadata = FileSystemReader(str(tmp_path / "ckpt" / "step-4")).read_metadata()
+    key = "optimizer.state.tok_embeddings.weight.step"
+    assert key in metadata.state_dict_metadata
+    state = {key: torch.zeros(())}
+    dcp.load(state, checkpoint_id=str(tmp_path / "ckpt" / "step-4"))
+    assert state[key].item() == 3.0

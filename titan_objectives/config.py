@@ -70,10 +70,10 @@ def _build_section() -> type:
             Annotated[
                 NonFinitePolicy,
                 tyro.conf.arg(
-                    help="When an objective's loss is NaN or inf: 'error' stops training "
-                    "naming the objective and step, before the optimizer step; 'skip' skips "
-                    "that optimizer step; 'off' does not check (saves one device-to-host "
-                    "read per step)."
+                    help="When an objective's loss is NaN or inf, the optimizer does not "
+                    "apply that step; then 'error' stops training at the next logging step, "
+                    "naming the objective and step, and 'skip' warns and goes on. 'off' does "
+                    "not check."
                 ),
             ],
             "error",

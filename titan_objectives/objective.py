@@ -240,6 +240,11 @@ class Objective(nn.Module):
     def forward(self, features: Features) -> ObjectiveOutput:
         raise NotImplementedError
 
+    def checkpoint_activations(self) -> None:
+        """Called when the job checkpoints activations (``activation_checkpoint.mode``):
+        recompute in backward what is cheap to recompute instead of keeping it. Blocks
+        from ``SharedModules.new_block`` are already checkpointed like the trunk's."""
+
     def tensor_parallel_plan(self) -> dict[str, ParallelStyle]:
         """How to split owned submodules over a tensor-parallel group, as a
         ``parallelize_module`` plan relative to this objective; inputs and outputs are

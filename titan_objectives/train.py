@@ -16,8 +16,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from titan_objectives.config import ObjectivesConfigError
     from titan_objectives.integration.extensions import register_extensions
+    from titan_objectives.integration.nonfinite import NonFiniteLossError
     from titan_objectives.integration.preflight import check_toml_file, exit_on_config_error
-    from titan_objectives.integration.trainer import NonFiniteLossError, ObjectiveTrainer
+    from titan_objectives.integration.trainer import ObjectiveTrainer
 
     argv = sys.argv[1:] if argv is None else argv
     register_extensions()

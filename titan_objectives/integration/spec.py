@@ -128,6 +128,10 @@ def parallelize_with_objectives(
         setattr(parent, attribute, model.layers[key])  # as wrapped: AC, compile, FSDP
         del model.layers[key]
 
+    if job_config.activation_checkpoint.mode != "none":
+        for objective in stack.objectives().values():
+            objective.checkpoint_activations()
+        logger.info("Objectives recompute their activations in backward, like the blocks")
     if parallel_dims.tp_enabled:
         _tensor_parallelize_objectives(stack, parallel_dims.get_mesh("tp"))
         model.objective_shared_modules.use_tensor_parallel(

@@ -14,6 +14,7 @@ from titan_objectives.integration import checkpointing, moe_balance
 from titan_objectives.integration.geometry import GeometryProbe
 from titan_objectives.integration.metrics import ObjectiveMetrics
 from titan_objectives.integration.model_adapter import HiddenStateTap
+from titan_objectives.integration.nonfinite import NonFiniteGuard
 from titan_objectives.integration.preflight import check_job_config
 from titan_objectives.integration.spec import wrap_train_spec
 from titan_objectives.integration.validation import ObjectiveValidator, features_from
@@ -36,10 +37,6 @@ def _train_spec_override(name: str, spec: train_spec_module.TrainSpec) -> Iterat
             del registry[name]
         else:
             registry[name] = previous
-
-
-class NonFiniteLossError(RuntimeError):
-    """An objective's loss was NaN or inf; raised before the optimizer applied it."""
 
 
 class ObjectiveTrainer(Trainer):
@@ -94,10 +91,12 @@ class ObjectiveTrainer(Trainer):
             moe_balance.install(
                 self.optimizers, self.objective_stack, self.parallel_dims.get_optional_mesh("loss")
             )
-        self.nonfinite_policy = checked.nonfinite
-        self._nonfinite = torch.zeros(len(self.objective_stack), dtype=torch.bool)
-        if self.nonfinite_policy != "off":
-            self._guard_optimizer_step()
+        self.nonfinite: NonFiniteGuard | None = None
+        if checked.nonfinite != "off":
+            self.nonfinite = NonFiniteGuard(
+                list(self.objective_stack), checked.nonfinite, self.optimizers,
+                self.parallel_dims.get_optional_mesh("loss"), self.device,
+            )  # fmt: skip
 
     def _build_geometry(self, checked: Any, job_config: Any) -> tuple[GeometryProbe | None, int]:
         options = checked.geometry
@@ -130,33 +129,11 @@ class ObjectiveTrainer(Trainer):
         )
         logger.info(f"step: {self.step:2}  geometry of the final hidden states  {final}")
 
-    def _guard_optimizer_step(self) -> None:
-        """Check the step's losses before the optimizer applies them: one read of a flag
-        vector from the device per step (``[objectives] nonfinite = "off"`` removes it)."""
-        apply_step = self.optimizers.step
-
-        def checked_step(*args: Any, **kwargs: Any) -> None:
-            flags = self._nonfinite.tolist()
-            bad = [name for name, flag in zip(self.objective_stack, flags, strict=True) if flag]
-            if not bad:
-                return apply_step(*args, **kwargs)
-            what = f"step {self.step}: the loss of {', '.join(bad)} is not finite (NaN or inf)"
-            if self.nonfinite_policy == "skip":
-                logger.warning(f"{what}; skipping this optimizer step")
-                return None
-            raise NonFiniteLossError(
-                f"{what}; stopped before the optimizer applied it. Set [objectives] "
-                "nonfinite = 'skip' (or --objectives.nonfinite skip) to skip such steps"
-            )
-
-        self.optimizers.step = checked_step
-
     def train_step(self, data_iterator: Any) -> None:
         if self.pipeline_passthrough:
             return super().train_step(data_iterator)
-        self._nonfinite = torch.zeros(
-            len(self.objective_stack), dtype=torch.bool, device=self.device
-        )
+        if self.nonfinite is not None:
+            self.nonfinite.start_step(self.step)
         self._geometry_sampled = False
         self.objective_metrics.reset()
         self.objective_stack.set_step(self.step)
@@ -164,6 +141,11 @@ class ObjectiveTrainer(Trainer):
         super().train_step(data_iterator)
         if self._geometry_due():
             self._log_geometry()
+        last_step = self.step == self.job_config.training.steps
+        if self.nonfinite is not None and (
+            self.metrics_processor.should_log(self.step) or last_step
+        ):
+            self.nonfinite.report()  # read with the metrics: no sync on other steps
 
     def forward_backward_step(
         self,
@@ -195,7 +177,6 @@ class ObjectiveTrainer(Trainer):
             loss.backward()
 
         self.objective_metrics.add(output, global_valid_tokens)
-        if self.nonfinite_policy != "off":
-            losses = torch.stack([out.loss_sum.detach() for out in output.outputs.values()])
-            self._nonfinite |= ~torch.isfinite(losses)
+        if self.nonfinite is not None:
+            self.nonfinite.record([out.loss_sum for out in output.outputs.values()])
         return loss

@@ -25,6 +25,7 @@ from torch.distributed.tensor.parallel import (
     RowwiseParallel,
     SequenceParallel,
 )
+from torch.utils.checkpoint import checkpoint
 
 from titan_objectives.objective import (
     IGNORE_INDEX,
@@ -118,6 +119,7 @@ class NextImplicitTokenPrediction(Objective):
         super().__init__(options, model)
         self.target_layer = options.resolved_target_layer(model)
         self.projector = build_projector(options.projector, model.dim)
+        self.recompute_projector = False
 
     def requirements(self) -> Requirements:
         return Requirements(final_hidden=True, layers=frozenset({self.target_layer}))
@@ -127,6 +129,11 @@ class NextImplicitTokenPrediction(Objective):
         for linear in self.projector.modules():
             if isinstance(linear, nn.Linear):
                 nn.init.trunc_normal_(linear.weight, mean=0.0, std=0.02)
+
+    def checkpoint_activations(self) -> None:
+        # The SwiGLU projector keeps three [tokens, 4d] activations for backward, as much
+        # as a feed-forward block; recomputing them costs one more projector forward.
+        self.recompute_projector = True
 
     def tensor_parallel_plan(self) -> dict[str, ParallelStyle]:
         if self.options.projector == "swiglu":
@@ -154,7 +161,11 @@ class NextImplicitTokenPrediction(Objective):
         count = valid.sum()
         valid = sequence.local(valid)
 
-        prediction = self.projector(features.final_hidden).float()
+        hidden = features.final_hidden
+        if self.recompute_projector:
+            prediction = checkpoint(self.projector, hidden, use_reentrant=False).float()
+        else:
+            prediction = self.projector(hidden).float()
         target = target.float()
         cosine = F.cosine_similarity(prediction, target, dim=-1)
         distance = nitp_distance(prediction, target, self.options.loss, cosine)

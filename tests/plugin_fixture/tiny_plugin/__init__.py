@@ -37,11 +37,25 @@ class NotAnObjective:
     pass
 
 
+@dataclass
+class NaNProbeOptions(ObjectiveOptions):
+    at_call: int = 0
+    """0: NaN at every call; N: NaN at the N-th call only (0 otherwise)."""
+
+
 class NaNProbe(Objective):
-    """A loss that is always NaN: to test what training does with one."""
+    """A loss that is NaN when told: to test what training does with one."""
+
+    Options = NaNProbeOptions
+
+    def __init__(self, options: NaNProbeOptions, model):
+        super().__init__(options, model)
+        self.calls = 0
 
     def requirements(self) -> Requirements:
         return Requirements(final_hidden=True)
 
     def forward(self, features: Features) -> ObjectiveOutput:
-        return ObjectiveOutput(features.final_hidden.float().sum() * float("nan"))
+        self.calls += 1
+        scale = float("nan") if self.options.at_call in (0, self.calls) else 0.0
+        return ObjectiveOutput(features.final_hidden.float().sum() * scale)
