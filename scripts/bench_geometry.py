@@ -64,8 +64,9 @@ def probe_seconds(batch: int = 8, seq: int = 256, dim: int = 256, repeats: int =
     import torch
 
     from titan_objectives.integration.geometry import GeometryProbe
+    from titan_objectives.sequence import UNSHARDED
 
-    probe = GeometryProbe([2], 2048, 4096, None, 0, 1)
+    probe = GeometryProbe([2], 2048, 4096, None, 0, 1, UNSHARDED)
     hidden = {"final": torch.randn(batch, seq, dim), 2: torch.randn(batch, seq, dim)}
     durations = []
     for seed in range(repeats):

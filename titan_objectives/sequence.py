@@ -79,6 +79,13 @@ class SequenceShards:
             following = following.masked_fill(everywhere, fill)
         return torch.cat([x[:, k:], following], dim=1)
 
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """The whole sequence of a sharded tensor, on every rank, without gradient (for
+        measurements, not losses)."""
+        if not self.sharded:
+            return x
+        return _all_gather(x.detach().transpose(0, 1).contiguous(), 0, self.mesh).transpose(0, 1)
+
     def sum(self, partial: torch.Tensor) -> torch.Tensor:
         """The sum over all shards of a per-shard sum, the same on every rank."""
         if not self.sharded:

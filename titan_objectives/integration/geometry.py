@@ -12,6 +12,7 @@ import torch.distributed._functional_collectives as funcol
 from torch.distributed.device_mesh import DeviceMesh
 
 from titan_objectives.metrics import effective_rank, mean_pairwise_cosine, random_pair_cosine
+from titan_objectives.sequence import SequenceShards
 
 
 def layer_name(key: int | str) -> str:
@@ -27,17 +28,22 @@ class GeometryProbe:
         mesh: DeviceMesh | None,
         dp_rank: int,
         dp_size: int,
+        sequence: SequenceShards,
     ):
         self.keys: list[int | str] = ["final", *layers]
         self.tokens_per_rank = math.ceil(max_tokens / dp_size)
         self.pairs = pairs
         self.mesh = mesh
         self.dp_rank = dp_rank
+        self.sequence = sequence
         self._samples: dict[int | str, torch.Tensor] = {}
         self._sequence_ids: torch.Tensor | None = None
 
     def take_sample(self, hidden: dict[int | str, torch.Tensor], seed: int) -> None:
-        """Keep up to ``tokens_per_rank`` tokens of each tracked hidden state."""
+        """Keep up to ``tokens_per_rank`` tokens of each tracked hidden state. Under
+        sequence parallelism the tracked states are gathered whole first, so that every
+        rank of the group samples the same tokens as one unsharded rank would."""
+        hidden = {key: self.sequence.gather(hidden[key]) for key in self.keys}
         batch, seq, _ = hidden["final"].shape
         generator = torch.Generator().manual_seed(seed * 1009 + self.dp_rank)
         count = min(self.tokens_per_rank, batch * seq)

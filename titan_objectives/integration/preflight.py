@@ -222,12 +222,6 @@ def check_job_config(job_config: Any) -> CheckedConfig:
     options = resolve_stack(job_config.objectives, model_info)
     _check_parallelism(job_config, options)
     _check_paths(job_config)
-    if job_config.objectives.geometry.freq and job_config.parallelism.tensor_parallel_degree > 1:
-        raise ObjectivesConfigError(
-            f"{SECTION}.geometry.freq = {job_config.objectives.geometry.freq} with "
-            "parallelism.tensor_parallel_degree > 1: geometry under tensor parallelism is not "
-            "supported yet; set freq = 0"
-        )
     return CheckedConfig(
         adapter,
         model_info,

@@ -69,6 +69,10 @@ class ObjectiveTrainer(Trainer):
         self.metrics_processor.objective_metrics = self.objective_metrics
         if self.parallel_dims.dp_cp_enabled:
             self.metrics_processor.objective_mesh = self.parallel_dims.get_optional_mesh("loss")
+        # torchtitan's tensor parallelism is sequence parallel: hidden states are shards.
+        self.sequence = SequenceShards(
+            self.parallel_dims.get_mesh("tp") if self.parallel_dims.tp_enabled else None
+        )
         self.geometry, self.geometry_freq = self._build_geometry(checked, job_config)
         needs = self.objective_stack.requirements()
         if self.geometry is not None:
@@ -76,10 +80,6 @@ class ObjectiveTrainer(Trainer):
                 final_hidden=True, layers=frozenset(self.geometry.keys[1:])
             )
         self.hidden_states = HiddenStateTap(model, checked.adapter, needs)
-        # torchtitan's tensor parallelism is sequence parallel: hidden states are shards.
-        self.sequence = SequenceShards(
-            self.parallel_dims.get_mesh("tp") if self.parallel_dims.tp_enabled else None
-        )
         if isinstance(getattr(self, "validator", None), ObjectiveValidator):
             self.validator.attach(
                 self.hidden_states, self.objective_stack, self.geometry,
@@ -115,6 +115,7 @@ class ObjectiveTrainer(Trainer):
             mesh=self.metrics_processor.objective_mesh,
             dp_rank=dp_rank,
             dp_size=dp_size,
+            sequence=self.sequence,
         )
         return probe, options.freq
 
