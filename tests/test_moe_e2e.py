@@ -27,20 +27,29 @@ def expert_biases(checkpoint) -> dict[str, torch.Tensor]:
     return state
 
 
+EXPERT_PARALLEL = ("--parallelism.expert_parallel_degree", "2")
+
+
 @pytest.mark.parametrize(
-    ("model", "flavor", "mtp_is_moe", "balanced"),
+    ("model", "flavor", "mtp_is_moe", "balanced", "nproc", "parallelism"),
     [
-        ("deepseek_v3", "debugmodel", True, True),
-        ("qwen3", "debugmodel_moe", True, False),  # torchtitan 0.2.2 does not balance qwen3
+        # 2 processes (FSDP2, TP, EP): test_parallelism_e2e.py
+        ("deepseek_v3", "debugmodel", True, True, 1, ()),
+        # torchtitan 0.2.2 does not balance qwen3
+        ("qwen3", "debugmodel_moe", True, False, 2, EXPERT_PARALLEL),
         # Llama4 interleaves MoE every 2nd block; block 7 (the MTP block) is a dense one.
-        ("llama4", "debugmodel", False, True),
+        ("llama4", "debugmodel", False, True, 2, EXPERT_PARALLEL),
     ],
 )
-def test_moe_models_train_the_full_stack(tmp_path, model, flavor, mtp_is_moe, balanced):
-    train(
+def test_moe_models_train_the_full_stack(
+    tmp_path, model, flavor, mtp_is_moe, balanced, nproc, parallelism
+):
+    result = train(
         tmp_path, *STACK, *SMALL, *FULL, "--model.name", model, "--model.flavor", flavor,
-        "--training.steps", "2",
+        "--training.steps", "2", *parallelism, nproc=nproc,
     )  # fmt: skip
+    if parallelism:
+        assert "ep=2" in result.stdout
     tb = scalars(tmp_path)
     for name in ("ntp", "nitp", "mtp"):
         assert sorted(tb[f"objectives/{name}/loss"]) == [1, 2]

@@ -77,6 +77,7 @@ def test_ntp_nitp_single_process_with_checkpoint(tmp_path):
 def test_ntp_nitp_fsdp_two_processes(tmp_path):
     result = train(tmp_path, nproc=2)
     assert "dp_shard=2" in result.stdout
+    assert "Applied FSDP to the objectives, one unit each: nitp" in result.stdout
     check_ntp_nitp_run(tmp_path)
 
 
@@ -159,6 +160,7 @@ def test_ntp_mtp_single_process(tmp_path):
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_full_stack_compiled(tmp_path, nproc):
     result = train(tmp_path, *FULL_STACK, "--compile.enable", "--training.steps", "3", nproc=nproc)
+    assert "Parallelizing 2 objective block(s) like the model's own" in result.stdout
     assert "Compiling objectives with torch.compile: ntp, nitp, mtp" in result.stdout
     assert f"dp_shard={nproc}" in result.stdout
     check_mtp_run(tmp_path, steps=3)

@@ -73,9 +73,10 @@ def _shard_objectives(stack: ObjectiveStack, parallel_dims: Any, job_config: Any
     }
     if training.enable_cpu_offload:
         config["offload_policy"] = CPUOffloadPolicy()
-    for objective in stack.values():
-        if any(True for _ in objective.parameters()):
-            fully_shard(objective, **config)
+    sharded = [name for name, objective in stack.items() if list(objective.parameters())]
+    for name in sharded:
+        fully_shard(stack[name], **config)
+    logger.info(f"Applied FSDP to the objectives, one unit each: {', '.join(sharded)}")
     # torchtitan normalizes gradients by the global token count itself.
     for module in stack.modules():
         if isinstance(module, FSDPModule):
@@ -118,6 +119,8 @@ def parallelize_with_objectives(
     first_lent = len(model.layers)
     for i, (parent, attribute) in enumerate(blocks):
         model.layers[str(first_lent + i)] = getattr(parent, attribute)
+    if blocks:
+        logger.info(f"Parallelizing {len(blocks)} objective block(s) like the model's own")
     # Without FSDP nothing absorbs the objectives, and DDP must see their parameters.
     detach = parallel_dims.fsdp_enabled
     if detach:
