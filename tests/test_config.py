@@ -353,3 +353,21 @@ def test_tensor_parallel_refuses_objectives_that_do_not_declare_it(clean_registr
     ):
         _check_tensor_parallel(job_config, {"ntp": NTPOptions(), "logit_norm": ObjectiveOptions()})
     _check_tensor_parallel(job_config, {"ntp": NTPOptions()})  # built-ins declare it
+
+
+def test_mtp_on_a_model_whose_blocks_cannot_be_built_is_named(monkeypatch):
+    from titan_objectives.integration import preflight
+    from titan_objectives.integration.model_adapter import DecoderAdapter
+
+    # An adapter (e.g. registered for a new model family) whose block module has no
+    # TransformerBlock: MTP cannot build its extra block.
+    broken = DecoderAdapter("titan_objectives.objective")
+    monkeypatch.setattr(preflight, "get_model_adapter", lambda name: broken)
+    with pytest.raises(
+        ObjectivesConfigError,
+        match=r"objectives\.mtp\.variant = 'deepseek' with model\.name = 'llama3' \(flavor "
+        r"'debugmodel'\): MTP needs an extra block of the model's own kind, and "
+        r"titan_objectives\.objective\.TransformerBlock cannot be built \(AttributeError",
+    ):
+        parse(DEBUG_CONFIG, "--objectives.stack", "ntp,mtp")
+    parse(DEBUG_CONFIG, "--objectives.stack", "ntp,nitp")  # no extra block needed

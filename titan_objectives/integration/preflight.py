@@ -1,6 +1,7 @@
 """Checks that run before torchtitan allocates anything: a bad config fails in seconds,
 with a message that names the key, the value and what is allowed."""
 
+import copy
 import dataclasses
 import sys
 from dataclasses import dataclass
@@ -8,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import tomllib
+import torch
 from torchtitan.protocols.train_spec import get_train_spec
 
 from titan_objectives.config import (
@@ -121,6 +123,28 @@ def _reads_output_head(name: str, options: ObjectiveOptions) -> bool:
     return name == "mtp" or getattr(options, "chunk_size", 0) > 0
 
 
+def _check_model_blocks(
+    job_config: Any, adapter: DecoderAdapter, options: dict[str, ObjectiveOptions]
+) -> None:
+    """MTP adds blocks of the model's own kind: build one on the meta device now, so a
+    model whose blocks cannot be built that way fails here, not after loading data."""
+    if "mtp" not in options:
+        return
+    name, flavor = job_config.model.name, job_config.model.flavor
+    model_args = copy.deepcopy(get_train_spec(name).model_args[flavor])
+    try:
+        model_args.update_from_config(job_config)  # as the Trainer does before building
+        with torch.device("meta"):
+            adapter.block_class()(model_args.n_layers, model_args)
+    except Exception as error:  # noqa: BLE001 - any failure means the variant cannot be built
+        raise ObjectivesConfigError(
+            f"{SECTION}.mtp.variant = {options['mtp'].variant!r} with model.name = {name!r} "
+            f"(flavor {flavor!r}): MTP needs an extra block of the model's own kind, and "
+            f"{adapter.block_module}.TransformerBlock cannot be built "
+            f"({type(error).__name__}: {str(error)[:200]}); remove mtp from the stack"
+        ) from None
+
+
 def _check_parallelism(job_config: Any, options: dict[str, ObjectiveOptions]) -> None:
     parallelism = job_config.parallelism
     stack = f"{SECTION}.stack = {list(options)!r}"
@@ -220,6 +244,7 @@ def check_job_config(job_config: Any) -> CheckedConfig:
         )
     adapter, model_info = _model_info(job_config)
     options = resolve_stack(job_config.objectives, model_info)
+    _check_model_blocks(job_config, adapter, options)
     _check_parallelism(job_config, options)
     _check_paths(job_config)
     return CheckedConfig(
