@@ -27,6 +27,10 @@ STACKS = {
     "ntp": ("titan_objectives.train", ["--objectives.stack", "ntp"]),
     "torchtitan (plain)": ("titan_objectives.baseline", ["--objectives.stack", "ntp"]),
     "ntp+nitp": ("titan_objectives.train", ["--objectives.stack", "ntp,nitp"]),
+    "ntp+nitp (recomputed projector)": (
+        "titan_objectives.train",
+        ["--objectives.stack", "ntp,nitp", "--objectives.nitp.recompute_projector"],
+    ),
     "ntp+mtp": ("titan_objectives.train", ["--objectives.stack", "ntp,mtp"]),
     "ntp+mtp (chunked CE)": (
         "titan_objectives.train",

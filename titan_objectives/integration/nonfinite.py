@@ -82,11 +82,9 @@ class NonFiniteGuard:
     def report(self) -> None:
         """Tell of the non-finite steps since the last report (reads the device): stop
         under ``error``, warn under ``skip``. Call at logging steps and at the end."""
-        counts, total, first = (
-            self._bad_steps.tolist(),
-            int(self._any_bad_steps),
-            int(self._first_bad_step),
-        )
+        *counts, total, first = torch.cat(
+            [self._bad_steps, self._any_bad_steps.view(1), self._first_bad_step.view(1)]
+        ).tolist()  # one read
         if not total:
             return
         for tensor in (self._bad_steps, self._any_bad_steps, self._first_bad_step):

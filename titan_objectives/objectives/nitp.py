@@ -57,6 +57,11 @@ class NITPOptions(ObjectiveOptions):
     """Distance between P(h_t) and the target: 'cosine' (1 - cos), 'smooth_l1' or 'mse'
     (both averaged over the hidden dimension; the paper found MSE diverges)."""
 
+    recompute_projector: bool = False
+    """Recompute the projector in backward instead of keeping its activations (for
+    'swiglu' three [tokens, 4d] tensors, as much as a feed-forward block): less memory
+    for one more projector forward. On by itself when activation checkpointing is on."""
+
     def validate(self, model: ModelInfo) -> None:
         super().validate(model)
         if self.target_layer is not None and not 0 <= self.target_layer < model.n_layers:
@@ -119,7 +124,7 @@ class NextImplicitTokenPrediction(Objective):
         super().__init__(options, model)
         self.target_layer = options.resolved_target_layer(model)
         self.projector = build_projector(options.projector, model.dim)
-        self.recompute_projector = False
+        self.recompute_projector = options.recompute_projector
 
     def requirements(self) -> Requirements:
         return Requirements(final_hidden=True, layers=frozenset({self.target_layer}))
