@@ -59,7 +59,8 @@ def test_llama3_full_stack_under_tp_2d_ddp_and_hsdp_matches_single_process(tmp_p
     common = (
         "--objectives.stack", "ntp,nitp,mtp", "--objectives.mtp.depth", "2",
         "--training.dataset_path", str(twin_corpus), "--training.steps", "3",
-        "--objectives.geometry.freq", "1",
+        "--objectives.geometry.freq", "1", "--validation.enable", "--validation.freq", "3",
+        "--validation.steps", "1", "--validation.seq_len", "64",
     )  # fmt: skip
     logged = run_from_one_seed(tmp_path, common, {
         # torchtitan's own compiled loss is wrong under loss parallel; ours is not.
@@ -84,15 +85,22 @@ def test_llama3_full_stack_under_tp_2d_ddp_and_hsdp_matches_single_process(tmp_p
     # token-count normalization (plain torchtitan does the same): grad norms are halved,
     # and Adam's updates, hence the losses, are unchanged.
     assert_same_numbers(logged, tags, steps=3, scale={("ddp", "grad_norm"): 0.5})
-    # Geometry samples the same tokens when only TP splits the batch (data-parallel ranks
-    # sample their own share, so those runs measure other tokens). Cosines near 0.05
+    # Geometry samples the same tokens, and validation reads the same batches, when only
+    # TP splits the batch (data-parallel ranks take their own share). Cosines near 0.05
     # differ by 1e-5 (compiled objectives change the rounding): compared absolutely.
+    tensor_parallel_only = {
+        name: logged[name] for name in ("one", "tp_compiled_loss_ac", "tp_no_loss_parallel")
+    }
     geometry = tuple(tag for tag in logged["one"] if tag.startswith("geometry/"))
     assert len(geometry) == 6  # final and the NITP target layer, three metrics each
-    tensor_parallel_only = ("one", "tp_compiled_loss_ac", "tp_no_loss_parallel")
-    assert_same_numbers(
-        {k: logged[k] for k in tensor_parallel_only}, geometry, steps=3, absolute=1e-4
-    )
+    assert_same_numbers(tensor_parallel_only, geometry, steps=3, absolute=1e-4)
+    validation = tuple(tag for tag in logged["one"] if tag.startswith("validation/"))
+    assert "validation/objectives/mtp/loss" in validation
+    for name, run in tensor_parallel_only.items():
+        for tag in validation:
+            assert run[tag][3] == pytest.approx(logged["one"][tag][3], rel=1e-4, abs=1e-4), (
+                name, tag,
+            )  # fmt: skip
 
 
 def test_deepseek_v3_tensor_and_expert_parallel_match_single_process(tmp_path, twin_corpus):

@@ -53,8 +53,10 @@ def model_class_with_objectives(
 
 
 def _compile_objectives(stack: ObjectiveStack, job_config: Any) -> None:
+    # Static shapes: training and validation batches each get their own graph. A dynamic
+    # batch dimension breaks DTensor's sharding propagation under tensor parallelism.
     for name, objective in list(stack.items()):
-        stack[name] = torch.compile(objective, backend=job_config.compile.backend)
+        stack[name] = torch.compile(objective, backend=job_config.compile.backend, dynamic=False)
     logger.info(f"Compiling objectives with torch.compile: {', '.join(stack)}")
 
 
