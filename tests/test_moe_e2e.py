@@ -28,6 +28,7 @@ def expert_biases(checkpoint) -> dict[str, torch.Tensor]:
 
 
 EXPERT_PARALLEL = ("--parallelism.expert_parallel_degree", "2")
+TENSOR_PARALLEL = ("--parallelism.tensor_parallel_degree", "2", "--objectives.ntp.chunk_size", "0")
 
 
 @pytest.mark.parametrize(
@@ -39,6 +40,7 @@ EXPERT_PARALLEL = ("--parallelism.expert_parallel_degree", "2")
         ("qwen3", "debugmodel_moe", True, False, 2, EXPERT_PARALLEL),
         # Llama4 interleaves MoE every 2nd block; block 7 (the MTP block) is a dense one.
         ("llama4", "debugmodel", False, True, 2, EXPERT_PARALLEL),
+        ("llama4", "debugmodel", False, True, 2, TENSOR_PARALLEL),
     ],
 )
 def test_moe_models_train_the_full_stack(
@@ -49,7 +51,7 @@ def test_moe_models_train_the_full_stack(
         "--training.steps", "2", *parallelism, nproc=nproc,
     )  # fmt: skip
     if parallelism:
-        assert "ep=2" in result.stdout
+        assert f"{'ep' if parallelism == EXPERT_PARALLEL else 'tp'}=2" in result.stdout
     tb = scalars(tmp_path)
     for name in ("ntp", "nitp", "mtp"):
         assert sorted(tb[f"objectives/{name}/loss"]) == [1, 2]
