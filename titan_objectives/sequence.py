@@ -17,10 +17,14 @@ if _all_gather is None:
     _all_gather = funcol.all_gather_tensor_autograd
 
 
-def shift_left(x: torch.Tensor, k: int, fill: float | int) -> torch.Tensor:
-    """``out[:, i] = x[:, i + k]`` along dim 1; the last k positions are ``fill``."""
-    tail = x.new_full((x.shape[0], k, *x.shape[2:]), fill)
-    return torch.cat([x[:, k:], tail], dim=1)
+def shift_left(
+    x: torch.Tensor, k: int, fill: float | int, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """``out[:, i] = x[:, i + k]`` along dim 1; the last k positions are ``fill``. One
+    new tensor, in ``dtype`` (default: ``x``'s), so a cast costs no second copy."""
+    out = x.new_full(x.shape, fill, dtype=dtype)
+    out[:, : x.shape[1] - k] = x[:, k:]
+    return out
 
 
 class _SumOverShards(torch.autograd.Function):
@@ -56,12 +60,14 @@ class SequenceShards:
         n = full.shape[1] // self.size
         return full[:, self.rank * n : (self.rank + 1) * n]
 
-    def shift_left(self, x: torch.Tensor, k: int, fill: float | int) -> torch.Tensor:
+    def shift_left(
+        self, x: torch.Tensor, k: int, fill: float | int, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
         """``shift_left`` of the whole sequence, on this rank's shard: the last k positions
         of a shard come from the next rank's first k (gradients flow back to it), those
         of the last shard are ``fill``. Communicates only the k boundary positions."""
         if not self.sharded:
-            return shift_left(x, k, fill)
+            return shift_left(x, k, fill, dtype)
         if k > x.shape[1]:
             raise ValueError(
                 f"a shift by {k} positions crosses more than one sequence shard of "
@@ -77,7 +83,9 @@ class SequenceShards:
             # that every rank takes part in the gather's backward (a reduce-scatter).
             everywhere = torch.ones((), dtype=torch.bool, device=x.device)
             following = following.masked_fill(everywhere, fill)
-        return torch.cat([x[:, k:], following], dim=1)
+        out = shift_left(x, k, fill, dtype)
+        out[:, x.shape[1] - k :] = following
+        return out
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """The whole sequence of a sharded tensor, on every rank, without gradient (for

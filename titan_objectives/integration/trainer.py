@@ -67,8 +67,13 @@ class ObjectiveTrainer(Trainer):
         self.objective_stack = model.objectives
         self.objective_metrics = ObjectiveMetrics(self.objective_stack.weights())
         self.metrics_processor.objective_metrics = self.objective_metrics
-        if self.parallel_dims.dp_cp_enabled:
-            self.metrics_processor.objective_mesh = self.parallel_dims.get_optional_mesh("loss")
+        # The ranks whose losses add up to the global one (data and context parallel).
+        loss_mesh = (
+            self.parallel_dims.get_optional_mesh("loss")
+            if self.parallel_dims.dp_cp_enabled
+            else None
+        )
+        self.metrics_processor.objective_mesh = loss_mesh
         # torchtitan's tensor parallelism is sequence parallel: hidden states are shards.
         self.sequence = SequenceShards(
             self.parallel_dims.get_mesh("tp") if self.parallel_dims.tp_enabled else None
@@ -83,19 +88,17 @@ class ObjectiveTrainer(Trainer):
         if isinstance(getattr(self, "validator", None), ObjectiveValidator):
             self.validator.attach(
                 self.hidden_states, self.objective_stack, self.geometry,
-                self.metrics_processor.objective_mesh, self.sequence,
+                loss_mesh, self.sequence,
             )  # fmt: skip
         checkpointing.install(self.checkpointer)
         if self.train_spec.build_optimizers_fn is build_optimizers_with_moe_load_balancing:
             # Balance the objectives' own routers exactly when torchtitan balances the trunk's.
-            moe_balance.install(
-                self.optimizers, self.objective_stack, self.parallel_dims.get_optional_mesh("loss")
-            )
+            moe_balance.install(self.optimizers, self.objective_stack, loss_mesh)
         self.nonfinite: NonFiniteGuard | None = None
         if checked.nonfinite != "off":
             self.nonfinite = NonFiniteGuard(
-                list(self.objective_stack), checked.nonfinite, self.optimizers,
-                self.parallel_dims.get_optional_mesh("loss"), self.device,
+                list(self.objective_stack), checked.nonfinite, self.optimizers, loss_mesh,
+                self.device,
             )  # fmt: skip
 
     def _build_geometry(self, checked: Any, job_config: Any) -> tuple[GeometryProbe | None, int]:

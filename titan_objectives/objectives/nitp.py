@@ -159,7 +159,10 @@ class NextImplicitTokenPrediction(Objective):
         sequence = features.sequence
         # Stop-gradient: the target only teaches the trunk's top, never the shallow block.
         # Position t is compared with the target at t + 1; the last position has none.
-        target = sequence.shift_left(features.layers[self.target_layer].detach(), 1, 0.0)
+        # In fp32, like the distance: one copy of the target layer, cast on the way.
+        target = sequence.shift_left(
+            features.layers[self.target_layer].detach(), 1, 0.0, dtype=torch.float32
+        )
         # labels[:, t] is token t+1, the token whose representation is the target.
         valid = features.labels != IGNORE_INDEX
         valid[:, -1] = False
@@ -171,7 +174,6 @@ class NextImplicitTokenPrediction(Objective):
             prediction = checkpoint(self.projector, hidden, use_reentrant=False).float()
         else:
             prediction = self.projector(hidden).float()
-        target = target.float()
         cosine = F.cosine_similarity(prediction, target, dim=-1)
         distance = nitp_distance(prediction, target, self.options.loss, cosine)
         loss_sum = sequence.sum(torch.where(valid, distance, 0.0).sum())
