@@ -176,7 +176,7 @@ AUDIT = {
     "tensor_parallel_with_chunked_ce": (
         None,
         ["--objectives.ntp.chunk_size", "64", "--parallelism.tensor_parallel_degree", "2"],
-        "objectives.ntp.chunk_size = 64 with parallelism.tensor_parallel_degree = 2",
+        "objectives.ntp (chunk_size = 64) with parallelism.tensor_parallel_degree = 2",
     ),
     "pipeline_parallel_with_mtp": (
         None,

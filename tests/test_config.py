@@ -202,8 +202,9 @@ BAD_OVERRIDES = {
             "--parallelism.tensor_parallel_degree",
             "4",
         ],
-        r"objectives\.mtp\.depth = 100 with parallelism\.tensor_parallel_degree = 4 and "
-        r"training\.seq_len = 256: each rank holds 64 positions",
+        r"objectives\.mtp \(depth = 100\) reads 100 positions ahead, with "
+        r"parallelism\.tensor_parallel_degree = 4 and training\.seq_len = 256: each rank "
+        r"holds 64 positions",
     ),
     "cli_tensor_parallel_chunked_mtp": (
         [
@@ -214,8 +215,8 @@ BAD_OVERRIDES = {
             "--parallelism.tensor_parallel_degree",
             "2",
         ],
-        r"objectives\.mtp\.chunk_size = 64 with parallelism\.tensor_parallel_degree = 2: the "
-        r"chunked cross-entropy needs the whole vocabulary",
+        r"objectives\.mtp \(chunk_size = 64\) with parallelism\.tensor_parallel_degree = 2: "
+        r"these options need the whole vocabulary on each rank",
     ),
     "moe_target_layer_too_deep": (
         [
@@ -345,29 +346,31 @@ def test_tensor_parallel_refuses_objectives_that_do_not_declare_it(clean_registr
         parallelism=SimpleNamespace(tensor_parallel_degree=2),
         training=SimpleNamespace(seq_len=256),
     )
+    needs = {"ntp": Requirements(logits=True), "logit_norm": Requirements(logits=True)}
     with pytest.raises(
         ObjectivesConfigError,
         match=r"objectives\.stack has logit_norm, which cannot run with "
         r"parallelism\.tensor_parallel_degree = 2: the objective does not declare "
         r"sequence_parallel = True",
     ):
-        _check_tensor_parallel(job_config, {"ntp": NTPOptions(), "logit_norm": ObjectiveOptions()})
-    _check_tensor_parallel(job_config, {"ntp": NTPOptions()})  # built-ins declare it
+        options = {"ntp": NTPOptions(), "logit_norm": ObjectiveOptions()}
+        _check_tensor_parallel(job_config, options, needs)
+    _check_tensor_parallel(job_config, {"ntp": NTPOptions()}, {"ntp": needs["ntp"]})
 
 
-def test_mtp_on_a_model_whose_blocks_cannot_be_built_is_named(monkeypatch):
+def test_an_objective_that_cannot_be_built_for_the_model_is_named(monkeypatch):
     from titan_objectives.integration import preflight
     from titan_objectives.integration.model_adapter import DecoderAdapter
 
-    # An adapter (e.g. registered for a new model family) whose block module has no
-    # TransformerBlock: MTP cannot build its extra block.
+    # An adapter (e.g. for a new model family) whose block module has no TransformerBlock:
+    # MTP cannot build its extra block. Found by building the stack on the meta device.
     broken = DecoderAdapter("titan_objectives.objective")
     monkeypatch.setattr(preflight, "get_model_adapter", lambda name: broken)
     with pytest.raises(
         ObjectivesConfigError,
-        match=r"objectives\.mtp\.variant = 'deepseek' with model\.name = 'llama3' \(flavor "
-        r"'debugmodel'\): MTP needs an extra block of the model's own kind, and "
-        r"titan_objectives\.objective\.TransformerBlock cannot be built \(AttributeError",
+        match=r"objectives\.stack has 'mtp' \(depth = 2\), which cannot be built for "
+        r"model\.name = 'llama3' \(flavor 'debugmodel'\): AttributeError: .*TransformerBlock.*; "
+        r"remove it from the stack",
     ):
-        parse(DEBUG_CONFIG, "--objectives.stack", "ntp,mtp")
+        parse(DEBUG_CONFIG, "--objectives.stack", "ntp,mtp", "--objectives.mtp.depth", "2")
     parse(DEBUG_CONFIG, "--objectives.stack", "ntp,nitp")  # no extra block needed

@@ -1,6 +1,7 @@
 """The objectives inside a real torchtitan model (llama3 debug flavor, CPU)."""
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from torchtitan.models.llama3 import Transformer, llama3_args
 from torchtitan.models.llama3.model.model import TransformerBlock
 
 from titan_objectives import Features
+from titan_objectives.sequence import UNSHARDED
 from titan_objectives.integration.model_adapter import HiddenStateTap, get_model_adapter
 from titan_objectives.integration.spec import model_class_with_objectives
 from titan_objectives.objectives import MTPOptions, NITPOptions, NTPOptions
@@ -15,15 +17,15 @@ from titan_objectives.objectives import MTPOptions, NITPOptions, NTPOptions
 SEQ = 16
 
 
-def build(options):
-    args = copy.deepcopy(llama3_args["debugmodel"])
+def build(options, flavor="debugmodel", eos_id=None):
+    args = copy.deepcopy(llama3_args[flavor])
     args.max_seq_len = SEQ
     adapter = get_model_adapter("llama3")
     torch.manual_seed(0)
     model = model_class_with_objectives(Transformer, adapter, options)(args)
     with torch.no_grad():
         model.init_weights()
-    tap = HiddenStateTap(model, adapter, model.objectives.requirements())
+    tap = HiddenStateTap(model, adapter, model.objectives.requirements(), eos_id)
     tokens = torch.randint(0, args.vocab_size, (2, SEQ))
     labels = torch.roll(tokens, -1, dims=1)
     return model, tap, tokens, labels
@@ -43,9 +45,9 @@ def test_mtp_blocks_are_the_models_own_and_head_and_embedding_are_shared():
     assert sum("objectives.mtp.depths.1.block.attention." in n for n in names) == 4
 
     # The MTP term alone trains the shared embedding and output head.
-    with tap.capture() as hidden:
+    with tap.capture() as captured:
         model(tokens)
-    mtp(Features(labels=labels, layers=hidden)).loss_sum.backward()
+    mtp(Features(labels=labels, layers=captured.hidden)).loss_sum.backward()
     assert model.output.weight.grad.abs().sum() > 0
     assert model.tok_embeddings.weight.grad.abs().sum() > 0
     assert model.layers["0"].attention.wq.weight.grad.abs().sum() > 0
@@ -60,10 +62,10 @@ def test_blocks_are_initialized_like_the_models_deeper_blocks():
 
 def test_logits_are_skipped_only_when_nobody_reads_them():
     model, tap, tokens, _ = build({"ntp": NTPOptions(chunk_size=8), "nitp": NITPOptions()})
-    with tap.capture() as hidden:
+    with tap.capture() as captured:
         skipped = model(tokens)
     assert skipped.shape == (2, 0, 2048)
-    assert hidden["final"].shape == (2, SEQ, 256)
+    assert captured.hidden["final"].shape == (2, SEQ, 256)
     assert model(tokens).shape == (2, SEQ, 2048)  # validation and other callers
 
     model, tap, tokens, _ = build({"ntp": NTPOptions(), "nitp": NITPOptions()})
@@ -77,12 +79,36 @@ def test_chunked_ntp_equals_plain_ntp_in_the_model():
     with tap.capture():
         logits = plain(tokens)
     expected = plain.objectives["ntp"](Features(labels=labels, logits=logits)).loss_sum
-    with chunked_tap.capture() as hidden:
+    with chunked_tap.capture() as captured:
         chunked(tokens)
-    got = chunked.objectives["ntp"](Features(labels=labels, final_hidden=hidden["final"])).loss_sum
+    final = captured.hidden["final"]
+    got = chunked.objectives["ntp"](Features(labels=labels, final_hidden=final)).loss_sum
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
     expected.backward()
     got.backward()
     for name, param in plain.named_parameters():
         other = dict(chunked.named_parameters())[name]
         torch.testing.assert_close(other.grad, param.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_capture_records_the_masks_and_documents_of_block_causal_attention():
+    """Flex attention runs forward on CPU: the capture holds the masks the trunk ran with
+    (MTP's blocks need them) and each position's document, EOS ending a document."""
+    eos = 7
+    model, tap, tokens, labels = build(
+        {"ntp": NTPOptions(), "mtp": MTPOptions()}, flavor="debugmodel_flex_attn", eos_id=eos
+    )
+    tokens[tokens == eos] = eos + 1
+    tokens[0, [3, 9]] = eos
+    masks = model.get_attention_masks(tokens, SimpleNamespace(eos_id=eos))
+    with torch.no_grad(), tap.capture() as captured:  # no flex backward on CPU
+        model(tokens, attention_masks=masks)
+    assert captured.context["attention_masks"] is masks
+    expected = [[0] * 4 + [1] * 6 + [2] * (SEQ - 10), [0] * SEQ]
+    assert captured.documents.tolist() == expected
+    features = captured.features(labels, None, UNSHARDED)
+    assert features.documents is captured.documents
+    # MTP's block runs with the trunk's masks (flex attention refuses to run without).
+    mtp = model.objectives["mtp"]
+    with torch.no_grad():
+        assert torch.isfinite(mtp(features.restricted_to(mtp.requirements())).loss_sum)

@@ -1,5 +1,6 @@
 """Composable loss objectives for torchtitan: ``stack = ["ntp", "nitp"]`` in a job config."""
 
+from titan_objectives import vocabulary  # helpers for objectives that read logits
 from titan_objectives.objective import (
     IGNORE_INDEX,
     Features,
@@ -34,4 +35,5 @@ __all__ = [
     "get_objective",
     "list_objectives",
     "register_objective",
+    "vocabulary",
 ]

@@ -39,7 +39,7 @@ class GeometryOptions:
 
     layers: list[int] | None = None
     """Hidden states besides the final one (0 = embeddings, k = output of block k).
-    Default: the NITP target layer when nitp is in the stack, else none."""
+    Default: those the stacked objectives declare worth tracking (NITP: its target block)."""
 
     max_tokens: int = 2048
     """Tokens sampled per measurement, over all ranks; at least the model width."""
@@ -47,10 +47,9 @@ class GeometryOptions:
     pairs: int = 4096
     """Random token pairs (from different sequences) for the average cosine."""
 
-    def resolved_layers(self, nitp_target: int | None) -> list[int]:
-        if self.layers is not None:
-            return sorted(set(self.layers))
-        return [] if nitp_target is None else [nitp_target]
+    def resolved_layers(self, declared: frozenset[int]) -> list[int]:
+        """``layers``, or the layers the objectives declare (``Requirements.geometry_layers``)."""
+        return sorted(set(self.layers if self.layers is not None else declared))
 
 
 def _build_section() -> type:

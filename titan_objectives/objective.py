@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor.parallel import ParallelStyle
 
-from titan_objectives.sequence import UNSHARDED, SequenceShards
+from titan_objectives.sequence import UNSHARDED, SequenceShards, shift_left
 
 # torch's default ignore index, which torchtitan also uses for padded labels.
 IGNORE_INDEX = -100
@@ -146,21 +146,50 @@ class ObjectiveOptions:
 
 @dataclass(frozen=True)
 class Requirements:
-    """Which tensors of the forward pass an objective reads.
+    """What an objective reads from the forward pass, and what that asks of the loop.
 
-    ``layers`` uses the paper's numbering: 0 is the embedding output, k >= 1 is the
-    output of transformer block k (counted from 1).
+    The trainer and the config checks decide everything from these declarations, never
+    from an objective's name, so an objective from another package gets every check and
+    feature a built-in gets. ``layers`` uses the paper's numbering: 0 is the embedding
+    output, k >= 1 is the output of transformer block k (counted from 1).
     """
 
     logits: bool = False
+    """Reads the model's logits. When no objective does, the model skips them."""
+
     final_hidden: bool = False
+    """Reads the final hidden states (the LM head's input)."""
+
     layers: frozenset[int] = frozenset()
+    """Reads these hidden states (0 = embeddings, k = block k)."""
+
+    lookahead: int = 0
+    """The largest offset along the sequence it reads: position t uses what is at t + k
+    (NITP 1, MTP its depth, NTP 0). Under tensor parallelism a sequence shard must hold at
+    least this many positions; under context parallelism, which reorders the sequence, only
+    objectives with 0 (right per position) may run."""
+
+    output_weight: bool = False
+    """Reads the LM head's weight outside the model's forward (``SharedModules``): it
+    must still be gathered then, so FSDP may not free it right after the forward."""
+
+    whole_vocabulary: bool = False
+    """Needs the whole vocabulary on one rank (e.g. a chunked cross-entropy of its own):
+    refused under tensor parallelism, which splits the head over the vocabulary."""
+
+    geometry_layers: frozenset[int] = frozenset()
+    """Hidden states worth tracking by default in the geometry metrics (NITP: its target
+    block), besides the final one."""
 
     def __or__(self, other: "Requirements") -> "Requirements":
         return Requirements(
             logits=self.logits or other.logits,
             final_hidden=self.final_hidden or other.final_hidden,
             layers=self.layers | other.layers,
+            lookahead=max(self.lookahead, other.lookahead),
+            output_weight=self.output_weight or other.output_weight,
+            whole_vocabulary=self.whole_vocabulary or other.whole_vocabulary,
+            geometry_layers=self.geometry_layers | other.geometry_layers,
         )
 
 
@@ -179,9 +208,27 @@ class Features:
     layers: dict[int, torch.Tensor] = field(default_factory=dict)
     context: dict[str, Any] = field(default_factory=dict)
     """What the trunk's blocks ran with (attention masks): pass it to ``run_block``."""
+    documents: torch.Tensor | None = None
+    """Under block-causal attention (packed documents), the document index of each input
+    position, ``[batch, seq]`` over the whole sequence; ``None`` when every position sees
+    all earlier ones. Use ``within_document`` rather than reading it."""
     sequence: SequenceShards = UNSHARDED
-    """Which positions the hidden states hold; ``labels`` and ``logits`` always cover the
-    whole sequence. Shift and sum over positions through it."""
+    """Which positions the hidden states hold; ``labels``, ``logits`` and ``documents``
+    always cover the whole sequence. Shift and sum over positions through it."""
+
+    def within_document(self, k: int) -> torch.Tensor:
+        """``[batch, seq]`` bool over the whole sequence: position t may read position
+        t + k, which exists and, under block-causal attention, lies in t's document
+        (``labels[:, t + k]`` may still be the next document's first token, as it is for
+        next-token prediction at a document's last position). Under block-causal masks
+        each document is its own sequence: an objective that shifts must not pair
+        positions of two documents."""
+        batch, length = self.labels.shape[:2]
+        positions = torch.arange(length, device=self.labels.device)
+        inside = (positions < length - k).expand(batch, length)
+        if self.documents is None or k == 0:
+            return inside
+        return inside & (self.documents == shift_left(self.documents, k, -1))
 
     def restricted_to(self, needs: Requirements) -> "Features":
         """Only the tensors ``needs`` names. An objective is called with its own view:

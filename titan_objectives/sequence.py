@@ -8,13 +8,9 @@ the sequence and a sum over positions need the other shards. Objectives do both 
 """
 
 import torch
-import torch.distributed._functional_collectives as funcol
 from torch.distributed.device_mesh import DeviceMesh
 
-# all_gather_single_autograd is torch >= 2.13's name; older releases only have the other.
-_all_gather = getattr(funcol, "all_gather_single_autograd", None)
-if _all_gather is None:
-    _all_gather = funcol.all_gather_tensor_autograd
+from titan_objectives.collectives import all_gather, sum_over_ranks
 
 
 def shift_left(
@@ -25,19 +21,6 @@ def shift_left(
     out = x.new_full(x.shape, fill, dtype=dtype)
     out[:, : x.shape[1] - k] = x[:, k:]
     return out
-
-
-class _SumOverShards(torch.autograd.Function):
-    """All-reduce (sum) forward, identity backward: each rank's partial sum enters the
-    one global loss, whose gradient every rank already holds whole."""
-
-    @staticmethod
-    def forward(ctx, partial: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:  # type: ignore[override]
-        return funcol.wait_tensor(funcol.all_reduce(partial, "sum", mesh))
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        return grad, None
 
 
 class SequenceShards:
@@ -75,7 +58,7 @@ class SequenceShards:
             )
         # Gather every rank's first k positions along dim 0 (the collectives' native
         # layout), then keep the next rank's.
-        heads = _all_gather(x[:, :k].transpose(0, 1).contiguous(), 0, self.mesh)
+        heads = all_gather(x[:, :k].transpose(0, 1).contiguous(), self.mesh)
         following_rank = (self.rank + 1) % self.size
         following = heads[following_rank * k : (following_rank + 1) * k].transpose(0, 1)
         if following_rank == 0:
@@ -92,13 +75,13 @@ class SequenceShards:
         measurements, not losses)."""
         if not self.sharded:
             return x
-        return _all_gather(x.detach().transpose(0, 1).contiguous(), 0, self.mesh).transpose(0, 1)
+        return all_gather(x.detach().transpose(0, 1).contiguous(), self.mesh).transpose(0, 1)
 
     def sum(self, partial: torch.Tensor) -> torch.Tensor:
         """The sum over all shards of a per-shard sum, the same on every rank."""
         if not self.sharded:
             return partial
-        return _SumOverShards.apply(partial, self.mesh)
+        return sum_over_ranks(partial, self.mesh)
 
 
 UNSHARDED = SequenceShards()

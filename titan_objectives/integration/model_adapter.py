@@ -6,9 +6,9 @@ layout ``tok_embeddings -> layers["0".."n-1"] -> norm -> output``.
 """
 
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -16,19 +16,26 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from titan_objectives.objective import ModelInfo, Requirements
+from titan_objectives.objective import Features, ModelInfo, Requirements
+from titan_objectives.sequence import SequenceShards
 
 
 class DecoderSharedModules:
     """``SharedModules`` of a torchtitan decoder: looked up on the live model at each
-    call, so they see the parameters as parallelization left them."""
+    call, so they see the parameters as parallelization left them. Without a model (the
+    config checks build objectives on the meta device before any model exists) only
+    ``new_block`` works."""
 
     def __init__(
-        self, model: nn.Module, model_args: Any, block_cls: type[nn.Module], rope_buffer: str
+        self,
+        model: nn.Module | None,
+        model_args: Any,
+        block_class: Callable[[], type[nn.Module]],
+        rope_buffer: str,
     ):
         self._model = model
         self._model_args = model_args
-        self._block_cls = block_cls
+        self._block_class = block_class  # imported on first use: only MTP-like objectives need it
         self._rope_buffer = rope_buffer
         self._loss_parallel: bool | None = None  # None: no tensor parallelism
 
@@ -36,11 +43,19 @@ class DecoderSharedModules:
         """The head is vocabulary-sharded and hidden states are sequence shards."""
         self._loss_parallel = loss_parallel
 
+    def _live_model(self) -> nn.Module:
+        if self._model is None:
+            raise RuntimeError(
+                "SharedModules: the model does not exist yet (objectives are being built for "
+                "the config checks); use the model's modules only in forward"
+            )
+        return self._model
+
     def _rope(self) -> torch.Tensor:
-        return getattr(self._model, self._rope_buffer)
+        return getattr(self._live_model(), self._rope_buffer)
 
     def output_weight(self) -> torch.Tensor:
-        return self._model.output.weight
+        return self._live_model().output.weight
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.output_weight()
@@ -56,7 +71,7 @@ class DecoderSharedModules:
         return logits.redistribute(mesh, [Replicate()]).to_local()
 
     def new_block(self, index: int) -> nn.Module:
-        return self._block_cls(index, self._model_args)
+        return self._block_class()(index, self._model_args)
 
     def init_block(self, block: nn.Module) -> None:
         if "buffer_device" in inspect.signature(block.init_weights).parameters:
@@ -92,14 +107,15 @@ class DecoderAdapter:
 
         return importlib.import_module(self.block_module).TransformerBlock
 
+    def shared_modules(
+        self, model_args: Any, model: nn.Module | None = None
+    ) -> DecoderSharedModules:
+        """The model's modules for objectives to share; ``model=None`` before it exists."""
+        return DecoderSharedModules(model, model_args, self.block_class, self.rope_buffer)
+
     def model_info(
-        self, model_args: Any, seq_len: int, model: nn.Module | None = None
+        self, model_args: Any, seq_len: int, shared: DecoderSharedModules | None = None
     ) -> ModelInfo:
-        shared = (
-            DecoderSharedModules(model, model_args, self.block_class(), self.rope_buffer)
-            if model is not None
-            else None
-        )
         return ModelInfo(
             dim=model_args.dim,
             n_layers=model_args.n_layers,
@@ -130,12 +146,6 @@ _adapters: dict[str, DecoderAdapter] = {
 }
 
 
-def register_model_adapter(model_name: str, adapter: DecoderAdapter) -> None:
-    if model_name in _adapters:
-        raise ValueError(f"a model adapter for {model_name!r} is already registered")
-    _adapters[model_name] = adapter
-
-
 def get_model_adapter(model_name: str) -> DecoderAdapter:
     if model_name not in _adapters:
         raise ValueError(
@@ -145,17 +155,70 @@ def get_model_adapter(model_name: str) -> DecoderAdapter:
     return _adapters[model_name]
 
 
+def document_ids(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """The document index of each position of packed ``[batch, seq]`` tokens, as
+    torchtitan's block-causal mask splits them: an EOS token ends its document."""
+    eos = (tokens == eos_id).int()
+    return eos.cumsum(dim=1) - eos
+
+
+def packs_documents(model_args: Any) -> bool:
+    """Whether the model attends within documents only (block-causal masks)."""
+    return (
+        getattr(model_args, "attn_type", "sdpa") != "sdpa"
+        and getattr(model_args, "attn_mask_type", "causal") == "block_causal"
+    )
+
+
+@dataclass
+class ForwardCapture:
+    """What one forward pass of the model produced for the objectives: hidden states
+    ("final", or k as in ``Requirements.layers``), the keyword arguments the model ran
+    with (attention masks, which blocks of the objectives must run with too), and the
+    document index of each position under block-causal masks."""
+
+    hidden: dict[int | str, torch.Tensor] = field(default_factory=dict)
+    context: dict[str, Any] = field(default_factory=dict)
+    documents: torch.Tensor | None = None
+
+    def features(
+        self, labels: torch.Tensor, logits: torch.Tensor | None, sequence: SequenceShards
+    ) -> Features:
+        """The objectives' view of this forward pass; training and validation alike."""
+        return Features(
+            labels=labels,
+            logits=logits,
+            final_hidden=self.hidden.get("final"),
+            layers={key: value for key, value in self.hidden.items() if key != "final"},
+            context=self.context,
+            documents=self.documents,
+            sequence=sequence,
+        )
+
+
 class HiddenStateTap:
-    """Forward hooks that keep the hidden states the objectives need, while armed.
+    """Hooks that keep what the objectives need from the model's forward, while armed.
 
     Hooks sit on the (possibly compiled, checkpointed, FSDP-wrapped) modules themselves,
-    so the model's own forward runs unchanged and nothing is recomputed or copied.
-    Register after parallelization: compile and AC replace the block modules.
+    so the model's own forward runs unchanged and nothing is recomputed or copied; the
+    model's own pre-hook records its keyword arguments, so training and validation give
+    the objectives the same context from one place. Register after parallelization:
+    compile and AC replace the block modules.
     """
 
-    def __init__(self, model: nn.Module, adapter: DecoderAdapter, needs: Requirements):
-        self._captured: dict[int | str, torch.Tensor] | None = None
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: DecoderAdapter,
+        needs: Requirements,
+        eos_id: int | None,
+    ):
+        self._capture: ForwardCapture | None = None
         self._keep_logits = False
+        self._eos_id = eos_id if packs_documents(model.model_args) else None
+        if packs_documents(model.model_args) and eos_id is None:
+            raise ValueError("block-causal attention needs a tokenizer with an EOS token")
+        model.register_forward_pre_hook(self._keep_context, with_kwargs=True)
         if needs.final_hidden:
             adapter.final_norm(model).register_forward_hook(self._keep("final"))
         for layer in sorted(needs.layers):
@@ -164,28 +227,36 @@ class HiddenStateTap:
             # Nobody reads the logits: let the head run on zero positions.
             adapter.output_head(model).register_forward_pre_hook(self._skip_positions)
 
+    def _keep_context(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._capture is None:
+            return
+        self._capture.context = dict(kwargs)
+        if self._eos_id is not None:
+            self._capture.documents = document_ids(args[0], self._eos_id)
+
     def _skip_positions(self, module: nn.Module, args: tuple) -> tuple | None:
-        if self._captured is None or self._keep_logits:
+        if self._capture is None or self._keep_logits:
             return None  # validation and other callers get the full logits
         hidden, *rest = args
         return (hidden[:, :0], *rest)
 
     def _keep(self, key: int | str):
         def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
-            if self._captured is not None:
+            if self._capture is not None:
                 # Under sequence parallelism the final norm returns a DTensor; objectives
                 # get every hidden state as this rank's plain sequence shard.
-                self._captured[key] = output.to_local() if isinstance(output, DTensor) else output
+                local = output.to_local() if isinstance(output, DTensor) else output
+                self._capture.hidden[key] = local
 
         return hook
 
     @contextmanager
-    def capture(self, keep_logits: bool = False) -> Iterator[dict[int | str, torch.Tensor]]:
-        """Within the block, forward passes record into the yielded dict ("final", k).
-        Unless ``keep_logits``, the model skips logits no objective reads."""
-        self._captured = captured = {}
+    def capture(self, keep_logits: bool = False) -> Iterator[ForwardCapture]:
+        """Within the block, forward passes record into the yielded capture (the last
+        one's). Unless ``keep_logits``, the model skips logits no objective reads."""
+        self._capture = captured = ForwardCapture()
         self._keep_logits = keep_logits
         try:
             yield captured
         finally:
-            self._captured = None
+            self._capture = None

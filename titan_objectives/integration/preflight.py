@@ -20,7 +20,7 @@ from titan_objectives.config import (
 )
 from titan_objectives.integration.datasets import DATASET_NAME, corpus_files
 from titan_objectives.integration.model_adapter import DecoderAdapter, get_model_adapter
-from titan_objectives.objective import ModelInfo, ObjectiveOptions
+from titan_objectives.objective import ModelInfo, ObjectiveOptions, Requirements
 from titan_objectives.registry import (
     RESERVED_NAMES,
     broken_entry_points,
@@ -34,6 +34,8 @@ class CheckedConfig:
     adapter: DecoderAdapter
     model_info: ModelInfo
     options: dict[str, ObjectiveOptions]
+    needs: dict[str, Requirements]
+    """What each objective declares (see ``Requirements``), built on the meta device."""
     nonfinite: str
     geometry: GeometryOptions
 
@@ -118,40 +120,51 @@ def _model_info(job_config: Any) -> tuple[DecoderAdapter, ModelInfo]:
     return adapter, adapter.model_info(flavors[flavor], job_config.training.seq_len)
 
 
-def _reads_output_head(name: str, options: ObjectiveOptions) -> bool:
-    """Whether an objective uses the LM head's weight outside the model's forward."""
-    return name == "mtp" or getattr(options, "chunk_size", 0) > 0
+def _settings(options: ObjectiveOptions) -> str:
+    """The options a user set (those that differ from the defaults), for messages."""
+    defaults = type(options)()
+    changed = [
+        f"{f.name} = {getattr(options, f.name)!r}"
+        for f in dataclasses.fields(options)
+        if getattr(options, f.name) != getattr(defaults, f.name)
+    ]
+    return f" ({', '.join(changed)})" if changed else ""
 
 
-def _check_model_blocks(
+def declared_requirements(
     job_config: Any, adapter: DecoderAdapter, options: dict[str, ObjectiveOptions]
-) -> None:
-    """MTP adds blocks of the model's own kind: build one on the meta device now, so a
-    model whose blocks cannot be built that way fails here, not after loading data."""
-    if "mtp" not in options:
-        return
+) -> dict[str, Requirements]:
+    """Build each objective on the meta device, as the trainer will (blocks of the model's
+    kind included, nothing allocated), and read what it declares. An objective that
+    cannot be built for this model fails here, not after the data is loaded."""
     name, flavor = job_config.model.name, job_config.model.flavor
     model_args = copy.deepcopy(get_train_spec(name).model_args[flavor])
-    try:
-        model_args.update_from_config(job_config)  # as the Trainer does before building
-        with torch.device("meta"):
-            adapter.block_class()(model_args.n_layers, model_args)
-    except Exception as error:  # noqa: BLE001 - any failure means the variant cannot be built
-        raise ObjectivesConfigError(
-            f"{SECTION}.mtp.variant = {options['mtp'].variant!r} with model.name = {name!r} "
-            f"(flavor {flavor!r}): MTP needs an extra block of the model's own kind, and "
-            f"{adapter.block_module}.TransformerBlock cannot be built "
-            f"({type(error).__name__}: {str(error)[:200]}); remove mtp from the stack"
-        ) from None
+    model_args.update_from_config(job_config)  # as the Trainer does before building
+    info = adapter.model_info(
+        model_args, job_config.training.seq_len, shared=adapter.shared_modules(model_args)
+    )
+    needs = {}
+    for objective, opts in options.items():
+        try:
+            with torch.device("meta"):
+                needs[objective] = get_objective(objective)(opts, info).requirements()
+        except Exception as error:  # noqa: BLE001 - any failure means it cannot be built
+            raise ObjectivesConfigError(
+                f"{SECTION}.stack has {objective!r}{_settings(opts)}, which cannot be built "
+                f"for model.name = {name!r} (flavor {flavor!r}): {type(error).__name__}: "
+                f"{str(error)[:300]}; remove it from the stack"
+            ) from None
+    return needs
 
 
-def _check_parallelism(job_config: Any, options: dict[str, ObjectiveOptions]) -> None:
+def _check_parallelism(
+    job_config: Any, options: dict[str, ObjectiveOptions], needs: dict[str, Requirements]
+) -> None:
     parallelism = job_config.parallelism
     stack = f"{SECTION}.stack = {list(options)!r}"
-    # torchtitan's own loss path, which every parallelism supports.
+    # torchtitan's own loss path, which every parallelism supports. The one decision on a
+    # built-in's name: it is a statement about torchtitan's step, not about an objective.
     plain_ntp = list(options) == ["ntp"] and options["ntp"] == type(options["ntp"])()
-    shifted = [name for name in options if name != "ntp"]
-    head_readers = [name for name, opts in options.items() if _reads_output_head(name, opts)]
 
     if parallelism.pipeline_parallel_degree > 1 and not plain_ntp:
         raise ObjectivesConfigError(
@@ -161,14 +174,20 @@ def _check_parallelism(job_config: Any, options: dict[str, ObjectiveOptions]) ->
             "schedule on the last stage, which does not see other stages' hidden states); "
             "use FSDP instead"
         )
-    if parallelism.context_parallel_degree > 1 and shifted:
+    shifting = [name for name, need in needs.items() if need.lookahead > 0]
+    if parallelism.context_parallel_degree > 1 and shifting:
+        read_ahead = ", ".join(
+            f"{name}{_settings(options[name])} reads {needs[name].lookahead} position(s) ahead"
+            for name in shifting
+        )
         raise ObjectivesConfigError(
             f"{stack} with parallelism.context_parallel_degree = "
             f"{parallelism.context_parallel_degree}: context parallelism reorders the "
-            f"sequence, which {', '.join(shifted)} shift by position; use FSDP instead"
+            f"sequence, and {read_ahead}; use FSDP or TP instead"
         )
     if parallelism.tensor_parallel_degree > 1:
-        _check_tensor_parallel(job_config, options)
+        _check_tensor_parallel(job_config, options, needs)
+    head_readers = [name for name, need in needs.items() if need.output_weight]
     if head_readers and parallelism.fsdp_reshard_after_forward == "always":
         raise ObjectivesConfigError(
             f"parallelism.fsdp_reshard_after_forward = 'always' with "
@@ -177,34 +196,36 @@ def _check_parallelism(job_config: Any, options: dict[str, ObjectiveOptions]) ->
         )
 
 
-def _check_tensor_parallel(job_config: Any, options: dict[str, ObjectiveOptions]) -> None:
+def _check_tensor_parallel(
+    job_config: Any, options: dict[str, ObjectiveOptions], needs: dict[str, Requirements]
+) -> None:
     degree = job_config.parallelism.tensor_parallel_degree
     tp = f"parallelism.tensor_parallel_degree = {degree}"
     unsupported = [name for name in options if not get_objective(name).sequence_parallel]
     if unsupported:
         raise ObjectivesConfigError(
             f"{SECTION}.stack has {', '.join(unsupported)}, which cannot run with {tp}: the "
-            "objective does not declare sequence_parallel = True (see the README, 'Adding an "
-            "objective'); use FSDP (data_parallel_shard_degree) instead"
+            "objective does not declare sequence_parallel = True (see the README, 'Write your "
+            "own objective'); use FSDP (data_parallel_shard_degree) instead"
         )
-    for name, opts in options.items():
-        chunk_size = getattr(opts, "chunk_size", 0)
-        if chunk_size:
+    for name, need in needs.items():
+        if need.whole_vocabulary:
             raise ObjectivesConfigError(
-                f"{SECTION}.{name}.chunk_size = {chunk_size} with {tp}: the chunked "
-                "cross-entropy needs the whole vocabulary on each rank; under tensor "
-                "parallelism the logits are already split over the vocabulary (loss "
-                "parallel). Set chunk_size = 0"
+                f"{SECTION}.{name}{_settings(options[name])} with {tp}: these options need the "
+                "whole vocabulary on each rank, and tensor parallelism splits the output head "
+                "over the vocabulary (loss parallel); change them (for ntp and mtp: "
+                "chunk_size = 0) or use FSDP instead"
             )
     shard = job_config.training.seq_len // degree
-    depth = getattr(options.get("mtp"), "depth", 0)
-    if depth > shard:
-        raise ObjectivesConfigError(
-            f"{SECTION}.mtp.depth = {depth} with {tp} and training.seq_len = "
-            f"{job_config.training.seq_len}: each rank holds {shard} positions, and a depth "
-            "may not shift further than one shard; use a depth <= "
-            f"{shard} or a smaller tensor_parallel_degree"
-        )
+    for name, need in needs.items():
+        if need.lookahead > shard:
+            raise ObjectivesConfigError(
+                f"{SECTION}.{name}{_settings(options[name])} reads {need.lookahead} positions "
+                f"ahead, with {tp} and training.seq_len = {job_config.training.seq_len}: each "
+                f"rank holds {shard} positions, and an objective may not read further than "
+                f"one shard ahead; read at most {shard} ahead or use a smaller "
+                "tensor_parallel_degree"
+            )
 
 
 def _check_paths(job_config: Any) -> None:
@@ -244,13 +265,14 @@ def check_job_config(job_config: Any) -> CheckedConfig:
         )
     adapter, model_info = _model_info(job_config)
     options = resolve_stack(job_config.objectives, model_info)
-    _check_model_blocks(job_config, adapter, options)
-    _check_parallelism(job_config, options)
+    needs = declared_requirements(job_config, adapter, options)
+    _check_parallelism(job_config, options, needs)
     _check_paths(job_config)
     return CheckedConfig(
         adapter,
         model_info,
         options,
+        needs,
         job_config.objectives.nonfinite,
         job_config.objectives.geometry,
     )

@@ -38,7 +38,8 @@ def model_class_with_objectives(
     class ModelWithObjectives(model_cls):  # type: ignore[valid-type, misc]
         def __init__(self, model_args: Any):
             super().__init__(model_args)
-            info = adapter.model_info(model_args, model_args.max_seq_len, model=self)
+            shared = adapter.shared_modules(model_args, model=self)
+            info = adapter.model_info(model_args, model_args.max_seq_len, shared=shared)
             self.objectives = ObjectiveStack(options, info)
             self.objective_shared_modules = info.shared
 

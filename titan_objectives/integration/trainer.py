@@ -17,7 +17,7 @@ from titan_objectives.integration.model_adapter import HiddenStateTap
 from titan_objectives.integration.nonfinite import NonFiniteGuard
 from titan_objectives.integration.preflight import check_job_config
 from titan_objectives.integration.spec import wrap_train_spec
-from titan_objectives.integration.validation import ObjectiveValidator, features_from
+from titan_objectives.integration.validation import ObjectiveValidator
 from titan_objectives.objective import Requirements
 from titan_objectives.sequence import SequenceShards
 from titan_objectives.stack import ObjectiveStack
@@ -84,7 +84,9 @@ class ObjectiveTrainer(Trainer):
             needs = needs | Requirements(
                 final_hidden=True, layers=frozenset(self.geometry.keys[1:])
             )
-        self.hidden_states = HiddenStateTap(model, checked.adapter, needs)
+        self.hidden_states = HiddenStateTap(
+            model, checked.adapter, needs, self.tokenizer.eos_id if self.tokenizer else None
+        )
         if isinstance(getattr(self, "validator", None), ObjectiveValidator):
             self.validator.attach(
                 self.hidden_states, self.objective_stack, self.geometry,
@@ -105,14 +107,13 @@ class ObjectiveTrainer(Trainer):
         options = checked.geometry
         if not options.freq and not job_config.validation.enable:
             return None, 0
-        nitp = self.objective_stack["nitp"].target_layer if "nitp" in self.objective_stack else None
         if self.parallel_dims.dp_enabled:
             batch_mesh = self.parallel_dims.get_mesh("batch")
             dp_size, dp_rank = batch_mesh.size(), batch_mesh.get_local_rank()
         else:
             dp_size, dp_rank = 1, 0
         probe = GeometryProbe(
-            layers=options.resolved_layers(nitp),
+            layers=options.resolved_layers(self.objective_stack.requirements().geometry_layers),
             max_tokens=max(options.max_tokens, checked.model_info.dim),
             pairs=options.pairs,
             mesh=self.metrics_processor.objective_mesh,
@@ -168,16 +169,16 @@ class ObjectiveTrainer(Trainer):
         model = self.model_parts[0]
         with self.train_context():
             with self.maybe_enable_amp:
-                with self.hidden_states.capture() as hidden:
+                with self.hidden_states.capture() as captured:
                     logits = model(inputs, **extra_inputs, **extra_kwargs)
                 if self._geometry_due() and not self._geometry_sampled:
-                    self.geometry.take_sample(hidden, seed=self.step)
+                    self.geometry.take_sample(captured.hidden, seed=self.step)
                     self._geometry_sampled = True
-                features = features_from(hidden, labels, logits, extra_kwargs, self.sequence)
+                features = captured.features(labels, logits, self.sequence)
                 output = self.objective_stack(features)
                 loss = output.weighted_loss_sum / global_valid_tokens
             # Free the logits and hidden states before backward, as torchtitan does.
-            del logits, features, hidden
+            del logits, features, captured
             loss.backward()
 
         self.objective_metrics.add(output, global_valid_tokens)

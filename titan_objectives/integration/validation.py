@@ -10,24 +10,9 @@ from torchtitan.components.validate import Validator
 
 from titan_objectives.integration.geometry import GeometryProbe
 from titan_objectives.integration.model_adapter import HiddenStateTap
-from titan_objectives.objective import IGNORE_INDEX, Features
+from titan_objectives.objective import IGNORE_INDEX
 from titan_objectives.sequence import SequenceShards
 from titan_objectives.stack import ObjectiveStack
-
-
-def features_from(
-    hidden: dict,
-    labels: torch.Tensor,
-    logits: torch.Tensor | None,
-    context: dict,
-    sequence: SequenceShards,
-) -> Features:
-    """The objectives' view of one forward pass, from what ``HiddenStateTap`` captured."""
-    layers = {key: value for key, value in hidden.items() if key != "final"}
-    return Features(
-        labels=labels, logits=logits, final_hidden=hidden.get("final"), layers=layers,
-        context=context, sequence=sequence,
-    )  # fmt: skip
 
 
 class ObjectiveValidator(Validator):
@@ -53,8 +38,8 @@ class ObjectiveValidator(Validator):
 
         def loss_with_objectives(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
             if self.geometry is not None and not sums:
-                self.geometry.take_sample(hidden, seed=step)
-            output = self.stack(features_from(hidden, labels, logits, {}, self.sequence))
+                self.geometry.take_sample(captured.hidden, seed=step)
+            output = self.stack(captured.features(labels, logits, self.sequence))
             tokens = (labels != IGNORE_INDEX).sum().float()
             for name, out in output.outputs.items():
                 for key, value in ((f"{name}/loss", out.loss_sum), (f"{name}/tokens", tokens)):
@@ -63,7 +48,7 @@ class ObjectiveValidator(Validator):
 
         self.loss_fn = loss_with_objectives
         try:
-            with self.hidden_states.capture(keep_logits=True) as hidden:
+            with self.hidden_states.capture(keep_logits=True) as captured:
                 super().validate(model_parts, step)
         finally:
             self.loss_fn = loss_fn

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
-IGNORE_INDEX = -100
+from titan_objectives.objective import IGNORE_INDEX
 
 
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,8 @@ head k predicts t_{i+k+1}.
 In both, depth k predicts k tokens beyond the next one. The objective returns
 ``(1/D) sum_k CE_k`` (so ``weight`` is DeepSeek-V3's lambda) and each ``CE_k`` as the
 metric ``depth_k``. Positions whose shifted label falls past the end of the sequence, or
-is -100, or whose input token t_{i+k} is a padding position, score nothing.
+is -100, or whose input token t_{i+k} is a padding position or (packed documents under
+block-causal masks) in another document, score nothing.
 """
 
 from dataclasses import dataclass
@@ -78,12 +79,14 @@ class MTPOptions(ObjectiveOptions):
             raise OptionError("chunk_size", self.chunk_size, "0 (off) or a number of tokens > 0")
 
 
-def depth_labels(labels: torch.Tensor, k: int) -> torch.Tensor:
-    """Targets of depth k: ``labels[:, i + k]`` (token i+k+1), ignored past the end or
-    where the input token t_{i+k} (``labels[:, i+k-1]``) is itself a padding position."""
+def depth_labels(labels: torch.Tensor, k: int, within_document: torch.Tensor) -> torch.Tensor:
+    """Targets of depth k: ``labels[:, i + k]`` (token i+k+1), ignored past the end, where
+    the input token t_{i+k} (``labels[:, i+k-1]``) is itself a padding position, or where
+    it lies in another document than position i (``within_document``, from
+    ``Features.within_document(k)``)."""
     target = shift_left(labels, k, IGNORE_INDEX)
     input_is_padding = shift_left(labels, k - 1, IGNORE_INDEX) == IGNORE_INDEX
-    return target.masked_fill(input_is_padding, IGNORE_INDEX)
+    return target.masked_fill(input_is_padding | ~within_document, IGNORE_INDEX)
 
 
 class DeepSeekMTPModule(nn.Module):
@@ -127,7 +130,12 @@ class MultiTokenPrediction(Objective):
         layers = {self.model_info.n_layers}
         if self.options.variant == "deepseek":
             layers.add(0)  # the embedding outputs, shifted, are Emb(t_{i+k})
-        return Requirements(layers=frozenset(layers))
+        return Requirements(
+            layers=frozenset(layers),
+            lookahead=self.options.depth,
+            output_weight=True,  # the shared head, outside the model's forward
+            whole_vocabulary=self.options.chunk_size > 0,
+        )
 
     def init_weights(self) -> None:
         std = self.model_info.dim**-0.5
@@ -191,7 +199,7 @@ class MultiTokenPrediction(Objective):
         total = trunk.new_zeros((), dtype=torch.float32)
         metrics: dict[str, MeanMetric] = {}
         for k, module in enumerate(self.depths, start=1):
-            labels = depth_labels(features.labels, k)
+            labels = depth_labels(features.labels, k, features.within_document(k))
             args = (k, module, previous, embeddings, labels, features.context, features.sequence)
             if self.options.recompute_heads:
                 ce, hidden = checkpoint(self._depth_loss, *args, use_reentrant=False)

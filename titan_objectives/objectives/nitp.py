@@ -127,7 +127,8 @@ class NextImplicitTokenPrediction(Objective):
         self.recompute_projector = options.recompute_projector
 
     def requirements(self) -> Requirements:
-        return Requirements(final_hidden=True, layers=frozenset({self.target_layer}))
+        target = frozenset({self.target_layer})
+        return Requirements(final_hidden=True, layers=target, lookahead=1, geometry_layers=target)
 
     def init_weights(self) -> None:
         # Same scheme as torchtitan's feed-forward blocks: small truncated normals.
@@ -163,9 +164,9 @@ class NextImplicitTokenPrediction(Objective):
         target = sequence.shift_left(
             features.layers[self.target_layer].detach(), 1, 0.0, dtype=torch.float32
         )
-        # labels[:, t] is token t+1, the token whose representation is the target.
-        valid = features.labels != IGNORE_INDEX
-        valid[:, -1] = False
+        # labels[:, t] is token t+1, the token whose representation is the target; the
+        # last position, and a document's last under block-causal masks, have none.
+        valid = (features.labels != IGNORE_INDEX) & features.within_document(1)
         count = valid.sum()
         valid = sequence.local(valid)
 

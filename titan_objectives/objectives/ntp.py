@@ -35,7 +35,7 @@ class NextTokenPrediction(Objective):
     Options = NTPOptions
     options: NTPOptions
     # The logits cover the whole sequence on every rank (vocabulary-sharded under loss
-    # parallel); the chunked path needs the whole vocabulary, so TP jobs keep it off.
+    # parallel); the chunked path declares that it needs the whole vocabulary.
     sequence_parallel = True
 
     def __init__(self, options: NTPOptions, model: ModelInfo):
@@ -44,7 +44,8 @@ class NextTokenPrediction(Objective):
 
     def requirements(self) -> Requirements:
         if self.options.chunk_size:
-            return Requirements(final_hidden=True)
+            # Chunked: the model skips its logits; this reads the head's whole weight.
+            return Requirements(final_hidden=True, output_weight=True, whole_vocabulary=True)
         return Requirements(logits=True)
 
     def flops_per_token(self) -> int:

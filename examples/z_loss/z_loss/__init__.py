@@ -1,6 +1,9 @@
 """PaLM's z-loss (Chowdhery et al. 2022, section 5): ``coefficient * log(Z)^2`` per token,
 where ``Z`` is the softmax normalizer of the logits. It keeps ``log Z`` near 0, which
-stabilizes training in low precision."""
+stabilizes training in low precision.
+
+It reads the logits through ``titan_objectives.vocabulary``, so it is right on one rank
+and under tensor parallelism, where the logits are split over the vocabulary."""
 
 from dataclasses import dataclass
 
@@ -15,6 +18,7 @@ from titan_objectives import (
     ObjectiveOutput,
     OptionError,
     Requirements,
+    vocabulary,
 )
 
 
@@ -33,12 +37,14 @@ class ZLoss(Objective):
     """coefficient * log(Z)^2 per scored token (PaLM's z-loss)."""
 
     Options = ZLossOptions
+    # Per position, on logits and labels that cover the whole sequence on every rank.
+    sequence_parallel = True
 
     def requirements(self) -> Requirements:
         return Requirements(logits=True)
 
     def forward(self, features: Features) -> ObjectiveOutput:
-        log_z = torch.logsumexp(features.logits.float(), dim=-1)
+        log_z = vocabulary.logsumexp(features.logits)
         valid = features.labels != IGNORE_INDEX
         per_token = self.options.coefficient * log_z.square()
         loss_sum = torch.where(valid, per_token, 0.0).sum()

@@ -1,0 +1,106 @@
+"""The vocabulary dimension of logits, whole on one rank or split over tensor-parallel ranks.
+
+Under tensor parallelism with loss parallel, the LM head is split over the vocabulary:
+``Features.logits`` is then a DTensor sharded on its last dimension, each rank holding
+``vocab / tp`` columns. An objective that reads logits stays right on one rank and on a
+split vocabulary by going through these functions, which take the logits either way.
+
+They work on the local columns with explicit collectives rather than DTensor dispatch.
+Inside ``loss_parallel()`` (which torchtitan enables for the whole training step)
+DTensor's ``log_softmax`` is rewritten for the cross-entropy that usually consumes it,
+and its gradient is the identity when anything else does (pytorch/pytorch#190746). Every result
+here is a plain tensor, the same on every rank of the group, with gradients that reach
+each rank's columns.
+"""
+
+import torch
+import torch.distributed._functional_collectives as funcol
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
+
+from titan_objectives.collectives import sum_over_ranks
+
+
+def local_columns(logits: torch.Tensor) -> tuple[torch.Tensor, slice, DeviceMesh | None]:
+    """This rank's logits, the vocabulary ids they hold, and the mesh the vocabulary is
+    split over (``None`` when it is whole)."""
+    vocab = logits.shape[-1]
+    if not isinstance(logits, DTensor):
+        return logits, slice(0, vocab), None
+    placements = logits.placements
+    if (
+        logits.device_mesh.ndim != 1
+        or len(placements) != 1
+        or not isinstance(placements[0], Shard)
+        or placements[0].dim % logits.ndim != logits.ndim - 1
+    ):
+        raise ValueError(
+            f"logits are a DTensor with placements {placements} on a {logits.device_mesh.ndim}-D "
+            "mesh; expected whole logits or logits sharded on the vocabulary (Shard(-1)) over "
+            "one tensor-parallel dimension"
+        )
+    mesh = logits.device_mesh
+    # DTensor shards like torch.chunk: ceil(vocab / size) columns per rank, the last fewer.
+    per_rank = -(-vocab // mesh.size())
+    start = min(mesh.get_local_rank() * per_rank, vocab)
+    local = logits.to_local()
+    return local, slice(start, start + local.shape[-1]), mesh
+
+
+class _ShardedLogSumExp(torch.autograd.Function):
+    """log-sum-exp over columns split across ranks: a max and a sum all-reduce. Backward
+    gives each rank the softmax of its own columns times the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:  # type: ignore[override]
+        local_max = local.amax(dim=-1)
+        global_max = funcol.wait_tensor(funcol.all_reduce(local_max, "max", mesh))
+        # A row that is -inf everywhere would give nan - nan; shift it by 0 instead.
+        shift = torch.where(torch.isfinite(global_max), global_max, 0.0)
+        partial = (local - shift[..., None]).exp().sum(dim=-1)
+        total = funcol.wait_tensor(funcol.all_reduce(partial, "sum", mesh))
+        lse = total.log() + shift
+        ctx.save_for_backward(local, lse)
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        local, lse = ctx.saved_tensors
+        return grad[..., None] * (local - lse[..., None]).exp(), None
+
+
+def logsumexp(logits: torch.Tensor) -> torch.Tensor:
+    """``log(sum_v exp(logits[..., v]))`` over the whole vocabulary, in fp32: ``[...]``."""
+    local, _, mesh = local_columns(logits)
+    if mesh is None:
+        return torch.logsumexp(local.float(), dim=-1)
+    return _ShardedLogSumExp.apply(local.float(), mesh)
+
+
+def log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities over the whole vocabulary, in fp32, of this rank's columns
+    (``local_columns``): combine them with ``vocabulary_sum`` or ``gather``."""
+    local, _, _ = local_columns(logits)
+    return local.float() - logsumexp(logits)[..., None]
+
+
+def vocabulary_sum(logits: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The sum over the whole vocabulary of ``values``, laid out like this rank's columns
+    of ``logits`` (e.g. ``p * log_softmax(logits)``): ``[...]``."""
+    _, _, mesh = local_columns(logits)
+    partial = values.sum(dim=-1)
+    return partial if mesh is None else sum_over_ranks(partial, mesh)
+
+
+def gather(logits: torch.Tensor, index: torch.Tensor, values: torch.Tensor | None = None):
+    """``values[..., index]`` for vocabulary ids ``index`` (``[..., k]``, whole-vocabulary
+    ids, all valid), wherever the columns live. ``values`` defaults to ``logits`` and may
+    be anything laid out like this rank's columns (e.g. ``log_softmax(logits)``)."""
+    local, columns, mesh = local_columns(logits)
+    values = local if values is None else values
+    if mesh is None:
+        return values.gather(-1, index)
+    here = (index >= columns.start) & (index < columns.stop)
+    local_index = torch.where(here, index - columns.start, 0)
+    partial = torch.where(here, values.gather(-1, local_index), 0)
+    return sum_over_ranks(partial, mesh)
