@@ -9,10 +9,10 @@ from torchtitan.models.llama3 import Transformer, llama3_args
 from torchtitan.models.llama3.model.model import TransformerBlock
 
 from titan_objectives import Features
-from titan_objectives.sequence import UNSHARDED
 from titan_objectives.integration.model_adapter import HiddenStateTap, get_model_adapter
 from titan_objectives.integration.spec import model_class_with_objectives
 from titan_objectives.objectives import MTPOptions, NITPOptions, NTPOptions
+from titan_objectives.sequence import UNSHARDED
 
 SEQ = 16
 
