@@ -274,12 +274,16 @@ def test_options_for_an_objective_not_in_the_stack_warn(tmp_path, caplog):
     assert "[objectives.nitp] is set but 'nitp' is not in objectives.stack" in caplog.text
 
 
-def test_a_stack_without_ntp_warns(tmp_path, caplog):
+def test_a_stack_that_never_reads_the_output_head_warns(tmp_path, caplog):
     path = write_config(tmp_path, '[objectives]\nstack = ["nitp"]')
-    with caplog.at_level(logging.WARNING, logger="titan_objectives.config"):
+    with caplog.at_level(logging.WARNING):
         checked = parse(path)
     assert list(checked.options) == ["nitp"]
-    assert "has no 'ntp'" in caplog.text
+    assert "no objective reads the output head" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        parse(path, "--objectives.stack", "mtp")  # trains the head on tokens further ahead
+    assert "no objective reads the output head" not in caplog.text
 
 
 @pytest.mark.parametrize(

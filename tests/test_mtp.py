@@ -67,7 +67,8 @@ def make_features():
 
 
 def reference(objective, shared, features):
-    """(1/D) sum_k CE_k with explicit loops; also each CE_k."""
+    """(1/D) sum_k CE_k with explicit loops; also each CE_k. Under block-causal masks
+    (``features.documents``) depth k scores position i only if i + k is in i's document."""
     variant, depth = objective.options.variant, objective.options.depth
     trunk, embeddings, labels = features.layers[LAYERS], features.layers[0], features.labels
     previous, per_depth = trunk, []
@@ -87,6 +88,9 @@ def reference(objective, shared, features):
             for i in range(SEQ - k):
                 target, input_token = labels[b, i + k], labels[b, i + k - 1]
                 if target == -100 or input_token == -100:
+                    continue
+                documents = features.documents
+                if documents is not None and documents[b, i] != documents[b, i + k]:
                     continue
                 ce = ce + F.cross_entropy(logits[b, i], target, reduction="sum")
         per_depth.append(ce)
@@ -112,6 +116,27 @@ def test_matches_explicit_loops(variant, depth):
     tensors = [features.layers[LAYERS], shared.head.weight, *objective.parameters()]
     if variant == "deepseek":
         tensors.append(features.layers[0])
+    for got, want in zip(grads(out.loss_sum, tensors), grads(expected, tensors), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["deepseek", "parallel"])
+def test_packed_documents_score_no_depth_across_a_boundary(variant):
+    """Documents ending mid-sequence (after positions 2 and 5 in row 0, 6 in row 1): no
+    shifted input or label is taken from another document."""
+    objective, shared = make_mtp(variant=variant, depth=2)
+    features = make_features()
+    features.documents = torch.tensor([[0, 0, 0, 1, 1, 1, 2, 2, 2], [0] * 7 + [1] * 2])
+    out = objective(features)
+    expected, per_depth = reference(objective, shared, features)
+    torch.testing.assert_close(out.loss_sum, expected, rtol=1e-5, atol=1e-5)
+    without_documents = reference(objective, shared, make_features())[0]
+    assert not torch.allclose(expected, without_documents)  # the boundaries matter here
+    for k, ce in enumerate(per_depth, start=1):
+        torch.testing.assert_close(
+            out.metrics[f"depth_{k}"].total, ce.detach(), rtol=1e-5, atol=1e-5
+        )
+    tensors = [features.layers[LAYERS], shared.head.weight, *objective.parameters()]
     for got, want in zip(grads(out.loss_sum, tensors), grads(expected, tensors), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 

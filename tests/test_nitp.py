@@ -19,12 +19,15 @@ def make_nitp(**options):
     return objective
 
 
-def reference_loss(objective, final_hidden, target_hidden, labels, kind):
-    """sum over t < S-1 with labels[t] != -100 of d(P(h_t), z_{t+1}), by explicit loops."""
+def reference_loss(objective, final_hidden, target_hidden, labels, kind, documents=None):
+    """sum over t < S-1 with labels[t] != -100 (and t, t+1 in one document) of
+    d(P(h_t), z_{t+1}), by explicit loops."""
     total = torch.zeros((), dtype=torch.float64)
     for b in range(final_hidden.shape[0]):
         for t in range(final_hidden.shape[1] - 1):
             if labels[b, t] == -100:
+                continue
+            if documents is not None and documents[b, t] != documents[b, t + 1]:
                 continue
             p = objective.projector(final_hidden[b, t]).double()
             z = target_hidden[b, t + 1].double()
@@ -59,6 +62,26 @@ def test_loss_matches_reference_formula(projector, kind):
         objective, features.final_hidden, features.layers[3], features.labels, kind
     )
     torch.testing.assert_close(out.loss_sum.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_packed_documents_pair_no_positions_across_a_boundary():
+    """Under block-causal masks the target at t+1 must be in t's document: documents end
+    mid-sequence (after positions 1 and 4 in row 0, 3 in row 1)."""
+    objective = make_nitp(target_layer=2)
+    features = random_features(2, requires_grad=True)
+    features.documents = torch.tensor([[0, 0, 1, 1, 1, 2, 2], [0, 0, 0, 0, 1, 1, 1]])
+    out = objective(features)
+    expected = reference_loss(
+        objective, features.final_hidden, features.layers[2], features.labels, "cosine",
+        features.documents,
+    )  # fmt: skip
+    torch.testing.assert_close(out.loss_sum.double(), expected, rtol=1e-5, atol=1e-6)
+    # 12 pairs in one document, less the two ignored labels (row 0 at 2, row 1 at 0).
+    assert out.metrics["cosine"].count == BATCH * (SEQ - 1) - 3 - 2
+    out.loss_sum.backward()
+    # A document's last position predicts nothing: no gradient reaches it.
+    assert features.final_hidden.grad[0, [1, 4]].abs().sum() == 0
+    assert features.final_hidden.grad[1, 3].abs().sum() == 0
 
 
 def test_cosine_metric_is_mean_over_scored_positions():

@@ -219,12 +219,6 @@ def resolve_stack(section: Any, model: ModelInfo) -> dict[str, ObjectiveOptions]
                 SECTION,
                 stack,
             )
-    if "ntp" not in stack:
-        logger.warning(
-            "%s.stack = %r has no 'ntp': the model will not be trained to predict tokens",
-            SECTION,
-            stack,
-        )
     return resolved
 
 

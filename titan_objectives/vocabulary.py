@@ -5,6 +5,10 @@ Under tensor parallelism with loss parallel, the LM head is split over the vocab
 ``vocab / tp`` columns. An objective that reads logits stays right on one rank and on a
 split vocabulary by going through these functions, which take the logits either way.
 
+Two kinds of results: ``logsumexp``, ``vocabulary_sum`` and ``gather`` are the same on
+every rank and enter a loss as they are; ``log_softmax`` and ``local_columns`` are this
+rank's columns, which reach a loss only through ``vocabulary_sum`` or ``gather``.
+
 They work on the local columns with explicit collectives rather than DTensor dispatch.
 Inside ``loss_parallel()`` (which torchtitan enables for the whole training step)
 DTensor's ``log_softmax`` is rewritten for the cross-entropy that usually consumes it,
@@ -47,19 +51,23 @@ def local_columns(logits: torch.Tensor) -> tuple[torch.Tensor, slice, DeviceMesh
     return local, slice(start, start + local.shape[-1]), mesh
 
 
+def _sharded_logsumexp(local: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+    """log-sum-exp over columns split across ranks: a max and a sum all-reduce."""
+    local_max = local.amax(dim=-1)
+    global_max = funcol.wait_tensor(funcol.all_reduce(local_max, "max", mesh))
+    # A row that is -inf everywhere would give nan - nan; shift it by 0 instead.
+    shift = torch.where(torch.isfinite(global_max), global_max, 0.0)
+    partial = (local - shift[..., None]).exp().sum(dim=-1)
+    return funcol.wait_tensor(funcol.all_reduce(partial, "sum", mesh)).log() + shift
+
+
 class _ShardedLogSumExp(torch.autograd.Function):
-    """log-sum-exp over columns split across ranks: a max and a sum all-reduce. Backward
-    gives each rank the softmax of its own columns times the incoming gradient."""
+    """The log-sum-exp is the same on every rank, and so is its gradient: each rank's
+    columns get the softmax of those columns times it."""
 
     @staticmethod
     def forward(ctx, local: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:  # type: ignore[override]
-        local_max = local.amax(dim=-1)
-        global_max = funcol.wait_tensor(funcol.all_reduce(local_max, "max", mesh))
-        # A row that is -inf everywhere would give nan - nan; shift it by 0 instead.
-        shift = torch.where(torch.isfinite(global_max), global_max, 0.0)
-        partial = (local - shift[..., None]).exp().sum(dim=-1)
-        total = funcol.wait_tensor(funcol.all_reduce(partial, "sum", mesh))
-        lse = total.log() + shift
+        lse = _sharded_logsumexp(local, mesh)
         ctx.save_for_backward(local, lse)
         return lse
 
@@ -69,8 +77,28 @@ class _ShardedLogSumExp(torch.autograd.Function):
         return grad[..., None] * (local - lse[..., None]).exp(), None
 
 
+class _ShardedLogSoftmax(torch.autograd.Function):
+    """Log-probabilities of this rank's columns. Their gradient only covers this rank's
+    columns, so backward adds up ``sum_v grad_v`` over the ranks (one all-reduce of a
+    ``[...]`` tensor) for the softmax term: ``grad - softmax * sum_v grad_v``."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:  # type: ignore[override]
+        log_p = local - _sharded_logsumexp(local, mesh)[..., None]
+        ctx.save_for_backward(log_p)
+        ctx.mesh = mesh
+        return log_p
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        (log_p,) = ctx.saved_tensors
+        total = funcol.wait_tensor(funcol.all_reduce(grad.sum(dim=-1), "sum", ctx.mesh))
+        return grad - log_p.exp() * total[..., None], None
+
+
 def logsumexp(logits: torch.Tensor) -> torch.Tensor:
-    """``log(sum_v exp(logits[..., v]))`` over the whole vocabulary, in fp32: ``[...]``."""
+    """``log(sum_v exp(logits[..., v]))`` over the whole vocabulary, in fp32: ``[...]``,
+    the same on every rank."""
     local, _, mesh = local_columns(logits)
     if mesh is None:
         return torch.logsumexp(local.float(), dim=-1)
@@ -80,8 +108,10 @@ def logsumexp(logits: torch.Tensor) -> torch.Tensor:
 def log_softmax(logits: torch.Tensor) -> torch.Tensor:
     """Log-probabilities over the whole vocabulary, in fp32, of this rank's columns
     (``local_columns``): combine them with ``vocabulary_sum`` or ``gather``."""
-    local, _, _ = local_columns(logits)
-    return local.float() - logsumexp(logits)[..., None]
+    local, _, mesh = local_columns(logits)
+    if mesh is None:
+        return torch.log_softmax(local.float(), dim=-1)
+    return _ShardedLogSoftmax.apply(local.float(), mesh)
 
 
 def vocabulary_sum(logits: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ from typing import Any
 import tomllib
 import torch
 from torchtitan.protocols.train_spec import get_train_spec
+from torchtitan.tools.logging import logger
 
 from titan_objectives.config import (
     SECTION,
@@ -266,6 +267,12 @@ def check_job_config(job_config: Any) -> CheckedConfig:
     adapter, model_info = _model_info(job_config)
     options = resolve_stack(job_config.objectives, model_info)
     needs = declared_requirements(job_config, adapter, options)
+    if not any(need.logits or need.output_weight for need in needs.values()):
+        logger.warning(
+            f"{SECTION}.stack = {list(options)!r}: no objective reads the output head (its "
+            "logits or its weight), so the model will not be trained to predict tokens; "
+            "add ntp"
+        )
     _check_parallelism(job_config, options, needs)
     _check_paths(job_config)
     return CheckedConfig(

@@ -10,6 +10,8 @@ from titan_objectives import (
     ObjectiveOutput,
     Requirements,
 )
+from titan_objectives.losses import cross_entropy_sum
+from titan_objectives.sequence import shift_left
 
 
 @dataclass
@@ -59,3 +61,22 @@ class NaNProbe(Objective):
         self.calls += 1
         scale = float("nan") if self.options.at_call in (0, self.calls) else 0.0
         return ObjectiveOutput(features.final_hidden.float().sum() * scale)
+
+
+class ThirdToken(Objective):
+    """Cross-entropy of token t+3 from h_t, through the model's shared output head: it
+    reads 3 positions ahead and the head's weight, as MTP does, under another name."""
+
+    sequence_parallel = True
+
+    def __init__(self, options: ObjectiveOptions, model):
+        super().__init__(options, model)
+        self.shared = model.shared
+
+    def requirements(self) -> Requirements:
+        return Requirements(final_hidden=True, lookahead=3, output_weight=True)
+
+    def forward(self, features: Features) -> ObjectiveOutput:
+        labels = shift_left(features.labels, 2, IGNORE_INDEX)  # labels[:, t + 2] is t + 3
+        labels = labels.masked_fill(~features.within_document(2), IGNORE_INDEX)
+        return ObjectiveOutput(cross_entropy_sum(self.shared.logits(features.final_hidden), labels))

@@ -1,0 +1,117 @@
+"""The loop decides from what objectives declare, never from their names: an objective
+from another package gets exactly the checks a built-in gets."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from helpers import DEBUG_CONFIG, ROOT
+from test_registry import installed_plugin  # noqa: F401 (fixture)
+
+# Run in a fresh process, as a user's job would: the [objectives] section is built from
+# the entry points installed when the config module is first imported.
+CHECK_CONFIGS = """
+import json, sys
+from titan_objectives.integration import cpu_runtime
+cpu_runtime.activate()
+from titan_objectives.cli import _parse_job_config
+from titan_objectives.config import ObjectivesConfigError
+from titan_objectives.integration.extensions import register_extensions
+from titan_objectives.integration.preflight import check_job_config
+register_extensions()
+results = []
+for argv in json.loads(sys.argv[1]):
+    try:
+        check_job_config(_parse_job_config(argv))
+        results.append("OK")
+    except ObjectivesConfigError as error:
+        results.append(str(error))
+print("RESULTS " + json.dumps(results))
+"""
+
+PARALLEL_CASES = {
+    "tensor_parallel_shard_too_short": [
+        "--parallelism.tensor_parallel_degree", "2", "--training.seq_len", "4",
+    ],
+    "reshard_after_forward_always": ["--parallelism.fsdp_reshard_after_forward", "always"],
+    "context_parallel": ["--parallelism.context_parallel_degree", "2"],
+}  # fmt: skip
+
+
+def check_configs(plugin_site, argvs: list[list[str]]) -> list[str]:
+    """The config-time verdict ("OK" or the error message) for each command line."""
+    env = dict(os.environ, PYTHONPATH=str(plugin_site))
+    result = subprocess.run(
+        [sys.executable, "-c", CHECK_CONFIGS, json.dumps(argvs)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    line = [x for x in result.stdout.splitlines() if x.startswith("RESULTS ")]
+    assert line, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads(line[0].removeprefix("RESULTS "))
+
+
+def test_a_plugin_reading_three_ahead_gets_the_errors_mtp_gets(installed_plugin):  # noqa: F811
+    base = ["--job.config_file", str(DEBUG_CONFIG)]
+    mtp = ["--objectives.stack", "ntp,mtp", "--objectives.mtp.depth", "3"]
+    plugin = ["--objectives.stack", "ntp,third_token"]
+    argvs = [[*base, *stack, *case] for case in PARALLEL_CASES.values() for stack in (mtp, plugin)]
+    # hidden_rms reads nothing ahead: under CP, which cannot run on CPU here, the config
+    # checks accept it. Without CP both stacks pass.
+    argvs += [
+        [*base, "--objectives.stack", "ntp,hidden_rms", *PARALLEL_CASES["context_parallel"]],
+        [*base, *mtp],
+        [*base, *plugin],
+    ]
+    verdicts = check_configs(installed_plugin, argvs)
+    for i, case in enumerate(PARALLEL_CASES):
+        from_mtp, from_plugin = verdicts[2 * i], verdicts[2 * i + 1]
+        print(f"{case}:\n  {from_mtp}\n  {from_plugin}")
+        assert from_mtp != "OK" and from_plugin != "OK", case
+        # The same message, the objective's name (and set options) aside.
+        as_template = lambda message, name: re.sub(  # noqa: E731
+            rf"\b{name}( \([^)]*\))?", "NAME", message.replace("'ntp', ", "")
+        )
+        assert as_template(from_mtp, "mtp") == as_template(from_plugin, "third_token"), case
+    assert "reads 3 positions ahead" in verdicts[0] and "reads 3 positions ahead" in verdicts[1]
+    assert "reads 3 position(s) ahead" in verdicts[5]
+    assert verdicts[-3:] == ["OK", "OK", "OK"]
+
+
+def test_no_decision_in_the_glue_depends_on_a_builtins_name():
+    """Messages may name built-ins; code may not branch on them (but for PP's plain-ntp
+    pass-through, which is about torchtitan's own step)."""
+    name = r"""["'](ntp|nitp|mtp)["']"""
+    branch_on_name = re.compile(
+        rf"(==|!=|\bin)\s*{name}|{name}\s*(==|!=|(not\s+)?in\b)|\w\[{name}\]|\.get\({name}"
+    )
+    offenders = []
+    glue = [
+        ROOT / "titan_objectives" / "config.py",
+        *ROOT.glob("titan_objectives/integration/*.py"),
+    ]
+    for path in glue:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if branch_on_name.search(line) and "plain_ntp" not in line:
+                offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert offenders == []
+
+
+@pytest.mark.parametrize(
+    ("requirements", "expected"),
+    [
+        ({"lookahead": 1}, {"lookahead": 3}),
+        ({"output_weight": True, "geometry_layers": frozenset({2})}, {"output_weight": True}),
+    ],
+)
+def test_declarations_merge_over_the_stack(requirements, expected):
+    from titan_objectives import Requirements
+
+    merged = Requirements(lookahead=3, geometry_layers=frozenset({1})) | Requirements(
+        **requirements
+    )
+    for key, value in expected.items():
+        assert getattr(merged, key) == value
+    assert merged.geometry_layers >= {1}
