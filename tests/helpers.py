@@ -37,9 +37,12 @@ def train(
     extra_pythonpath: str | None = None,
     timeout: int = 600,
     check: bool = True,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
     """torchrun a training; returns the finished process (stdout and stderr merged)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(max(1, 2 // nproc)))
+    env = dict(
+        os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(max(1, 2 // nproc)), **(env or {})
+    )
     if extra_pythonpath:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [extra_pythonpath, env.get("PYTHONPATH")]))
     command = [

@@ -1,12 +1,16 @@
 """examples/z_loss: a third-party objective package, installed with pip, trained by name."""
 
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
 from helpers import ROOT, pip_install, scalars, train
+from test_parallelism_e2e import assert_same_numbers, run_from_one_seed
 
 EXAMPLE = ROOT / "examples" / "z_loss"
+TESTS = str(Path(__file__).parent)
 
 
 @pytest.fixture(scope="module")
@@ -48,3 +52,36 @@ def test_z_loss_trains_through_its_entry_point(tmp_path, z_loss_site):
         # At these logit scales log Z is nearly constant over tokens: loss ~ 1e-3 * mean(log Z)^2
         assert loss == pytest.approx(1e-3 * log_z[step] ** 2, rel=0.05)
     assert math.log(2048) - 1 < log_z[1] < math.log(2048) + 2  # ~log(vocab) at init
+
+
+@pytest.mark.slow
+def test_z_loss_under_tensor_parallel_matches_one_process(tmp_path, z_loss_site, twin_corpus):
+    """z_loss reads vocabulary-sharded logits under loss parallel through
+    ``titan_objectives.vocabulary``: losses, grad norm and whole gradients (step 1, before
+    clipping) equal the single-process ones, loss parallel on and off."""
+    common = (
+        "--objectives.stack", "ntp,z_loss", "--objectives.z_loss.coefficient", "0.05",
+        "--training.dataset_path", str(twin_corpus), "--training.steps", "3",
+    )  # fmt: skip
+    tp = ("--parallelism.tensor_parallel_degree", "2")
+    logged = run_from_one_seed(
+        tmp_path, common,
+        {"tp": (2, tp), "tp_no_loss_parallel": (2, (*tp, "--parallelism.disable_loss_parallel"))},
+        module="trainer_probes", extra_pythonpath=os.pathsep.join([str(z_loss_site), TESTS]),
+        env={"TRAINER_PROBE": "dump_gradients"},
+    )  # fmt: skip
+    tags = ("objectives/ntp/loss", "objectives/z_loss/loss", "objectives/z_loss/log_z", "grad_norm")
+    assert_same_numbers(logged, tags, steps=3)
+    # The z-loss is no rounding error here: 0.05 * log(Z)^2 is about half the ntp loss.
+    assert (
+        logged["one"]["objectives/z_loss/loss"][1] > 0.3 * logged["one"]["objectives/ntp/loss"][1]
+    )
+    one = torch.load(tmp_path / "one" / "gradients.pt")
+    for name in ("tp", "tp_no_loss_parallel"):
+        gradients = torch.load(tmp_path / name / "gradients.pt")
+        for key, expected in one.items():
+            worst = ((gradients[key] - expected).abs().max() / expected.abs().max()).item()
+            print(f"{name} {key}: largest difference / largest gradient {worst:.1e}")
+            torch.testing.assert_close(
+                gradients[key], expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item()
+            )

@@ -20,13 +20,17 @@ CHECKPOINT = ("--checkpoint.enable", "--checkpoint.folder", "ckpt", "--checkpoin
 TP = ("--parallelism.tensor_parallel_degree", "2")
 
 
-def run_from_one_seed(folder: Path, common: tuple, runs: dict[str, tuple[int, tuple]]) -> dict:
-    """Train ``one`` (1 process) and each of ``runs`` from the same seed checkpoint."""
-    train(folder / "seed", *common, *CHECKPOINT, "--checkpoint.create_seed_checkpoint")
+def run_from_one_seed(
+    folder: Path, common: tuple, runs: dict[str, tuple[int, tuple]], **train_kwargs
+) -> dict:
+    """Train ``one`` (1 process) and each of ``runs`` from the same seed checkpoint;
+    ``train_kwargs`` go to every ``train``."""
+    seed_checkpoint = (*CHECKPOINT, "--checkpoint.create_seed_checkpoint")
+    train(folder / "seed", *common, *seed_checkpoint, **train_kwargs)
     logged = {}
     for name, (nproc, overrides) in {"one": (1, ()), **runs}.items():
         shutil.copytree(folder / "seed" / "ckpt", folder / name / "ckpt")
-        result = train(folder / name, *common, *CHECKPOINT, *overrides, nproc=nproc)
+        result = train(folder / name, *common, *CHECKPOINT, *overrides, nproc=nproc, **train_kwargs)
         logged[name] = scalars(folder / name)
         logged[name]["stdout"] = result.stdout
     return logged

@@ -9,7 +9,9 @@ import sys
 from titan_objectives.integration import cpu_runtime
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, trainer_class: type | None = None) -> None:
+    """Train with ``ObjectiveTrainer``, or ``trainer_class`` (a subclass of it; import it
+    after ``cpu_runtime.activate()``, as torchtitan binds its device type at import)."""
     cpu_runtime.activate()
 
     import torchtitan.train
@@ -24,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     register_extensions()
     try:
         check_toml_file(argv)
-        torchtitan.train.main(ObjectiveTrainer)
+        torchtitan.train.main(trainer_class or ObjectiveTrainer)
     except ObjectivesConfigError as error:
         exit_on_config_error(error)
     except NonFiniteLossError as error:

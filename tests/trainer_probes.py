@@ -1,0 +1,53 @@
+"""``TRAINER_PROBE=name python -m trainer_probes --job.config_file ...``: the objective
+trainer with a test probe, for what the logs do not show.
+
+- ``validate_only``: builds the trainer and runs one validation, no training step (flex
+  attention runs forward on CPU, but has no backward there);
+- ``dump_gradients``: trains as usual and saves, after step 1's backward and before
+  clipping, the whole gradients of a few parameters to ``<dump_folder>/gradients.pt``.
+"""
+
+import os
+
+from titan_objectives.integration import cpu_runtime
+
+cpu_runtime.activate()
+
+import torch  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
+
+from titan_objectives import train  # noqa: E402
+from titan_objectives.integration.trainer import ObjectiveTrainer  # noqa: E402
+
+GRADIENTS = (
+    "tok_embeddings.weight",
+    "layers.0.attention.wq.weight",
+    "norm.weight",
+    "output.weight",
+)
+
+
+class ValidateOnly(ObjectiveTrainer):
+    def train(self) -> None:
+        self.step = 1
+        self.validator.validate(self.model_parts, self.step)
+
+
+class DumpGradients(ObjectiveTrainer):
+    def forward_backward_step(self, **kwargs) -> torch.Tensor:
+        loss = super().forward_backward_step(**kwargs)
+        if self.step == 1:
+            params = dict(self.model_parts[0].named_parameters())
+            whole = {}
+            for name in GRADIENTS:
+                grad = params[name].grad
+                whole[name] = grad.full_tensor() if isinstance(grad, DTensor) else grad.clone()
+            if torch.distributed.get_rank() == 0:
+                torch.save(whole, f"{self.job_config.job.dump_folder}/gradients.pt")
+        return loss
+
+
+PROBES = {"validate_only": ValidateOnly, "dump_gradients": DumpGradients}
+
+if __name__ == "__main__":
+    train.main(trainer_class=PROBES[os.environ["TRAINER_PROBE"]])
