@@ -64,6 +64,22 @@ def test_changed_objective_options_are_named(tmp_path):
     )
 
 
+def test_extending_a_run_whose_last_save_is_model_only_names_the_cause(tmp_path):
+    """torchtitan's default saves the last step model-only; relaunching with more steps
+    (as users extend runs) would fail on 'Missing key dataloader.dp_rank_0'."""
+    train(tmp_path, *CHECKPOINT, "--training.steps", "3")
+    result = train(tmp_path, *CHECKPOINT, "--training.steps", "6", check=False)
+    assert result.returncode != 0
+    assert "step-3 holds the model only, not the optimizer, data loader and step" in result.stdout
+    assert "--checkpoint.no-last_save_model_only" in result.stdout
+    assert "Missing key" not in result.stdout
+    # Saved complete, the same run extends.
+    train(tmp_path / "full", *FULL, "--training.steps", "3")
+    extended = train(tmp_path / "full", *FULL, "--training.steps", "6")
+    assert sorted(scalars(tmp_path / "full")["objectives/ntp/loss"]) == list(range(1, 7))
+    assert "step-3" in extended.stdout
+
+
 def test_missing_load_step_is_named(tmp_path):
     train(tmp_path, *FULL, "--training.steps", "1")
     result = train(tmp_path, *FULL, "--checkpoint.load_step", "7", check=False)

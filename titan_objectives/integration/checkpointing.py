@@ -52,9 +52,28 @@ class _WithoutKeys(Stateful):
         self.inner.load_state_dict({**state_dict, **self._kept})
 
 
+def _check_resumable(states: dict[str, Any], saved: Any, checkpoint_id: str) -> None:
+    """A resume asks for the training state (optimizer, data loader, step) besides the
+    model; a model-only save has none of it, and DCP would fail on its first missing key
+    (``dataloader.dp_rank_0``) without saying why."""
+    training_state = [key for key, value in states.items() if isinstance(value, Stateful)]
+    if training_state and not any(k.startswith(tuple(training_state)) for k in saved):
+        raise CheckpointMismatchError(
+            f"checkpoint {checkpoint_id} holds the model only, not the optimizer, data loader "
+            "and step a resume needs: it is the model-only save at the last step of a run "
+            "with checkpoint.last_save_model_only = true (torchtitan's default). To extend a "
+            "run past its last step, save complete checkpoints at the end "
+            "(--checkpoint.no-last_save_model_only, or last_save_model_only = false in "
+            "[checkpoint]); to go on from this model alone, start a new run from it with "
+            "--checkpoint.initial_load_path and --checkpoint.initial_load_model_only in "
+            "an empty checkpoint folder"
+        )
+
+
 def reconcile(states: dict[str, Any], checkpoint_id: str) -> dict[str, Any]:
     """The states to load from ``checkpoint_id``, fitted to what it holds."""
     saved = FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata
+    _check_resumable(states, saved, checkpoint_id)
     saved_objectives = {objective_of(k) for k in saved} - {None}
     wanted_objectives = {objective_of(k) for k in states} - {None}
 
