@@ -8,8 +8,8 @@ GPU; plus plain torchtitan (its own Trainer) on the same config.
 Each stack trains in its own process from the same config, seed and data; figures are
 medians over the steps after ``--warmup``, read from the runs' TensorBoard logs. FLOPs
 overheads come from the model shapes (torchtitan's count for the model, each objective's
-``flops_per_token``). Data and tokenizer for the GPU sizes: ``data/gutenberg`` and
-``data/tokenizer-bpe16k`` (copies of the workspace's shared data).
+``flops_per_token``). The GPU sizes read ``data/gutenberg/{train,val}.jsonl.gz`` (see
+docs/data.md) with the bundled ``assets/tokenizer-bpe16k``.
 """
 
 import argparse
@@ -47,7 +47,7 @@ SIZES = {
            "--training.local_batch_size", "8"],
 }  # fmt: skip
 GPU_COMMON = [
-    "--model.hf_assets_path", "data/tokenizer-bpe16k", "--training.dataset", "local_text",
+    "--model.hf_assets_path", "assets/tokenizer-bpe16k", "--training.dataset", "local_text",
     "--training.dataset_path", "data/gutenberg/train.jsonl.gz",
     "--training.mixed_precision_param", "bfloat16", "--compile.enable",
 ]  # fmt: skip

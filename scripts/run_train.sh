@@ -2,13 +2,43 @@
 # Launch training the torchtitan way:
 #   NGPU=8 CONFIG_FILE=toml_configs/llama3_8b_nitp.toml ./scripts/run_train.sh [--section.key value ...]
 # NGPU: processes on this node (default: the GPU count, or 1 without GPUs).
-# CONFIG_FILE: the job TOML (default: the CPU-sized debug model with ntp + nitp).
+# CONFIG_FILE: the job TOML (default: the CPU-sized debug model with ntp + nitp); a
+# --job.config_file argument names it too.
 # LOG_RANK: ranks whose output is shown (default 0). TRAIN_FILE: the module to run
 # (default titan_objectives.train). PYTHON: an interpreter that already has everything
 # installed; without it, ./scripts/setup.sh prepares .venv first.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
+# torchtitan reads the first --job.config_file it is given: take the user's out of the
+# arguments, so that the one passed below is the one they named.
+ARGS=()
+CONFIG_ARG=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --job.config_file|--job.config-file)
+      if [ $# -lt 2 ]; then
+        echo "run_train.sh: $1 needs a path" >&2
+        exit 2
+      fi
+      CONFIG_ARG=$2
+      shift 2 ;;
+    --job.config_file=*|--job.config-file=*)
+      CONFIG_ARG=${1#*=}
+      shift ;;
+    *)
+      ARGS+=("$1")
+      shift ;;
+  esac
+done
+if [ -n "$CONFIG_ARG" ]; then
+  if [ -n "${CONFIG_FILE:-}" ] && [ "$CONFIG_FILE" != "$CONFIG_ARG" ]; then
+    echo "run_train.sh: CONFIG_FILE=$CONFIG_FILE and --job.config_file $CONFIG_ARG name two" \
+      "different configs; give one" >&2
+    exit 2
+  fi
+  CONFIG_FILE=$CONFIG_ARG
+fi
 CONFIG_FILE=${CONFIG_FILE:-"$ROOT/toml_configs/llama3_debug_nitp.toml"}
 if [ ! -f "$CONFIG_FILE" ]; then
   echo "run_train.sh: CONFIG_FILE=$CONFIG_FILE does not exist" >&2
@@ -31,4 +61,4 @@ cd "$ROOT"
 exec "$PYTHON" -m torch.distributed.run --nproc_per_node="$NGPU" \
   --rdzv_backend c10d --rdzv_endpoint="localhost:0" \
   --local-ranks-filter "$LOG_RANK" --role rank --tee 3 \
-  -m "$TRAIN_FILE" --job.config_file "$CONFIG_FILE" "$@"
+  -m "$TRAIN_FILE" --job.config_file "$CONFIG_FILE" ${ARGS[@]+"${ARGS[@]}"}

@@ -29,6 +29,17 @@ def test_list_shows_every_objective_with_its_options():
     assert "    loss: 'cosine' | 'smooth_l1' | 'mse' = 'cosine'" in result.stdout
     assert "        Distance between P(h_t) and the target" in result.stdout
     assert "    depth: int = 1" in result.stdout
+    # The whole summary paragraph, not its first line.
+    listed = " ".join(result.stdout.split())
+    assert (
+        "parallel heads, each a block of the model's own kind, through the model's shared" in listed
+    )
+
+
+def test_user_docs_stay_inside_the_repository():
+    for path in [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "scripts").rglob("*")]:
+        if path.is_file():
+            assert "../shared" not in path.read_text(), path
 
 
 def test_validate_reports_extra_parameters_and_flops_against_torchtitans_count():

@@ -135,6 +135,29 @@ def test_run_train_script(tmp_path, ngpu):
     assert sorted(tb["objectives/nitp/loss"]) == [1, 2]
 
 
+def test_run_train_script_trains_the_config_named_as_an_argument(tmp_path):
+    """torchtitan trains the first --job.config_file it sees: the script must pass the
+    user's, not its default, and refuse two different ones."""
+    script = str(ROOT / "scripts" / "run_train.sh")
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1", NGPU="1")
+    named = "toml_configs/llama3_debug_stack.toml"  # ntp + nitp + mtp; the default has no mtp
+    result = subprocess.run(
+        [script, f"--job.config_file={named}", "--job.dump_folder", str(tmp_path), *TINY,
+         "--training.steps", "1"],
+        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert "objectives/mtp/loss" in scalars(tmp_path)
+    both = subprocess.run(
+        [script, "--job.config_file", named],
+        env=dict(env, CONFIG_FILE="toml_configs/llama3_debug_ntp.toml"),
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert both.returncode == 2
+    assert "name two different configs; give one" in both.stderr
+
+
 def check_mtp_run(dump_folder, steps, depth=2, weight=0.3):
     tb = scalars(dump_folder)
     for k in range(1, depth + 1):

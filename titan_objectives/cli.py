@@ -14,14 +14,16 @@ from titan_objectives.integration import cpu_runtime
 
 
 def list_command() -> int:
-    from titan_objectives.options_doc import option_docs
+    import textwrap
+
+    from titan_objectives.options_doc import objective_summary, option_docs
     from titan_objectives.registry import broken_entry_points, list_objectives, objective_source
 
     for name, cls in list_objectives().items():
         print(f"{name}  ({objective_source(name)})")
-        summary = (cls.__doc__ or "").strip().splitlines()
+        summary = objective_summary(cls)
         if summary:
-            print(f"    {summary[0]}")
+            print(textwrap.fill(summary, width=92, initial_indent="    ", subsequent_indent="    "))
         for option in option_docs(cls.Options):
             print(f"    {option.name}: {option.type} = {option.default}")
             if option.help:

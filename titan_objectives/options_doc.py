@@ -13,6 +13,11 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 
+def objective_summary(cls: type) -> str:
+    """The first paragraph of a class's docstring, as one line."""
+    return " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
+
+
 @dataclass(frozen=True)
 class OptionDoc:
     name: str
@@ -84,7 +89,7 @@ def render_markdown(objectives: dict[str, type]) -> str:
         "(CLI: `--objectives.<name>.<option> value`).",
     ]
     for name, cls in objectives.items():
-        summary = " ".join((cls.__doc__ or "").split("\n\n")[0].split())
+        summary = objective_summary(cls)
         lines += ["", f"## `{name}`", ""]
         if summary:
             lines += [summary, ""]

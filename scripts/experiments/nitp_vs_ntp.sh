@@ -4,7 +4,7 @@
 # (per-objective losses, effective rank and average cosine of the final hidden states
 # and of the NITP target block, on training batches and held-out books).
 #
-#   mkdir -p data && cp -r ../shared/data/gutenberg ../shared/data/tokenizer-bpe16k data/
+#   # data/gutenberg/{train,val}.jsonl.gz: the corpus, see docs/data.md
 #   ./scripts/experiments/nitp_vs_ntp.sh            # ~1,500 steps per run on an H200
 #   TINY=1 ./scripts/experiments/nitp_vs_ntp.sh     # a CPU-sized smoke version
 #

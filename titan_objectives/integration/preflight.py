@@ -8,10 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import tomllib
 import torch
 from torchtitan.protocols.train_spec import get_train_spec
 from torchtitan.tools.logging import logger
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the same parser, from PyPI
+    import tomli as tomllib
 
 from titan_objectives.config import (
     SECTION,
