@@ -20,6 +20,7 @@ def checkpoint(tmp_path):
         "layers.0.w": torch.randn(4, 4),
         "objectives.nitp.projector.weight": torch.randn(4, 4),
         "objectives.old.head.weight": torch.randn(2, 4),
+        "optimizer": {"state.layers.0.w.exp_avg": torch.ones(())},  # a training checkpoint
     }
     dcp.save(state, checkpoint_id=str(tmp_path))
     return str(tmp_path)
@@ -61,6 +62,14 @@ def test_new_objectives_keep_their_init_and_old_ones_are_ignored(checkpoint, cap
     assert wrapped.state_dict() == {"state.layers.0.w.exp_avg": 1}
     wrapped.load_state_dict({"state.layers.0.w.exp_avg": 5})
     assert optimizer.loaded == {"state.layers.0.w.exp_avg": 5, "state.objectives.mtp.p.exp_avg": 2}
+
+
+def test_resuming_from_a_model_only_save_names_the_cause(tmp_path):
+    dcp.save({"layers.0.w": torch.randn(4, 4)}, checkpoint_id=str(tmp_path))
+    states = {"layers.0.w": torch.zeros(4, 4), "optimizer": FakeOptimizer()}
+    with pytest.raises(CheckpointMismatchError, match=r"holds the model only, not the optimizer"):
+        reconcile(states, str(tmp_path))
+    reconcile({"layers.0.w": torch.zeros(4, 4)}, str(tmp_path))  # a model-only load is fine
 
 
 def test_shape_mismatches_are_named(checkpoint):
