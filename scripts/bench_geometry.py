@@ -71,7 +71,7 @@ def probe_seconds(batch: int = 8, seq: int = 256, dim: int = 256, repeats: int =
     durations = []
     for seed in range(repeats):
         start = time.perf_counter()
-        probe.take_sample(hidden, seed)
+        probe.take_sample(hidden, seed, valid=torch.ones(batch, seq, dtype=torch.bool))
         probe.measure(seed)
         durations.append(time.perf_counter() - start)
     return statistics.median(durations)

@@ -96,8 +96,13 @@ def test_llama3_full_stack_under_tp_2d_ddp_and_hsdp_matches_single_process(tmp_p
         name: logged[name] for name in ("one", "tp_compiled_loss_ac", "tp_no_loss_parallel")
     }
     geometry = tuple(tag for tag in logged["one"] if tag.startswith("geometry/"))
-    assert len(geometry) == 6  # final and the NITP target layer, three metrics each
+    assert len(geometry) == 8  # final and the NITP target layer, four metrics each
     assert_same_numbers(tensor_parallel_only, geometry, steps=3, absolute=1e-4)
+    # The paper's effective rank covers every token, summed over ranks and shards: with
+    # every data-parallel rank reading the same data (twin_corpus), each token counts
+    # twice, which scales the covariance and leaves the rank as one process has it.
+    paper_rank = tuple(tag for tag in geometry if tag.endswith("/effective_rank"))
+    assert_same_numbers(logged, paper_rank, steps=3)
     validation = tuple(tag for tag in logged["one"] if tag.startswith("validation/"))
     assert "validation/objectives/mtp/loss" in validation
     for name, run in tensor_parallel_only.items():

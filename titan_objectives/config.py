@@ -42,7 +42,8 @@ class GeometryOptions:
     Default: those the stacked objectives declare worth tracking (NITP: its target block)."""
 
     max_tokens: int = 2048
-    """Tokens sampled per measurement, over all ranks; at least the model width."""
+    """Tokens sampled per measurement, over all ranks, for effective_rank_sv and the
+    cosines (at least the model width); effective_rank uses every token with a label."""
 
     pairs: int = 4096
     """Random token pairs (from different sequences) for the average cosine."""

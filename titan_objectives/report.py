@@ -6,6 +6,7 @@ from pathlib import Path
 PLOTS = {
     "losses.png": ("objectives/", "/loss"),
     "effective_rank.png": ("geometry/", "/effective_rank"),
+    "effective_rank_sv.png": ("geometry/", "/effective_rank_sv"),
     "avg_cosine.png": ("geometry/", "/avg_cosine"),
 }
 

@@ -1,8 +1,10 @@
 """Geometry of the hidden states during training and validation.
 
-On a measuring step a bounded sample of tokens is taken from the hidden states the
-forward pass produced anyway (no extra forward, no copy of whole tensors), gathered over
-the data-parallel ranks, and measured; other steps cost nothing.
+On a measuring step, from the hidden states the forward pass produced anyway (no extra
+forward): the covariance moments of every valid token (each rank and sequence shard sums
+its own, ``dim x dim`` in fp64, one all-reduce) give the paper's ``effective_rank``; a
+bounded random sample of tokens, gathered over the data-parallel ranks, gives
+``effective_rank_sv`` and the cosines. Other steps cost nothing.
 """
 
 import math
@@ -11,7 +13,13 @@ import torch
 import torch.distributed._functional_collectives as funcol
 from torch.distributed.device_mesh import DeviceMesh
 
-from titan_objectives.metrics import effective_rank, mean_pairwise_cosine, random_pair_cosine
+from titan_objectives.metrics import (
+    CovarianceMoments,
+    effective_rank,
+    effective_rank_sv,
+    mean_pairwise_cosine,
+    random_pair_cosine,
+)
 from titan_objectives.sequence import SequenceShards
 
 
@@ -38,11 +46,23 @@ class GeometryProbe:
         self.sequence = sequence
         self._samples: dict[int | str, torch.Tensor] = {}
         self._sequence_ids: torch.Tensor | None = None
+        self._moments: torch.Tensor | None = None  # [layer, 1 + dim + dim^2], fp64
 
-    def take_sample(self, hidden: dict[int | str, torch.Tensor], seed: int) -> None:
-        """Keep up to ``tokens_per_rank`` tokens of each tracked hidden state. Under
-        sequence parallelism the tracked states are gathered whole first, so that every
+    def take_sample(
+        self, hidden: dict[int | str, torch.Tensor], seed: int, valid: torch.Tensor
+    ) -> None:
+        """Sum the covariance moments of the tokens ``valid`` marks (``[batch, seq]``,
+        the whole sequence: those with a label) and keep up to ``tokens_per_rank`` tokens
+        of each tracked hidden state. Under sequence parallelism the moments add up over
+        the shards; the tracked states are gathered whole for the sample, so that every
         rank of the group samples the same tokens as one unsharded rank would."""
+        local_valid = self.sequence.local(valid)
+        moments = torch.stack(
+            [CovarianceMoments.of(hidden[key], local_valid).as_vector() for key in self.keys]
+        )
+        if self.sequence.sharded:
+            moments = funcol.all_reduce(moments, "sum", self.sequence.mesh)
+        self._moments = moments
         hidden = {key: self.sequence.gather(hidden[key]) for key in self.keys}
         batch, seq, _ = hidden["final"].shape
         generator = torch.Generator().manual_seed(seed * 1009 + self.dp_rank)
@@ -62,16 +82,20 @@ class GeometryProbe:
             return {}
         ids = self._sequence_ids
         samples = self._samples
+        moments = self._moments
         if self.mesh is not None:
             ids = funcol.all_gather_tensor(ids, 0, self.mesh)
             samples = {k: funcol.all_gather_tensor(v, 0, self.mesh) for k, v in samples.items()}
+            moments = funcol.all_reduce(moments, "sum", self.mesh)
         generator = torch.Generator().manual_seed(seed)
         values = {}
-        for key, sample in samples.items():
+        for (key, sample), vector in zip(samples.items(), moments, strict=True):
             name = layer_name(key)
-            values[f"{name}/effective_rank"] = effective_rank(sample)
+            covariance = CovarianceMoments.from_vector(vector, sample.shape[-1])
+            values[f"{name}/effective_rank"] = effective_rank(covariance)
+            values[f"{name}/effective_rank_sv"] = effective_rank_sv(sample)
             values[f"{name}/avg_cosine"] = random_pair_cosine(sample, ids, self.pairs, generator)
             values[f"{name}/mean_cosine"] = mean_pairwise_cosine(sample)
-        self._samples = {}
+        self._samples, self._moments = {}, None
         numbers = torch.stack(list(values.values())).tolist()
         return dict(zip(values, numbers, strict=True))

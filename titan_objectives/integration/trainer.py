@@ -18,7 +18,7 @@ from titan_objectives.integration.nonfinite import NonFiniteGuard
 from titan_objectives.integration.preflight import check_job_config
 from titan_objectives.integration.spec import wrap_train_spec
 from titan_objectives.integration.validation import ObjectiveValidator
-from titan_objectives.objective import Requirements
+from titan_objectives.objective import IGNORE_INDEX, Requirements
 from titan_objectives.sequence import SequenceShards
 from titan_objectives.stack import ObjectiveStack
 
@@ -172,7 +172,8 @@ class ObjectiveTrainer(Trainer):
                 with self.hidden_states.capture() as captured:
                     logits = model(inputs, **extra_inputs, **extra_kwargs)
                 if self._geometry_due() and not self._geometry_sampled:
-                    self.geometry.take_sample(captured.hidden, seed=self.step)
+                    valid = labels != IGNORE_INDEX
+                    self.geometry.take_sample(captured.hidden, seed=self.step, valid=valid)
                     self._geometry_sampled = True
                 features = captured.features(labels, logits, self.sequence)
                 output = self.objective_stack(features)

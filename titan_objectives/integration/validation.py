@@ -38,7 +38,8 @@ class ObjectiveValidator(Validator):
 
         def loss_with_objectives(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
             if self.geometry is not None and not sums:
-                self.geometry.take_sample(captured.hidden, seed=step)
+                valid = labels != IGNORE_INDEX
+                self.geometry.take_sample(captured.hidden, seed=step, valid=valid)
             output = self.stack(captured.features(labels, logits, self.sequence))
             tokens = (labels != IGNORE_INDEX).sum().float()
             for name, out in output.outputs.items():

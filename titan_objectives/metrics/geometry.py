@@ -3,7 +3,20 @@
 Under plain next-token prediction the final hidden states can crowd into a few
 directions (low effective rank, high average cosine: anisotropy); NITP is reported to keep
 the rank higher and the cosine lower. These functions take ``[tokens, dim]`` matrices.
+
+Two effective ranks, both ``exp`` of the entropy of a normalized spectrum of the
+mean-centred tokens:
+
+- ``effective_rank`` is the NITP paper's (its Appendix D): the eigenvalues of the
+  empirical covariance, ``p_i = lambda_i / sum lambda = s_i^2 / sum s^2``. It needs only
+  the token count, the sum and ``X^T X`` (``CovarianceMoments``), which add up over ranks
+  and shards, so it is computed over every valid token of a batch;
+- ``effective_rank_sv`` is Roy & Vetterli's original: the singular values themselves,
+  ``p_i = s_i / sum s``, which weight the small directions more (on a 1/i spectrum of
+  width 768 it is ~30 times larger). It needs the tokens, so it is computed on a sample.
 """
+
+from dataclasses import dataclass
 
 import torch
 
@@ -12,7 +25,61 @@ class GeometryError(ValueError):
     pass
 
 
-def effective_rank(hidden: torch.Tensor) -> torch.Tensor:
+def _spectral_entropy_rank(weights: torch.Tensor) -> torch.Tensor:
+    """``exp(-sum p log p)`` with ``p = weights / sum weights`` (weights >= 0)."""
+    p = weights / weights.sum()
+    entropy = -(p * torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))).sum()
+    return torch.exp(entropy)
+
+
+@dataclass
+class CovarianceMoments:
+    """Token count, sum and Gram matrix ``X^T X`` of some tokens, in fp64: enough for the
+    covariance, and additive, so ranks and sequence shards each sum their own tokens and
+    one all-reduce of ``as_vector()`` gives the moments of all of them."""
+
+    count: torch.Tensor
+    total: torch.Tensor
+    gram: torch.Tensor
+
+    @classmethod
+    def of(cls, hidden: torch.Tensor, valid: torch.Tensor | None = None) -> "CovarianceMoments":
+        """Moments of the tokens of ``hidden`` (``[..., dim]``) where ``valid`` is true."""
+        x = hidden.detach().reshape(-1, hidden.shape[-1]).double()
+        if valid is not None:
+            x = x[valid.reshape(-1)]
+        count = torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device)
+        return cls(count, x.sum(dim=0), x.T @ x)
+
+    def as_vector(self) -> torch.Tensor:
+        return torch.cat([self.count.view(1), self.total, self.gram.flatten()])
+
+    @classmethod
+    def from_vector(cls, vector: torch.Tensor, dim: int) -> "CovarianceMoments":
+        return cls(vector[0], vector[1 : dim + 1], vector[dim + 1 :].view(dim, dim))
+
+    def covariance(self) -> torch.Tensor:
+        """The unbiased covariance ``(X^T X - n mu mu^T) / (n - 1)``."""
+        n = self.count
+        if n < 2:
+            raise GeometryError(f"a covariance needs at least 2 tokens, got {int(n)}")
+        mean = self.total / n
+        return (self.gram - n * torch.outer(mean, mean)) / (n - 1)
+
+
+def effective_rank(hidden: torch.Tensor | CovarianceMoments) -> torch.Tensor:
+    """The NITP paper's effective rank: ``exp(-sum p_i log p_i)``, ``p_i = lambda_i /
+    sum lambda``, over the eigenvalues of the empirical covariance of the mean-centred
+    tokens (fp64; rounding-level negative eigenvalues count as 0). Takes the tokens
+    ``[tokens, dim]`` or their ``CovarianceMoments``."""
+    moments = hidden if isinstance(hidden, CovarianceMoments) else CovarianceMoments.of(hidden)
+    eigenvalues = torch.linalg.eigvalsh(moments.covariance()).clamp_min(0.0)
+    if eigenvalues.sum() <= 0:
+        raise GeometryError("the tokens are all equal: the covariance has no spectrum")
+    return _spectral_entropy_rank(eigenvalues).float()
+
+
+def effective_rank_sv(hidden: torch.Tensor) -> torch.Tensor:
     """Roy & Vetterli (2007): ``exp(-sum p_i log p_i)``, ``p_i = s_i / sum s``, over the
     singular values of the mean-centred ``[tokens, dim]`` matrix, in fp32.
 
@@ -25,10 +92,7 @@ def effective_rank(hidden: torch.Tensor) -> torch.Tensor:
             f"tokens of dimension {dim}"
         )
     centred = hidden.float() - hidden.float().mean(dim=0, keepdim=True)
-    singular = torch.linalg.svdvals(centred)
-    p = singular / singular.sum()
-    entropy = -(p * torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))).sum()
-    return torch.exp(entropy)
+    return _spectral_entropy_rank(torch.linalg.svdvals(centred))
 
 
 def _unit(hidden: torch.Tensor) -> torch.Tensor:
