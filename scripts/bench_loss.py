@@ -1,8 +1,11 @@
-"""Peak memory and time of forward + backward: plain cross-entropy vs the chunked linear
-cross-entropy, side by side in one run, as ratios.
+"""Peak memory and time of forward + backward of the LM head's cross-entropy, every
+backend side by side in one run, with ratios to the plain path: ``plain`` (logits, then
+``F.cross_entropy``), ``torch`` (PyTorch's ``F.linear_cross_entropy``, chunked; skipped
+where the installed torch lacks it) and ``chunked`` (ours).
 
     python scripts/bench_loss.py                                   # the GPU sizes
-    python scripts/bench_loss.py --vocab 32768 --hidden 1024 --tokens 2048 --device cpu
+    python scripts/bench_loss.py --vocab 32768 --hidden 512 --tokens 8192 --chunk-size 1024 \
+        --dtype float32 --device cpu --repeats 3                   # the CPU size
 
 Each measurement runs in a fresh process, so on CPU the peak resident memory of that
 process (over what the inputs already take) is the loss's own peak. On CUDA it is
@@ -18,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from titan_objectives.losses import linear_cross_entropy_sum
+from titan_objectives.losses import linear_cross_entropy_sum, torch_has_linear_cross_entropy
 
 
 def plain_loss(hidden, weight, labels, chunk_size):
@@ -26,11 +29,15 @@ def plain_loss(hidden, weight, labels, chunk_size):
     return F.cross_entropy(logits.float(), labels, reduction="sum")
 
 
+def torch_loss(hidden, weight, labels, chunk_size):
+    return linear_cross_entropy_sum(hidden, weight, labels, chunk_size, backend="torch")
+
+
 def chunked_loss(hidden, weight, labels, chunk_size):
-    return linear_cross_entropy_sum(hidden, weight, labels, chunk_size)
+    return linear_cross_entropy_sum(hidden, weight, labels, chunk_size, backend="chunked")
 
 
-PATHS = {"plain": plain_loss, "chunked": chunked_loss}
+PATHS = {"plain": plain_loss, "torch": torch_loss, "chunked": chunked_loss}
 
 
 def rss_bytes() -> int:
@@ -92,26 +99,28 @@ def main() -> None:
     args = parser.parse_args()
 
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    threads = torch.get_num_threads()
     print(
-        f"# {device_name}, torch {torch.__version__}, {args.dtype}, hidden {args.hidden}, "
-        f"chunk {args.chunk_size} tokens, median of {args.repeats} fwd+bwd"
+        f"# {device_name} ({threads} threads), torch {torch.__version__}, {args.dtype}, hidden "
+        f"{args.hidden}, chunk {args.chunk_size} tokens, median of {args.repeats} fwd+bwd"
     )
-    print(
-        "| vocab | tokens | plain ms | chunked ms | time ratio | plain peak MiB "
-        "| chunked peak MiB | memory ratio |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
+    backends = [p for p in PATHS if p != "torch" or torch_has_linear_cross_entropy()]
+    if "torch" not in backends:
+        print(f"# torch {torch.__version__} has no F.linear_cross_entropy: 'torch' skipped")
+    print("| vocab | tokens | backend | ms | time vs plain | peak MiB | memory vs plain |")
+    print("|---|---|---|---|---|---|---|")
     for vocab in args.vocab:
         for tokens in args.tokens:
             results = {
                 path: run_isolated(path, vocab, args.hidden, tokens, args.chunk_size,
                                    args.dtype, args.device, args.repeats)
-                for path in PATHS
+                for path in backends
             }  # fmt: skip
-            (plain_t, plain_m), (chunk_t, chunk_m) = results["plain"], results["chunked"]
-            print(f"| {vocab} | {tokens} | {plain_t * 1e3:.1f} | {chunk_t * 1e3:.1f} | "
-                  f"{chunk_t / plain_t:.2f} | {plain_m / 2**20:.0f} | {chunk_m / 2**20:.0f} | "
-                  f"{chunk_m / plain_m:.2f} |", flush=True)  # fmt: skip
+            plain_time, plain_peak = results["plain"]
+            for path, (seconds, peak) in results.items():
+                print(f"| {vocab:,} | {tokens:,} | {path} | {seconds * 1e3:,.0f} | "
+                      f"{seconds / plain_time:.2f} | {peak / 2**20:,.0f} | "
+                      f"{peak / plain_peak:.2f} |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -35,4 +35,6 @@ def test_bench_loss_small():
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert "| 512 | 256 |" in result.stdout
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| 512 | 256 |")]
+    assert [row.split("|")[3].strip() for row in rows] == ["plain", "torch", "chunked"]
+    assert rows[0].split("|")[5].strip() == "1.00"  # plain against itself

@@ -186,8 +186,16 @@ AUDIT = {
     "bad_nonfinite_policy": (None, ["--objectives.nonfinite", "maybe"], "nonfinite"),
     "tensor_parallel_with_chunked_ce": (
         None,
-        ["--objectives.ntp.chunk_size", "64", "--parallelism.tensor_parallel_degree", "2"],
-        "objectives.ntp (chunk_size = 64) with parallelism.tensor_parallel_degree = 2",
+        [
+            "--objectives.ntp.chunk_size",
+            "64",
+            "--objectives.ntp.ce_backend",
+            "torch",
+            "--parallelism.tensor_parallel_degree",
+            "2",
+        ],
+        "objectives.ntp (chunk_size = 64, ce_backend = 'torch') with "
+        "parallelism.tensor_parallel_degree = 2",
     ),
     "pipeline_parallel_with_mtp": (
         None,

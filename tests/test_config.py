@@ -98,6 +98,11 @@ BAD_CONFIGS = {
         r"objectives\.nitp\.projector = 'mlp' has the wrong type; "
         r"expected one of 'swiglu', 'linear', 'none'",
     ),
+    "unknown_ce_backend": (
+        '[objectives]\nstack = ["ntp", "mtp"]\n[objectives.mtp]\nce_backend = "liger"',
+        r"objectives\.mtp\.ce_backend = 'liger' has the wrong type; "
+        r"expected one of 'auto', 'torch', 'chunked', 'plain'",
+    ),
     "stack_not_a_list": ('[objectives]\nstack = "ntp"', r"objectives\.stack = 'ntp'"),
     "negative_weight": (
         '[objectives]\nstack = ["ntp", "nitp"]\n[objectives.nitp]\nweight = -0.5',
@@ -206,17 +211,30 @@ BAD_OVERRIDES = {
         r"parallelism\.tensor_parallel_degree = 4 and training\.seq_len = 256: each rank "
         r"holds 64 positions",
     ),
-    "cli_tensor_parallel_chunked_mtp": (
+    "cli_tensor_parallel_pytorch_chunked_mtp": (
         [
             "--objectives.stack",
             "ntp,mtp",
             "--objectives.mtp.chunk_size",
             "64",
+            "--objectives.mtp.ce_backend",
+            "torch",
             "--parallelism.tensor_parallel_degree",
             "2",
         ],
-        r"objectives\.mtp \(chunk_size = 64\) with parallelism\.tensor_parallel_degree = 2: "
-        r"these options need the whole vocabulary on each rank",
+        r"objectives\.mtp \(chunk_size = 64, ce_backend = 'torch'\) with "
+        r"parallelism\.tensor_parallel_degree = 2: these options need the whole vocabulary on "
+        r"each rank",
+    ),
+    "cli_ce_backend_without_chunks": (
+        ["--objectives.ntp.ce_backend", "chunked"],
+        r"objectives\.ntp\.ce_backend = 'chunked' is not allowed; expected 'auto' or 'plain' "
+        r"with chunk_size = 0",
+    ),
+    "cli_plain_ce_backend_with_chunks": (
+        ["--objectives.ntp.ce_backend", "plain", "--objectives.ntp.chunk_size", "64"],
+        r"objectives\.ntp\.ce_backend = 'plain' is not allowed; expected 'auto', 'torch' or "
+        r"'chunked' with chunk_size = 64",
     ),
     "moe_target_layer_too_deep": (
         [
@@ -378,3 +396,26 @@ def test_an_objective_that_cannot_be_built_for_the_model_is_named(monkeypatch):
     ):
         parse(DEBUG_CONFIG, "--objectives.stack", "ntp,mtp", "--objectives.mtp.depth", "2")
     parse(DEBUG_CONFIG, "--objectives.stack", "ntp,nitp")  # no extra block needed
+
+
+def test_forcing_pytorchs_kernel_on_a_torch_without_it_is_named(monkeypatch):
+    """The GPU image's torch 2.11 has no F.linear_cross_entropy: 'torch' is a config
+    error there, naming the key and the installed version; 'auto' falls back."""
+    import torch
+    import torch.nn.functional as F
+
+    monkeypatch.delattr(F, "linear_cross_entropy")
+    with pytest.raises(
+        ObjectivesConfigError,
+        match=rf"objectives\.ntp\.ce_backend = 'torch' is not allowed; expected 'auto' or "
+        rf"'chunked': torch {re.escape(torch.__version__)} has no "
+        r"torch\.nn\.functional\.linear_cross_entropy \(PyTorch 2\.13 and later\)",
+    ):
+        parse(
+            DEBUG_CONFIG,
+            "--objectives.ntp.chunk_size",
+            "64",
+            "--objectives.ntp.ce_backend",
+            "torch",
+        )
+    parse(DEBUG_CONFIG, "--objectives.ntp.chunk_size", "64")

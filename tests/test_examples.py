@@ -7,7 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import ROOT, pip_install, scalars, train
-from test_parallelism_e2e import assert_same_numbers, run_from_one_seed
+from test_parallelism_e2e import (
+    PROBE,
+    assert_same_gradients,
+    assert_same_numbers,
+    run_from_one_seed,
+)
 
 EXAMPLE = ROOT / "examples" / "z_loss"
 TESTS = str(Path(__file__).parent)
@@ -67,8 +72,7 @@ def test_z_loss_under_tensor_parallel_matches_one_process(tmp_path, z_loss_site,
     logged = run_from_one_seed(
         tmp_path, common,
         {"tp": (2, tp), "tp_no_loss_parallel": (2, (*tp, "--parallelism.disable_loss_parallel"))},
-        module="trainer_probes", extra_pythonpath=os.pathsep.join([str(z_loss_site), TESTS]),
-        env={"TRAINER_PROBE": "dump_gradients"},
+        **{**PROBE, "extra_pythonpath": os.pathsep.join([str(z_loss_site), TESTS])},
     )  # fmt: skip
     tags = ("objectives/ntp/loss", "objectives/z_loss/loss", "objectives/z_loss/log_z", "grad_norm")
     assert_same_numbers(logged, tags, steps=3)
@@ -76,12 +80,4 @@ def test_z_loss_under_tensor_parallel_matches_one_process(tmp_path, z_loss_site,
     assert (
         logged["one"]["objectives/z_loss/loss"][1] > 0.3 * logged["one"]["objectives/ntp/loss"][1]
     )
-    one = torch.load(tmp_path / "one" / "gradients.pt")
-    for name in ("tp", "tp_no_loss_parallel"):
-        gradients = torch.load(tmp_path / name / "gradients.pt")
-        for key, expected in one.items():
-            worst = ((gradients[key] - expected).abs().max() / expected.abs().max()).item()
-            print(f"{name} {key}: largest difference / largest gradient {worst:.1e}")
-            torch.testing.assert_close(
-                gradients[key], expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item()
-            )
+    assert_same_gradients(tmp_path, ["tp", "tp_no_loss_parallel"])

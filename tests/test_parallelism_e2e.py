@@ -59,6 +59,49 @@ def assert_same_numbers(
                 assert run[tag][step] == close, (name, tag, step)
 
 
+def assert_same_gradients(folder: Path, runs: list[str]) -> None:
+    """The whole gradients ``trainer_probes`` saved after step 1's backward equal the
+    single-process ones (relative to each tensor's largest entry: 1e-4)."""
+    one = torch.load(folder / "one" / "gradients.pt")
+    for name in runs:
+        gradients = torch.load(folder / name / "gradients.pt")
+        for key, expected in one.items():
+            scale = expected.abs().max().item()
+            worst = (gradients[key] - expected).abs().max().item() / scale
+            print(f"{name} {key}: largest difference / largest gradient {worst:.1e}")
+            torch.testing.assert_close(gradients[key], expected, rtol=1e-4, atol=1e-4 * scale)
+
+
+PROBE = {
+    "module": "trainer_probes",
+    "extra_pythonpath": str(Path(__file__).parent),
+    "env": {"TRAINER_PROBE": "dump_gradients"},
+}
+
+
+def test_chunked_cross_entropy_backends_under_tp_and_fsdp_match_single_process(
+    tmp_path, twin_corpus
+):
+    """ntp and mtp with chunk_size > 0: one process takes PyTorch's kernel (auto); TP 2
+    (loss parallel) chunks a head split over the vocabulary; FSDP2 runs each backend."""
+    common = (
+        "--objectives.stack", "ntp,mtp", "--objectives.mtp.depth", "2",
+        "--objectives.ntp.chunk_size", "48", "--objectives.mtp.chunk_size", "40",
+        "--training.dataset_path", str(twin_corpus), "--training.steps", "3",
+    )  # fmt: skip
+    backend = lambda name: ("--objectives.ntp.ce_backend", name,  # noqa: E731
+                            "--objectives.mtp.ce_backend", name)  # fmt: skip
+    logged = run_from_one_seed(tmp_path, common, {
+        "tp": (2, TP),
+        "fsdp_torch": (2, backend("torch")),
+        "fsdp_chunked": (2, backend("chunked")),
+    }, **PROBE)  # fmt: skip
+    tags = ("objectives/ntp/loss", "objectives/mtp/depth_1", "objectives/mtp/depth_2",
+            "grad_norm")  # fmt: skip
+    assert_same_numbers(logged, tags, steps=3)
+    assert_same_gradients(tmp_path, ["tp", "fsdp_torch", "fsdp_chunked"])
+
+
 def test_llama3_full_stack_under_tp_2d_ddp_and_hsdp_matches_single_process(tmp_path, twin_corpus):
     common = (
         "--objectives.stack", "ntp,nitp,mtp", "--objectives.mtp.depth", "2",

@@ -70,6 +70,14 @@ class SequenceShards:
         out[:, x.shape[1] - k :] = following
         return out
 
+    def all_positions(self, x: torch.Tensor) -> torch.Tensor:
+        """The whole sequence of a sharded tensor on every rank, for a computation that
+        each rank does in part (a head split over the vocabulary): in backward the ranks'
+        gradients add up, each rank getting its own positions' sum (a reduce-scatter)."""
+        if not self.sharded:
+            return x
+        return all_gather(x.transpose(0, 1).contiguous(), self.mesh).transpose(0, 1)
+
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """The whole sequence of a sharded tensor, on every rank, without gradient (for
         measurements, not losses)."""

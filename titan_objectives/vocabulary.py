@@ -25,6 +25,15 @@ from torch.distributed.tensor import DTensor, Shard
 from titan_objectives.collectives import sum_over_ranks
 
 
+def shard_range(size: int, mesh: DeviceMesh) -> tuple[int, int]:
+    """The first and past-the-last index this rank holds of a dimension of ``size`` split
+    over ``mesh`` by DTensor's ``Shard``: like torch.chunk, ceil(size / ranks) per rank,
+    the last ranks fewer."""
+    per_rank = -(-size // mesh.size())
+    start = min(mesh.get_local_rank() * per_rank, size)
+    return start, min(start + per_rank, size)
+
+
 def local_columns(logits: torch.Tensor) -> tuple[torch.Tensor, slice, DeviceMesh | None]:
     """This rank's logits, the vocabulary ids they hold, and the mesh the vocabulary is
     split over (``None`` when it is whole)."""
@@ -44,11 +53,7 @@ def local_columns(logits: torch.Tensor) -> tuple[torch.Tensor, slice, DeviceMesh
             "one tensor-parallel dimension"
         )
     mesh = logits.device_mesh
-    # DTensor shards like torch.chunk: ceil(vocab / size) columns per rank, the last fewer.
-    per_rank = -(-vocab // mesh.size())
-    start = min(mesh.get_local_rank() * per_rank, vocab)
-    local = logits.to_local()
-    return local, slice(start, start + local.shape[-1]), mesh
+    return logits.to_local(), slice(*shard_range(vocab, mesh)), mesh
 
 
 def _sharded_logsumexp(local: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:

@@ -238,6 +238,11 @@ class HiddenStateTap:
         if self._capture is None or self._keep_logits:
             return None  # validation and other callers get the full logits
         hidden, *rest = args
+        if isinstance(hidden, DTensor):
+            # Sequence shards (TP) cannot be cut to zero positions: DTensor's view rules
+            # divide by their length. One position per rank costs as little.
+            local = hidden.to_local()[:, :1]
+            return (DTensor.from_local(local, hidden.device_mesh, hidden.placements), *rest)
         return (hidden[:, :0], *rest)
 
     def _keep(self, key: int | str):

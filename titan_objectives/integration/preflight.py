@@ -218,8 +218,8 @@ def _check_tensor_parallel(
             raise ObjectivesConfigError(
                 f"{SECTION}.{name}{_settings(options[name])} with {tp}: these options need the "
                 "whole vocabulary on each rank, and tensor parallelism splits the output head "
-                "over the vocabulary (loss parallel); change them (for ntp and mtp: "
-                "chunk_size = 0) or use FSDP instead"
+                "over the vocabulary; change them (for ntp and mtp: ce_backend = 'auto' or "
+                "'chunked', whose chunks split the vocabulary too) or use FSDP instead"
             )
     shard = job_config.training.seq_len // degree
     for name, need in needs.items():

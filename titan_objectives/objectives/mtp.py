@@ -25,7 +25,11 @@ from torch import nn
 from torch.distributed.tensor.parallel import ParallelStyle, SequenceParallel
 from torch.utils.checkpoint import checkpoint
 
-from titan_objectives.losses import cross_entropy_sum, linear_cross_entropy_sum
+from titan_objectives.losses import (
+    CrossEntropyOptions,
+    cross_entropy_sum,
+    linear_cross_entropy_sum,
+)
 from titan_objectives.objective import (
     IGNORE_INDEX,
     Features,
@@ -45,7 +49,7 @@ MTPVariant = Literal["deepseek", "parallel"]
 
 
 @dataclass
-class MTPOptions(ObjectiveOptions):
+class MTPOptions(CrossEntropyOptions, ObjectiveOptions):
     weight: float = 0.3
     """Lambda of (1/D) sum_k CE_k. DeepSeek-V3: 0.3, then 0.1 (schedule = 'step')."""
 
@@ -55,10 +59,6 @@ class MTPOptions(ObjectiveOptions):
 
     depth: int = 1
     """D, the number of extra tokens predicted (DeepSeek-V3 used 1)."""
-
-    chunk_size: int = 0
-    """0: full logits per depth. N > 0: memory-efficient linear cross-entropy, N tokens at
-    a time."""
 
     recompute_heads: bool = False
     """Recompute each depth's forward in backward instead of keeping its activations, so
@@ -75,8 +75,7 @@ class MTPOptions(ObjectiveOptions):
                 f"an integer < training.seq_len = {model.seq_len}: depth k scores positions "
                 f"i < seq_len - k, so depth {self.depth} would score none",
             )
-        if self.chunk_size < 0:
-            raise OptionError("chunk_size", self.chunk_size, "0 (off) or a number of tokens > 0")
+        self.validate_cross_entropy()
 
 
 def depth_labels(labels: torch.Tensor, k: int, within_document: torch.Tensor) -> torch.Tensor:
@@ -134,7 +133,7 @@ class MultiTokenPrediction(Objective):
             layers=frozenset(layers),
             lookahead=self.options.depth,
             output_weight=True,  # the shared head, outside the model's forward
-            whole_vocabulary=self.options.chunk_size > 0,
+            whole_vocabulary=bool(self.options.chunk_size) and self.options.ce_backend == "torch",
         )
 
     def init_weights(self) -> None:
@@ -165,10 +164,15 @@ class MultiTokenPrediction(Objective):
         per_depth = 6 * info.vocab_size * info.dim + 12 * info.dim * info.seq_len
         return super().flops_per_token() + self.options.depth * per_depth
 
-    def _cross_entropy(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.options.chunk_size:
+    def _cross_entropy(
+        self, hidden: torch.Tensor, labels: torch.Tensor, sequence: SequenceShards
+    ) -> torch.Tensor:
+        options = self.options
+        if options.chunk_size:
             weight = self.shared.output_weight()
-            return linear_cross_entropy_sum(hidden, weight, labels, self.options.chunk_size)
+            return linear_cross_entropy_sum(
+                hidden, weight, labels, options.chunk_size, options.ce_backend, sequence
+            )
         return cross_entropy_sum(self.shared.logits(hidden), labels)
 
     def _depth_loss(
@@ -189,7 +193,7 @@ class MultiTokenPrediction(Objective):
             )
             previous = module.projection(joined)
         hidden = self.shared.run_block(module.block, previous, context)
-        return self._cross_entropy(module.norm(hidden), labels), hidden
+        return self._cross_entropy(module.norm(hidden), labels, sequence), hidden
 
     def forward(self, features: Features) -> ObjectiveOutput:
         trunk = features.layers[self.model_info.n_layers]

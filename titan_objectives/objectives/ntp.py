@@ -2,30 +2,27 @@
 
 from dataclasses import dataclass
 
-from titan_objectives.losses import cross_entropy_sum, linear_cross_entropy_sum
+from titan_objectives.losses import (
+    CrossEntropyOptions,
+    cross_entropy_sum,
+    linear_cross_entropy_sum,
+)
 from titan_objectives.objective import (
     Features,
     ModelInfo,
     Objective,
     ObjectiveOptions,
     ObjectiveOutput,
-    OptionError,
     Requirements,
 )
 from titan_objectives.registry import register_objective
 
 
 @dataclass
-class NTPOptions(ObjectiveOptions):
-    chunk_size: int = 0
-    """0: cross-entropy of the model's logits (torchtitan's path, bit for bit). N > 0: the
-    memory-efficient linear cross-entropy, N tokens at a time; the model then skips its
-    full logits."""
-
+class NTPOptions(CrossEntropyOptions, ObjectiveOptions):
     def validate(self, model: ModelInfo) -> None:
         super().validate(model)
-        if self.chunk_size < 0:
-            raise OptionError("chunk_size", self.chunk_size, "0 (off) or a number of tokens > 0")
+        self.validate_cross_entropy()
 
 
 @register_objective("ntp")
@@ -35,7 +32,7 @@ class NextTokenPrediction(Objective):
     Options = NTPOptions
     options: NTPOptions
     # The logits cover the whole sequence on every rank (vocabulary-sharded under loss
-    # parallel); the chunked path declares that it needs the whole vocabulary.
+    # parallel); the chunked path splits its head like the model's under TP.
     sequence_parallel = True
 
     def __init__(self, options: NTPOptions, model: ModelInfo):
@@ -44,8 +41,13 @@ class NextTokenPrediction(Objective):
 
     def requirements(self) -> Requirements:
         if self.options.chunk_size:
-            # Chunked: the model skips its logits; this reads the head's whole weight.
-            return Requirements(final_hidden=True, output_weight=True, whole_vocabulary=True)
+            # Chunked: the model skips its logits; this reads the head's weight. Only
+            # PyTorch's kernel needs the whole vocabulary on one rank.
+            return Requirements(
+                final_hidden=True,
+                output_weight=True,
+                whole_vocabulary=self.options.ce_backend == "torch",
+            )
         return Requirements(logits=True)
 
     def flops_per_token(self) -> int:
@@ -58,6 +60,8 @@ class NextTokenPrediction(Objective):
                 self.shared.output_weight(),
                 features.labels,
                 self.options.chunk_size,
+                self.options.ce_backend,
+                features.sequence,
             )
         else:
             loss_sum = cross_entropy_sum(features.logits, features.labels)
