@@ -77,10 +77,11 @@ def measure(path, vocab, hidden_dim, tokens, chunk_size, dtype, device, repeats,
     queue.put((statistics.median(times[1:] if len(times) > 1 else times), peak))
 
 
-def run_isolated(*args):
+def run_isolated(function, *args):
+    """``function(*args, queue)`` in a fresh process; what it puts on the queue."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=measure, args=(*args, queue))
+    process = context.Process(target=function, args=(*args, queue))
     process.start()
     result = queue.get()
     process.join()
@@ -112,7 +113,7 @@ def main() -> None:
     for vocab in args.vocab:
         for tokens in args.tokens:
             results = {
-                path: run_isolated(path, vocab, args.hidden, tokens, args.chunk_size,
+                path: run_isolated(measure, path, vocab, args.hidden, tokens, args.chunk_size,
                                    args.dtype, args.device, args.repeats)
                 for path in backends
             }  # fmt: skip

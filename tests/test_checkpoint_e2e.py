@@ -102,16 +102,22 @@ def test_export_has_no_objective_modules_and_gives_the_same_logits(tmp_path):
 
     from titan_objectives.integration.model_adapter import get_model_adapter
     from titan_objectives.integration.spec import model_class_with_objectives
-    from titan_objectives.objectives import MTPOptions, NITPOptions, NTPOptions
+    from titan_objectives.objectives import MTPOptions, NITPOptions, NTPOptions, TOPOptions
 
     steps = ("--training.steps", "3")
-    train(tmp_path / "full", *STACK, *FULL, *steps)
-    train(tmp_path / "export", *STACK, *CHECKPOINT, *steps)
-    train(tmp_path / "hf", *STACK, *CHECKPOINT, "--checkpoint.last_save_in_hf", *steps)
-    train(tmp_path / "bf16", *STACK, *CHECKPOINT, "--checkpoint.export_dtype", "bfloat16", *steps)
+    # With TOP too: its head is a [vocab, dim] unembedding that must not ship.
+    stack = ("--objectives.stack", "ntp,nitp,mtp,top", "--objectives.mtp.depth", "2",
+             "--objectives.top.window", "16")  # fmt: skip
+    train(tmp_path / "full", *stack, *FULL, *steps)
+    train(tmp_path / "export", *stack, *CHECKPOINT, *steps)
+    train(tmp_path / "hf", *stack, *CHECKPOINT, "--checkpoint.last_save_in_hf", *steps)
+    train(tmp_path / "bf16", *stack, *CHECKPOINT, "--checkpoint.export_dtype", "bfloat16", *steps)
 
     args = llama3_args["debugmodel"]
-    options = {"ntp": NTPOptions(), "nitp": NITPOptions(), "mtp": MTPOptions(depth=2)}
+    options = {
+        "ntp": NTPOptions(), "nitp": NITPOptions(), "mtp": MTPOptions(depth=2),
+        "top": TOPOptions(window=16),
+    }  # fmt: skip
     cls = model_class_with_objectives(Transformer, get_model_adapter("llama3"), options)
     trained = cls(args)
     with torch.no_grad():

@@ -36,6 +36,15 @@ def test_list_shows_every_objective_with_its_options():
     )
 
 
+def test_validate_counts_tops_head_and_window():
+    result = run("validate", str(CONFIGS / "llama3_debug_top.toml"))
+    assert result.returncode == 0, result.stderr
+    vocab, dim, window = 2048, 256, 64
+    top_row = next(line for line in result.stdout.splitlines() if line.startswith("top "))
+    assert f"{vocab * dim:,}" in top_row  # the TOP head, a second [vocab, dim] unembedding
+    assert f"{(6 * vocab * dim + 6 * window) / 1e6:,.2f}" in top_row  # 6 V d + the window
+
+
 def test_user_docs_stay_inside_the_repository():
     for path in [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "scripts").rglob("*")]:
         if path.is_file():

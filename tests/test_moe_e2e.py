@@ -1,4 +1,4 @@
-"""ntp + nitp + mtp on torchtitan's MoE models (CPU, gloo): MTP blocks are the models'
+"""ntp + nitp + mtp + top on torchtitan's MoE models (CPU, gloo): MTP blocks are the models'
 own MoE blocks and their routers are load-balanced (FSDP2, TP and EP equivalence:
 test_parallelism_e2e.py)."""
 
@@ -10,7 +10,8 @@ from torch.distributed.checkpoint import FileSystemReader
 
 pytestmark = pytest.mark.slow
 
-STACK = ("--objectives.stack", "ntp,nitp,mtp", "--objectives.ntp.chunk_size", "64")
+STACK = ("--objectives.stack", "ntp,nitp,mtp,top", "--objectives.ntp.chunk_size", "64",
+         "--objectives.top.window", "16")  # fmt: skip
 SMALL = ("--training.seq_len", "32", "--training.local_batch_size", "2")
 FULL = (
     "--checkpoint.enable",
@@ -28,7 +29,7 @@ def expert_biases(checkpoint) -> dict[str, torch.Tensor]:
 
 
 EXPERT_PARALLEL = ("--parallelism.expert_parallel_degree", "2")
-TENSOR_PARALLEL = ("--parallelism.tensor_parallel_degree", "2", "--objectives.ntp.chunk_size", "0")
+TENSOR_PARALLEL = ("--parallelism.tensor_parallel_degree", "2")
 
 
 @pytest.mark.parametrize(
@@ -53,7 +54,7 @@ def test_moe_models_train_the_full_stack(
     if parallelism:
         assert f"{'ep' if parallelism == EXPERT_PARALLEL else 'tp'}=2" in result.stdout
     tb = scalars(tmp_path)
-    for name in ("ntp", "nitp", "mtp"):
+    for name in ("ntp", "nitp", "mtp", "top"):
         assert sorted(tb[f"objectives/{name}/loss"]) == [1, 2]
     biases = expert_biases(tmp_path / "ckpt" / "step-2")
     mtp = [k for k in biases if k.startswith("objectives.mtp.")]

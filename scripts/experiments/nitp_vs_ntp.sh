@@ -1,38 +1,9 @@
 #!/usr/bin/env bash
-# NITP vs NTP on one GPU: the ~125M Llama3 of toml_configs/llama3_125m_nitp.toml trained
-# on the same tokens with `ntp` and with `ntp + nitp`, then the comparison report
-# (per-objective losses, effective rank and average cosine of the final hidden states
-# and of the NITP target block, on training batches and held-out books).
+# NITP vs NTP on one GPU: compare_objectives.sh with the stacks `ntp` and `ntp + nitp`
+# (the ~125M Llama3 of toml_configs/llama3_125m_nitp.toml, the same tokens for both).
 #
-#   # data/gutenberg/{train,val}.jsonl.gz: the corpus, see docs/data.md
 #   ./scripts/experiments/nitp_vs_ntp.sh            # ~1,500 steps per run on an H200
 #   TINY=1 ./scripts/experiments/nitp_vs_ntp.sh     # a CPU-sized smoke version
-#
-# STEPS, OUT and extra arguments (passed to both runs) override the defaults.
 set -euo pipefail
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-cd "$ROOT"
-OUT=${OUT:-outputs/nitp_vs_ntp}
-export CONFIG_FILE=toml_configs/llama3_125m_nitp.toml NGPU=${NGPU:-1}
-
-if [ -n "${TINY:-}" ]; then
-  STEPS=${STEPS:-40}
-  size=(
-    --model.flavor debugmodel --model.hf_assets_path assets/tokenizer-bpe2k-tiny
-    --training.dataset_path assets/tiny/train.txt --validation.dataset_path assets/tiny/val.txt
-    --training.seq_len 256 --training.local_batch_size 8 --validation.seq_len 256
-    --validation.local_batch_size 8 --validation.steps 4 --objectives.nitp.target_layer 2
-    --objectives.geometry.layers 2 --objectives.geometry.max_tokens 512
-    --objectives.geometry.freq 10 --training.mixed_precision_param float32
-    --compile.no-enable --metrics.log_freq 10
-  )
-else
-  STEPS=${STEPS:-1500}
-  size=()
-fi
-common=(--training.steps "$STEPS" --validation.freq "$STEPS" "${size[@]}" "$@")
-
-./scripts/run_train.sh "${common[@]}" --objectives.stack ntp --job.dump_folder "$OUT/ntp"
-./scripts/run_train.sh "${common[@]}" --objectives.stack ntp,nitp --job.dump_folder "$OUT/ntp_nitp"
-"${PYTHON:-.venv/bin/python}" scripts/compare_runs.py "$OUT/ntp" "$OUT/ntp_nitp" --out "$OUT/report"
-cat "$OUT/report/summary.md"
+export STACKS="ntp ntp,nitp" OUT=${OUT:-outputs/nitp_vs_ntp}
+exec "$(dirname "${BASH_SOURCE[0]}")/compare_objectives.sh" "$@"

@@ -4,6 +4,7 @@ from titan_objectives.losses.cross_entropy_options import CrossEntropyBackend, C
 from titan_objectives.losses.linear_cross_entropy import (
     cross_entropy_sum,
     linear_cross_entropy_sum,
+    linear_sparse_cross_entropy_sum,
     torch_has_linear_cross_entropy,
 )
 
@@ -12,5 +13,6 @@ __all__ = [
     "CrossEntropyOptions",
     "cross_entropy_sum",
     "linear_cross_entropy_sum",
+    "linear_sparse_cross_entropy_sum",
     "torch_has_linear_cross_entropy",
 ]

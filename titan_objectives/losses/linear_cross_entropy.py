@@ -70,35 +70,41 @@ def _all_reduce(x: torch.Tensor, op: str, mesh: DeviceMesh | None) -> torch.Tens
 def _chunk_loss_and_grads(
     hidden: torch.Tensor,
     weight: torch.Tensor,
-    labels: torch.Tensor,
+    target_ids: torch.Tensor,
+    target_probs: torch.Tensor,
     with_grads: bool,
     mesh: DeviceMesh | None = None,
     first_row: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Loss sum of one chunk, and its gradients w.r.t. the chunk's hidden states and the
-    weight (fp32), without keeping the chunk's logits. ``weight`` holds vocabulary rows
+    weight (fp32), without keeping the chunk's logits. The loss of a token is the
+    cross-entropy ``logsumexp(z) - sum_k q_k z[id_k]`` against a target distribution
+    given sparsely (``target_ids``, ``target_probs``: ``[chunk, K]``, each row summing to
+    1, or to 0 for a token that scores nothing). ``weight`` holds vocabulary rows
     ``first_row..``; with ``mesh`` the other rows are on the other ranks of it (the
     hidden-state gradient is then this rank's share of the sum)."""
     logits = (hidden @ weight.t()).float()
-    valid = labels != IGNORE_INDEX
-    here = valid & (labels >= first_row) & (labels < first_row + weight.shape[0])
-    row = torch.where(here, labels - first_row, 0)
-    target_logit = torch.where(here, logits.gather(1, row[:, None]).squeeze(1), 0.0)
+    scored = target_probs.sum(dim=-1) > 0
+    here = (target_probs > 0) & (target_ids >= first_row)
+    here &= target_ids < first_row + weight.shape[0]
+    rows = torch.where(here, target_ids - first_row, 0)
+    weights = torch.where(here, target_probs, 0.0).float()
+    target_term = (logits.gather(1, rows) * weights).sum(dim=-1)
     if mesh is None:
         log_z = torch.logsumexp(logits, dim=-1)
     else:
         row_max = _all_reduce(logits.amax(dim=-1), "max", mesh)
         sum_exp = _all_reduce((logits - row_max[:, None]).exp().sum(dim=-1), "sum", mesh)
         log_z = sum_exp.log() + row_max
-        target_logit = _all_reduce(target_logit, "sum", mesh)
-    loss = torch.where(valid, log_z - target_logit, 0.0).sum()
+        target_term = _all_reduce(target_term, "sum", mesh)
+    loss = torch.where(scored, log_z - target_term, 0.0).sum()
     if not with_grads:
         return loss, None, None
-    # d loss / d logits = softmax - onehot(label), zero for ignored positions; computed
-    # in the logits' own buffer so a chunk costs one [chunk, rows] fp32 tensor.
-    grad_logits = logits.sub_(log_z[:, None]).exp_()
-    grad_logits.scatter_add_(1, row[:, None], -here[:, None].to(grad_logits.dtype))
-    grad_logits = grad_logits.mul_(valid[:, None]).to(hidden.dtype)
+    # d loss / d logits = softmax - q, zero for tokens that score nothing; computed in the
+    # logits' own buffer so a chunk costs one [chunk, rows] fp32 tensor.
+    grad_logits = logits.sub_(log_z[:, None]).exp_().mul_(scored[:, None])
+    grad_logits.scatter_add_(1, rows, -weights)
+    grad_logits = grad_logits.to(hidden.dtype)
     grad_hidden = grad_logits @ weight
     grad_weight = (grad_logits.t() @ hidden).float()
     return loss, grad_hidden, grad_weight
@@ -117,9 +123,10 @@ def _chunk_function(on_gpu: bool, split: bool):
     return _compiled_chunk[True]
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
+class _LinearSparseCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_size, with_grads, mesh, first_row):
+    def forward(ctx, hidden, weight, target_ids, target_probs, chunk_size, with_grads, mesh,
+                first_row):  # fmt: skip
         chunk_step = _chunk_function(hidden.is_cuda, mesh is not None)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if with_grads else None
@@ -131,8 +138,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             end = min(start + chunk_size, hidden.shape[0])
             chunk_loss, chunk_grad_hidden, chunk_grad_weight = chunk_step(
-                hidden[start:end], weight, labels[start:end], with_grads, mesh, first_row
-            )
+                hidden[start:end], weight, target_ids[start:end], target_probs[start:end],
+                with_grads, mesh, first_row,
+            )  # fmt: skip
             loss += chunk_loss
             if with_grads:
                 grad_hidden[start:end] = chunk_grad_hidden
@@ -156,15 +164,47 @@ class _LinearCrossEntropy(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
-def _chunked(hidden, weight, labels, chunk_size, mesh=None, first_row=0) -> torch.Tensor:
+@torch.compiler.disable
+def linear_sparse_cross_entropy_sum(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target_ids: torch.Tensor,
+    target_probs: torch.Tensor,
+    chunk_size: int,
+    sequence: SequenceShards = UNSHARDED,
+) -> torch.Tensor:
+    """``sum_t [logsumexp(z_t) - sum_k q_{t,k} z_t[id_{t,k}]]`` with ``z_t = weight @ h_t``:
+    the cross-entropy against target distributions that each put weight on at most K
+    tokens, ``chunk_size`` tokens at a time, never holding ``[tokens, vocab]`` logits or
+    targets (ListNet with sparse targets; the cross-entropy of labels is K = 1).
+
+    ``hidden``: ``[..., dim]`` (under sequence parallelism this rank's positions, with
+    ``sequence`` saying which); ``weight``: ``[vocab, dim]``, or a DTensor split over the
+    vocabulary; ``target_ids``, ``target_probs``: ``[..., K]`` over the *whole* sequence,
+    rows summing to 1 or 0 (a token that scores nothing). Kept out of ``torch.compile``'s
+    graph: the chunk loop would unroll.
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+    mesh, first_row = None, 0
+    if isinstance(weight, DTensor):
+        mesh = weight.device_mesh
+        first_row, _ = shard_range(weight.shape[0], mesh)
+        # Every token against this rank's rows: the whole sequence, whose gradient here is
+        # this rank's share (the gather's backward adds the shares up, shard by shard).
+        hidden = sequence.all_positions(hidden)
+        weight = weight.to_local()
     with_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return _LinearCrossEntropy.apply(
+    k = target_ids.shape[-1]
+    return _LinearSparseCrossEntropy.apply(
         hidden.reshape(-1, hidden.shape[-1]),
         weight,
-        labels.reshape(-1),
+        target_ids.reshape(-1, k),
+        target_probs.reshape(-1, k),
         chunk_size,
         with_grads,
         mesh,
@@ -208,15 +248,13 @@ def linear_cross_entropy_sum(
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
-    if isinstance(weight, DTensor):
-        if backend == "torch":
-            raise ValueError("PyTorch's linear_cross_entropy needs the head's whole vocabulary")
-        mesh = weight.device_mesh
-        first_row, _ = shard_range(weight.shape[0], mesh)
-        # Every token against this rank's rows: the whole sequence, whose gradient here is
-        # this rank's share (the gather's backward adds the shares up, shard by shard).
-        whole = sequence.all_positions(hidden)
-        return _chunked(whole, weight.to_local(), labels, chunk_size, mesh, first_row)
-    if backend == "torch" or (backend == "auto" and torch_has_linear_cross_entropy()):
+    split = isinstance(weight, DTensor)
+    if backend == "torch" and split:
+        raise ValueError("PyTorch's linear_cross_entropy needs the head's whole vocabulary")
+    if backend == "torch" or (backend == "auto" and not split and torch_has_linear_cross_entropy()):
         return _torch_linear_cross_entropy(hidden, weight, labels, chunk_size)
-    return _chunked(hidden, weight, labels, chunk_size)
+    valid = labels != IGNORE_INDEX
+    target_ids = torch.where(valid, labels, 0)[..., None]
+    return linear_sparse_cross_entropy_sum(
+        hidden, weight, target_ids, valid[..., None].float(), chunk_size, sequence
+    )

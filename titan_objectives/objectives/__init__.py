@@ -3,6 +3,7 @@
 from titan_objectives.objectives.mtp import MTPOptions, MultiTokenPrediction
 from titan_objectives.objectives.nitp import NextImplicitTokenPrediction, NITPOptions
 from titan_objectives.objectives.ntp import NextTokenPrediction, NTPOptions
+from titan_objectives.objectives.top import TokenOrderPrediction, TOPOptions
 
 __all__ = [
     "MTPOptions",
@@ -11,4 +12,6 @@ __all__ = [
     "NextTokenPrediction",
     "NITPOptions",
     "NTPOptions",
+    "TokenOrderPrediction",
+    "TOPOptions",
 ]

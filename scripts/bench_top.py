@@ -1,0 +1,109 @@
+"""Peak memory and time of the TOP loss (forward + backward), ours against the naive
+version with dense targets, side by side in one run.
+
+    python scripts/bench_top.py                  # vocab 32k, 8k tokens, W 1024 (CPU or GPU)
+
+``sparse`` is ``titan_objectives``' path: W (token, probability) pairs per position and the
+chunked cross-entropy engine. ``dense`` builds ``[tokens, vocab]`` target scores (-inf
+outside the window, as the paper's reference ``seq_to_top`` does), their softmax, the full
+logits and ``-sum softmax(y) log_softmax(z)``. Each runs in a fresh process (CPU: peak
+resident memory over the inputs; CUDA: ``max_memory_allocated``).
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+from bench_loss import rss_bytes, run_isolated
+
+from titan_objectives.losses import linear_sparse_cross_entropy_sum
+from titan_objectives.objectives.top import top_targets
+
+
+def sparse_loss(hidden, weight, labels, window, chunk_size):
+    ids, probs = top_targets(labels, window)
+    return linear_sparse_cross_entropy_sum(hidden, weight, ids, probs, chunk_size)
+
+
+def dense_loss(hidden, weight, labels, window, chunk_size):
+    ids, probs = top_targets(labels, window)
+    # The reference's [tokens, vocab] scores: W - d for the window's tokens, -inf elsewhere.
+    scores = torch.full((*labels.shape, weight.shape[0]), float("-inf"), device=labels.device)
+    distance = torch.arange(1, window + 1, device=labels.device, dtype=torch.float32)
+    in_window = torch.where(probs > 0, window - distance, float("-inf"))
+    scores.scatter_(-1, ids, in_window.expand_as(ids).contiguous())
+    targets = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    log_p = torch.log_softmax((hidden @ weight.t()).float(), dim=-1)
+    return -(targets * log_p).sum()
+
+
+PATHS = {"sparse": sparse_loss, "dense": dense_loss}
+
+
+def measure(path, vocab, hidden_dim, batch, seq, window, chunk_size, device, repeats, queue):
+    torch.manual_seed(0)
+    hidden = torch.randn(batch, seq, hidden_dim, device=device, requires_grad=True)
+    weight = (0.02 * torch.randn(vocab, hidden_dim, device=device)).requires_grad_()
+    labels = torch.randint(0, vocab, (batch, seq), device=device)
+    cuda = device.startswith("cuda")
+    fn = PATHS[path]
+    if cuda:
+        fn(hidden, weight, labels, window, chunk_size).backward()
+        hidden.grad = weight.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = rss_bytes()
+    times, losses = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        loss = fn(hidden, weight, labels, window, chunk_size)
+        loss.backward()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        losses.append(loss.item())
+        hidden.grad = weight.grad = None
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    queue.put((statistics.median(times[1:] if len(times) > 1 else times), peak, losses[-1]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vocab", type=int, default=32768)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--window", type=int, default=1024)
+    parser.add_argument("--chunk-size", type=int, default=1024)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    print(
+        f"# {device} ({torch.get_num_threads()} threads), torch {torch.__version__}, fp32, "
+        f"vocab {args.vocab:,}, hidden {args.hidden}, {args.batch} x {args.seq} tokens, "
+        f"W {args.window}, chunk {args.chunk_size}, median of {args.repeats} fwd+bwd"
+    )
+    print("| path | ms | time vs dense | peak MiB | memory vs dense | loss |")
+    print("|---|---|---|---|---|---|")
+    results = {
+        path: run_isolated(measure, path, args.vocab, args.hidden, args.batch, args.seq,
+                           args.window, args.chunk_size, args.device, args.repeats)
+        for path in ("dense", "sparse")
+    }  # fmt: skip
+    dense_time, dense_peak, _ = results["dense"]
+    for path, (seconds, peak, loss) in results.items():
+        print(f"| {path} | {seconds * 1e3:,.0f} | {seconds / dense_time:.2f} | "
+              f"{peak / 2**20:,.0f} | {peak / dense_peak:.2f} | {loss:.6g} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Objectives side by side on one GPU: the ~125M Llama3 of toml_configs/llama3_125m_nitp.toml
+# trained on the same tokens with each stack of STACKS (default: ntp, ntp+nitp, ntp+mtp,
+# ntp+top), then one comparison report (per-objective losses, both effective ranks and the
+# average cosine of the final hidden states and of block 2 / the NITP target, on training
+# batches and held-out books).
+#
+#   # data/gutenberg/{train,val}.jsonl.gz: the corpus, see docs/data.md
+#   ./scripts/experiments/compare_objectives.sh            # ~1,500 steps per run on an H200
+#   TINY=1 ./scripts/experiments/compare_objectives.sh     # a CPU-sized smoke version
+#
+# STACKS, STEPS, OUT and extra arguments (passed to every run) override the defaults.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+cd "$ROOT"
+OUT=${OUT:-outputs/compare_objectives}
+STACKS=${STACKS:-"ntp ntp,nitp ntp,mtp ntp,top"}
+export CONFIG_FILE=toml_configs/llama3_125m_nitp.toml NGPU=${NGPU:-1}
+
+if [ -n "${TINY:-}" ]; then
+  STEPS=${STEPS:-40}
+  size=(
+    --model.flavor debugmodel --model.hf_assets_path assets/tokenizer-bpe2k-tiny
+    --training.dataset_path assets/tiny/train.txt --validation.dataset_path assets/tiny/val.txt
+    --training.seq_len 256 --training.local_batch_size 8 --validation.seq_len 256
+    --validation.local_batch_size 8 --validation.steps 4 --objectives.nitp.target_layer 2
+    --objectives.top.window 64 --objectives.geometry.layers 2
+    --objectives.geometry.max_tokens 512 --objectives.geometry.freq 10
+    --training.mixed_precision_param float32 --compile.no-enable --metrics.log_freq 10
+  )
+else
+  STEPS=${STEPS:-1500}
+  size=()
+fi
+common=(--training.steps "$STEPS" --validation.freq "$STEPS" "${size[@]}" "$@")
+
+runs=()
+for stack in $STACKS; do
+  run="$OUT/${stack//,/_}"
+  ./scripts/run_train.sh "${common[@]}" --objectives.stack "$stack" --job.dump_folder "$run"
+  runs+=("$run")
+done
+"${PYTHON:-.venv/bin/python}" scripts/compare_runs.py "${runs[@]}" --out "$OUT/report"
+cat "$OUT/report/summary.md"
