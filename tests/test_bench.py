@@ -38,3 +38,17 @@ def test_bench_loss_small():
     rows = [line for line in result.stdout.splitlines() if line.startswith("| 512 | 256 |")]
     assert [row.split("|")[3].strip() for row in rows] == ["plain", "torch", "chunked"]
     assert rows[0].split("|")[5].strip() == "1.00"  # plain against itself
+
+
+def test_bench_top_small_gives_the_same_loss_both_ways():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_top.py"), "--vocab", "512",
+         "--hidden", "32", "--batch", "2", "--seq", "64", "--window", "16",
+         "--chunk-size", "32", "--device", "cpu", "--repeats", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = {line.split("|")[1].strip(): line.split("|") for line in result.stdout.splitlines()
+            if line.startswith("| sparse") or line.startswith("| dense")}  # fmt: skip
+    assert set(rows) == {"sparse", "dense"}
+    assert float(rows["sparse"][6]) == pytest.approx(float(rows["dense"][6]), rel=1e-5)
