@@ -9,7 +9,7 @@
 #   ./scripts/experiments/compare_objectives.sh            # ~1,500 steps per run on an H200
 #   TINY=1 ./scripts/experiments/compare_objectives.sh     # a CPU-sized smoke version
 #
-# STACKS, STEPS, OUT and extra arguments (passed to every run) override the defaults.
+# STACKS, STEPS, SEED, OUT and extra arguments (passed to every run) override the defaults.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$ROOT"
@@ -32,7 +32,10 @@ else
   STEPS=${STEPS:-1500}
   size=()
 fi
-common=(--training.steps "$STEPS" --validation.freq "$STEPS" "${size[@]}" "$@")
+# One seed for every run (torchtitan leaves a 1-process run unseeded otherwise): the runs
+# start from the same weights and differ only by the stack.
+common=(--training.steps "$STEPS" --validation.freq "$STEPS" --debug.seed "${SEED:-42}"
+        "${size[@]}" "$@")
 
 runs=()
 for stack in $STACKS; do
