@@ -28,12 +28,14 @@ def sparse_loss(hidden, weight, labels, window, chunk_size):
 
 def dense_loss(hidden, weight, labels, window, chunk_size):
     ids, probs = top_targets(labels, window)
-    # The reference's [tokens, vocab] scores: W - d for the window's tokens, -inf elsewhere.
-    scores = torch.full((*labels.shape, weight.shape[0]), float("-inf"), device=labels.device)
+    # The reference's [tokens, vocab] scores: W - d for the window's tokens, -inf elsewhere
+    # (entries that are not a first occurrence go to a spare last column, then dropped).
+    vocab = weight.shape[0]
+    scores = torch.full((*labels.shape, vocab + 1), float("-inf"), device=labels.device)
     distance = torch.arange(1, window + 1, device=labels.device, dtype=torch.float32)
-    in_window = torch.where(probs > 0, window - distance, float("-inf"))
-    scores.scatter_(-1, ids, in_window.expand_as(ids).contiguous())
-    targets = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    first = probs > 0
+    scores.scatter_(-1, torch.where(first, ids, vocab), (window - distance).expand_as(probs))
+    targets = torch.softmax(scores[..., :vocab], dim=-1).nan_to_num(0.0)
     log_p = torch.log_softmax((hidden @ weight.t()).float(), dim=-1)
     return -(targets * log_p).sum()
 

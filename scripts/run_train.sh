@@ -25,6 +25,10 @@ while [ $# -gt 0 ]; do
       shift 2 ;;
     --job.config_file=*|--job.config-file=*)
       CONFIG_ARG=${1#*=}
+      if [ -z "$CONFIG_ARG" ]; then
+        echo "run_train.sh: ${1%%=*}= needs a path" >&2
+        exit 2
+      fi
       shift ;;
     *)
       ARGS+=("$1")
@@ -32,7 +36,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 if [ -n "$CONFIG_ARG" ]; then
-  if [ -n "${CONFIG_FILE:-}" ] && [ "$CONFIG_FILE" != "$CONFIG_ARG" ]; then
+  if [ -n "${CONFIG_FILE:-}" ] && [ "$(realpath -m "$CONFIG_FILE")" != "$(realpath -m "$CONFIG_ARG")" ]; then
     echo "run_train.sh: CONFIG_FILE=$CONFIG_FILE and --job.config_file $CONFIG_ARG name two" \
       "different configs; give one" >&2
     exit 2

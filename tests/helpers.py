@@ -105,3 +105,14 @@ def pip_install(package: Path, target: Path) -> Path:
         check=True,
     )  # fmt: skip
     return target
+
+
+def needs_pytorch_kernel(overrides) -> bool:
+    """Whether a command line forces PyTorch's linear_cross_entropy (``ce_backend torch``),
+    which torch < 2.13 (the GPU image's 2.11) does not have."""
+    from titan_objectives.losses import torch_has_linear_cross_entropy
+
+    args = list(overrides)
+    pairs = zip(args, args[1:], strict=False)
+    forced = any(a.endswith(".ce_backend") and b == "torch" for a, b in pairs)
+    return forced and not torch_has_linear_cross_entropy()

@@ -36,13 +36,18 @@ def test_bench_loss_small():
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith("| 512 | 256 |")]
-    assert [row.split("|")[3].strip() for row in rows] == ["plain", "torch", "chunked"]
+    from titan_objectives.losses import torch_has_linear_cross_entropy
+
+    backends = ["plain", "torch", "chunked"] if torch_has_linear_cross_entropy() else [
+        "plain", "chunked"]  # fmt: skip
+    assert [row.split("|")[3].strip() for row in rows] == backends
     assert rows[0].split("|")[5].strip() == "1.00"  # plain against itself
 
 
 def test_bench_top_small_gives_the_same_loss_both_ways():
     result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench_top.py"), "--vocab", "512",
+        # A small vocabulary: every window repeats tokens (token 0 among them).
+        [sys.executable, str(ROOT / "scripts" / "bench_top.py"), "--vocab", "64",
          "--hidden", "32", "--batch", "2", "--seq", "64", "--window", "16",
          "--chunk-size", "32", "--device", "cpu", "--repeats", "2"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,

@@ -75,7 +75,8 @@ def test_a_plugin_reading_three_ahead_gets_the_errors_mtp_gets(installed_plugin)
             rf"\b{name}( \([^)]*\))?", "NAME", message.replace("'ntp', ", "")
         )
         assert as_template(from_mtp, "mtp") == as_template(from_plugin, "third_token"), case
-    assert "reads 3 positions ahead" in verdicts[0] and "reads 3 positions ahead" in verdicts[1]
+    assert "reads hidden states 3 positions ahead" in verdicts[0]
+    assert "reads hidden states 3 positions ahead" in verdicts[1]
     assert "reads 3 position(s) ahead" in verdicts[5]
     assert verdicts[-3:] == ["OK", "OK", "OK"]
 
@@ -115,3 +116,24 @@ def test_declarations_merge_over_the_stack(requirements, expected):
     for key, value in expected.items():
         assert getattr(merged, key) == value
     assert merged.geometry_layers >= {1}
+
+
+def test_top_reads_labels_ahead_but_hidden_states_in_place():
+    """TOP's window is refused under CP (it reads labels W ahead) but not bound by a TP
+    sequence shard (its hidden states are read at t only)."""
+    from types import SimpleNamespace
+
+    from titan_objectives import ModelInfo, Requirements, get_objective
+    from titan_objectives.integration.preflight import _check_tensor_parallel
+    from titan_objectives.objectives import TOPOptions
+
+    info = ModelInfo(dim=8, n_layers=2, vocab_size=16, seq_len=1024)
+    needs = get_objective("top")(TOPOptions(window=1024), info).requirements()
+    assert needs.lookahead == 1024 and needs.shard_reach == 0
+    job_config = SimpleNamespace(
+        parallelism=SimpleNamespace(tensor_parallel_degree=8),
+        training=SimpleNamespace(seq_len=1024),
+    )
+    _check_tensor_parallel(job_config, {"top": TOPOptions(window=1024)}, {"top": needs})
+    merged = needs | Requirements(lookahead=2)  # with an objective that shifts by 2
+    assert merged.lookahead == 1024 and merged.shard_reach == 2

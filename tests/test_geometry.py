@@ -151,3 +151,24 @@ def test_too_few_tokens_is_an_error_not_a_number():
         random_pair_cosine(torch.randn(10, 4), torch.zeros(10).long(), 5, torch.Generator())
     with pytest.raises(GeometryError, match="a covariance needs at least 2 tokens, got 1"):
         effective_rank(torch.randn(1, 4))
+
+
+def test_a_probe_skips_what_a_batch_cannot_measure(caplog):
+    """One labelled token: no covariance, so effective_rank is not logged (a warning says
+    why) and the other metrics still are; training goes on."""
+    import logging
+
+    from titan_objectives.integration.geometry import GeometryProbe
+    from titan_objectives.sequence import UNSHARDED
+
+    probe = GeometryProbe([], max_tokens=64, pairs=16, mesh=None, dp_rank=0, dp_size=1,
+                          sequence=UNSHARDED)  # fmt: skip
+    valid = torch.zeros(4, 16, dtype=torch.bool)
+    valid[0, 0] = True
+    probe.take_sample({"final": torch.randn(4, 16, 8)}, seed=1, valid=valid)
+    with caplog.at_level(logging.WARNING):
+        values = probe.measure(seed=1)
+    assert "final/effective_rank" not in values and "final/effective_rank_sv" in values
+    assert "geometry/final/effective_rank not measured: a covariance needs at least 2" in (
+        caplog.text
+    )

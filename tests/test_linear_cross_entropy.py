@@ -10,14 +10,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import Shard, distribute_tensor
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 from titan_objectives.losses import linear_cross_entropy as lce
 from titan_objectives.losses import linear_cross_entropy_sum
 from titan_objectives.sequence import SequenceShards
 
 TOKENS, DIM, VOCAB = 37, 16, 50
-BACKENDS = ["torch", "chunked"]
+# PyTorch's kernel where this torch has it (2.13+; the GPU image's 2.11 does not).
+BACKENDS = ["torch", "chunked"] if lce.torch_has_linear_cross_entropy() else ["chunked"]
 
 
 def plain(hidden, weight, labels):
@@ -88,18 +89,24 @@ def test_no_grad_path_returns_the_same_value():
     torch.testing.assert_close(loss, plain(hidden, weight, labels).detach(), rtol=1e-5, atol=0)
 
 
+@pytest.mark.skipif(
+    not lce.torch_has_linear_cross_entropy(), reason="this torch has no F.linear_cross_entropy"
+)
 def test_auto_picks_pytorchs_kernel_where_torch_has_it(monkeypatch):
     calls = []
     real = F.linear_cross_entropy
     monkeypatch.setattr(F, "linear_cross_entropy", lambda *a, **k: calls.append(k) or real(*a, **k))
     hidden, weight, labels = inputs()
-    assert lce.torch_has_linear_cross_entropy()  # torch 2.13 here
     linear_cross_entropy_sum(hidden, weight, labels, 8)
     assert len(calls) == 1 and calls[0]["options"].batch_chunk_size == 8
-    # On a torch without it (the GPU image's 2.11), auto falls back to ours.
-    monkeypatch.setattr(lce, "torch_has_linear_cross_entropy", lambda: False)
+
+
+def test_auto_falls_back_to_ours_without_pytorchs_kernel(monkeypatch):
+    """As on the GPU image's torch 2.11: no F.linear_cross_entropy, auto runs ours."""
+    monkeypatch.delattr(F, "linear_cross_entropy", raising=False)
+    assert not lce.torch_has_linear_cross_entropy()
+    hidden, weight, labels = inputs()
     loss = linear_cross_entropy_sum(hidden, weight, labels, 8)
-    assert len(calls) == 1
     torch.testing.assert_close(loss, plain(hidden, weight, labels).detach(), rtol=1e-5, atol=0)
 
 
@@ -125,7 +132,15 @@ def _split_head_worker(rank: int, init_file: str, chunk_size: int, results: dict
             hidden, split, labels.view(BATCH, SEQ), chunk_size, "auto", sequence
         )
         (loss * 0.37).backward()
-        results[rank] = (loss.detach(), hidden.grad, split.grad.full_tensor())
+        try:  # a head split otherwise cannot be chunked by rows
+            replicated = distribute_tensor(weight.detach(), mesh, [Replicate()])
+            linear_cross_entropy_sum(
+                hidden, replicated, labels.view(BATCH, SEQ), 4, "auto", sequence
+            )
+            refused = ""
+        except ValueError as error:
+            refused = str(error)
+        results[rank] = (loss.detach(), hidden.grad, split.grad.full_tensor(), refused)
     finally:
         dist.destroy_process_group()
 
@@ -145,4 +160,5 @@ def test_head_split_over_the_vocabulary_matches_one_process(chunk_size):
     for rank in range(WORLD):
         torch.testing.assert_close(results[rank][0], expected[0], rtol=1e-5, atol=0)
         torch.testing.assert_close(results[rank][2], expected[2], rtol=1e-4, atol=1e-6)
+        assert "expected rows split over the vocabulary (Shard(0))" in results[rank][3]
     torch.testing.assert_close(hidden_grad, expected[1], rtol=1e-4, atol=1e-6)

@@ -156,6 +156,16 @@ def test_run_train_script_trains_the_config_named_as_an_argument(tmp_path):
     )  # fmt: skip
     assert both.returncode == 2
     assert "name two different configs; give one" in both.stderr
+    # The same file spelled two ways is one config (a launcher that exits 0 stands in).
+    same = subprocess.run(
+        [script, "--job.config_file", named],
+        env=dict(env, CONFIG_FILE=f"./{named}", PYTHON="/bin/true"),
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert same.returncode == 0, same.stderr
+    empty = subprocess.run([script, "--job.config_file="], env=env, cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert empty.returncode == 2 and "--job.config_file= needs a path" in empty.stderr
 
 
 def check_mtp_run(dump_folder, steps, depth=2, weight=0.3):

@@ -69,13 +69,19 @@ def _sharded_worker(rank: int, init_file: str, results: dict) -> None:
         with loss_parallel():  # torchtitan's training context under loss parallel
             loss = helper_loss(sharded, weights[..., columns], index)
             loss.backward()
+        # A row masked everywhere: log-sum-exp -inf, and no NaN gradient.
+        masked = torch.full((1, VOCAB), float("-inf"))
+        masked = distribute_tensor(masked, mesh, [Shard(1)]).requires_grad_()
+        masked_lse = vocabulary.logsumexp(masked)
+        masked_lse.sum().backward()
+        masked_ok = bool(masked_lse.isneginf().all() and (masked.grad.full_tensor() == 0).all())
         replicated = distribute_tensor(logits, mesh, [Replicate()])
         try:
             vocabulary.logsumexp(replicated)
             refused = ""
         except ValueError as error:
             refused = str(error)
-        results[rank] = (loss.detach(), sharded.grad.full_tensor(), columns, refused)
+        results[rank] = (loss.detach(), sharded.grad.full_tensor(), columns, refused, masked_ok)
     finally:
         dist.destroy_process_group()
 
@@ -94,3 +100,4 @@ def test_split_vocabulary_matches_one_process():
         torch.testing.assert_close(results[rank][0], expected.detach())  # same on every rank
         torch.testing.assert_close(results[rank][1], whole.grad)
         assert "expected whole logits or logits sharded on the vocabulary" in results[rank][3]
+        assert results[rank][4]  # all -inf row: -inf, zero gradient

@@ -164,10 +164,16 @@ class Requirements:
     """Reads these hidden states (0 = embeddings, k = block k)."""
 
     lookahead: int = 0
-    """The largest offset along the sequence it reads: position t uses what is at t + k
-    (NITP 1, MTP its depth, NTP 0). Under tensor parallelism a sequence shard must hold at
-    least this many positions; under context parallelism, which reorders the sequence, only
-    objectives with 0 (right per position) may run."""
+    """The largest offset along the sequence it reads: position t uses what is at t + k,
+    in labels, inputs or hidden states (NITP 1, MTP its depth, TOP its window, NTP 0).
+    Under context parallelism, which reorders the sequence, only objectives with 0 (right
+    per position) may run."""
+
+    hidden_lookahead: int | None = None
+    """The largest offset at which it reads *hidden states* (``features.sequence.
+    shift_left``); under tensor parallelism they are sequence shards, and a shard must hold
+    at least this many positions. ``None``: the same as ``lookahead``; TOP, which reads only
+    labels ahead, declares 0."""
 
     output_weight: bool = False
     """Reads the LM head's weight outside the model's forward (``SharedModules``): it
@@ -181,12 +187,18 @@ class Requirements:
     """Hidden states worth tracking by default in the geometry metrics (NITP: its target
     block), besides the final one."""
 
+    @property
+    def shard_reach(self) -> int:
+        """How far ahead it reads hidden states (``hidden_lookahead``, or ``lookahead``)."""
+        return self.lookahead if self.hidden_lookahead is None else self.hidden_lookahead
+
     def __or__(self, other: "Requirements") -> "Requirements":
         return Requirements(
             logits=self.logits or other.logits,
             final_hidden=self.final_hidden or other.final_hidden,
             layers=self.layers | other.layers,
             lookahead=max(self.lookahead, other.lookahead),
+            hidden_lookahead=max(self.shard_reach, other.shard_reach),
             output_weight=self.output_weight or other.output_weight,
             whole_vocabulary=self.whole_vocabulary or other.whole_vocabulary,
             geometry_layers=self.geometry_layers | other.geometry_layers,

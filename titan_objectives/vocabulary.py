@@ -79,7 +79,12 @@ class _ShardedLogSumExp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
         local, lse = ctx.saved_tensors
-        return grad[..., None] * (local - lse[..., None]).exp(), None
+        # A row that is -inf everywhere has no softmax: its columns get no gradient.
+        finite_lse = torch.where(torch.isfinite(lse), lse, 0.0)
+        softmax = torch.where(
+            torch.isfinite(lse)[..., None], (local - finite_lse[..., None]).exp(), 0
+        )
+        return grad[..., None] * softmax, None
 
 
 class _ShardedLogSoftmax(torch.autograd.Function):

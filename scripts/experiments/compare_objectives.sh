@@ -35,7 +35,7 @@ fi
 # One seed for every run (torchtitan leaves a 1-process run unseeded otherwise): the runs
 # start from the same weights and differ only by the stack.
 common=(--training.steps "$STEPS" --validation.freq "$STEPS" --debug.seed "${SEED:-42}"
-        "${size[@]}" "$@")
+        ${size[@]+"${size[@]}"} "$@")
 
 runs=()
 for stack in $STACKS; do

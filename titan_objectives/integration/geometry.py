@@ -8,13 +8,16 @@ bounded random sample of tokens, gathered over the data-parallel ranks, gives
 """
 
 import math
+from functools import partial
 
 import torch
 import torch.distributed._functional_collectives as funcol
 from torch.distributed.device_mesh import DeviceMesh
+from torchtitan.tools.logging import logger
 
 from titan_objectives.metrics import (
     CovarianceMoments,
+    GeometryError,
     effective_rank,
     effective_rank_sv,
     mean_pairwise_cosine,
@@ -92,10 +95,19 @@ class GeometryProbe:
         for (key, sample), vector in zip(samples.items(), moments, strict=True):
             name = layer_name(key)
             covariance = CovarianceMoments.from_vector(vector, sample.shape[-1])
-            values[f"{name}/effective_rank"] = effective_rank(covariance)
-            values[f"{name}/effective_rank_sv"] = effective_rank_sv(sample)
-            values[f"{name}/avg_cosine"] = random_pair_cosine(sample, ids, self.pairs, generator)
-            values[f"{name}/mean_cosine"] = mean_pairwise_cosine(sample)
+            metrics = {
+                "effective_rank": partial(effective_rank, covariance),
+                "effective_rank_sv": partial(effective_rank_sv, sample),
+                "avg_cosine": partial(random_pair_cosine, sample, ids, self.pairs, generator),
+                "mean_cosine": partial(mean_pairwise_cosine, sample),
+            }
+            for metric, compute in metrics.items():
+                try:
+                    values[f"{name}/{metric}"] = compute()
+                except GeometryError as error:  # e.g. a batch with almost nothing labelled
+                    logger.warning(f"geometry/{name}/{metric} not measured: {error}")
         self._samples, self._moments = {}, None
+        if not values:
+            return {}
         numbers = torch.stack(list(values.values())).tolist()
         return dict(zip(values, numbers, strict=True))

@@ -223,13 +223,13 @@ def _check_tensor_parallel(
             )
     shard = job_config.training.seq_len // degree
     for name, need in needs.items():
-        if need.lookahead > shard:
+        if need.shard_reach > shard:
             raise ObjectivesConfigError(
-                f"{SECTION}.{name}{_settings(options[name])} reads {need.lookahead} positions "
-                f"ahead, with {tp} and training.seq_len = {job_config.training.seq_len}: each "
-                f"rank holds {shard} positions, and an objective may not read further than "
-                f"one shard ahead; read at most {shard} ahead or use a smaller "
-                "tensor_parallel_degree"
+                f"{SECTION}.{name}{_settings(options[name])} reads hidden states "
+                f"{need.shard_reach} positions ahead, with {tp} and training.seq_len = "
+                f"{job_config.training.seq_len}: each rank holds {shard} positions of them, "
+                "and an objective may not read further than one shard ahead; read at most "
+                f"{shard} ahead or use a smaller tensor_parallel_degree"
             )
 
 

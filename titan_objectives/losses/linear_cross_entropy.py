@@ -21,7 +21,7 @@ import torch
 import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 
 from titan_objectives.objective import IGNORE_INDEX
 from titan_objectives.sequence import UNSHARDED, SequenceShards
@@ -192,6 +192,12 @@ def linear_sparse_cross_entropy_sum(
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
     mesh, first_row = None, 0
     if isinstance(weight, DTensor):
+        if weight.device_mesh.ndim != 1 or tuple(weight.placements) != (Shard(0),):
+            raise ValueError(
+                f"the head's weight is a DTensor placed {weight.placements} on a "
+                f"{weight.device_mesh.ndim}-D mesh; expected rows split over the vocabulary "
+                "(Shard(0)) on one tensor-parallel dimension"
+            )
         mesh = weight.device_mesh
         first_row, _ = shard_range(weight.shape[0], mesh)
         # Every token against this rank's rows: the whole sequence, whose gradient here is

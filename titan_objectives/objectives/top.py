@@ -119,8 +119,9 @@ class TokenOrderPrediction(Objective):
         self.head = nn.Linear(model.dim, model.vocab_size, bias=False)
 
     def requirements(self) -> Requirements:
-        # Its own head: the model's is only read at init (head_init = 'output').
-        return Requirements(final_hidden=True, lookahead=self.options.window)
+        # Its own head: the model's is only read at init (head_init = 'output'). It reads
+        # labels W ahead, but hidden states at t only: any sequence shard will do.
+        return Requirements(final_hidden=True, lookahead=self.options.window, hidden_lookahead=0)
 
     def init_weights(self) -> None:
         if self.options.head_init == "output":
