@@ -45,17 +45,21 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def measure(path, vocab, hidden_dim, tokens, chunk_size, dtype, device, repeats, queue):
-    torch.manual_seed(0)
-    dtype = getattr(torch, dtype)
-    hidden = torch.randn(tokens, hidden_dim, dtype=dtype, device=device, requires_grad=True)
-    weight = (0.02 * torch.randn(vocab, hidden_dim, device=device)).to(dtype).requires_grad_()
-    labels = torch.randint(0, vocab, (tokens,), device=device)
-    fn = PATHS[path]
+def time_and_peak(loss_fn, inputs, device: str, repeats: int) -> tuple[float, int, float]:
+    """Median seconds of forward + backward of ``loss_fn()`` over ``repeats``, the peak
+    memory over what ``inputs`` (tensors whose gradients are cleared after each run)
+    already take, and the last loss. On CUDA after a warm-up (kernels, allocator)."""
     cuda = device.startswith("cuda")
+
+    def run_once() -> float:
+        loss = loss_fn()
+        loss.backward()
+        for tensor in inputs:
+            tensor.grad = None
+        return loss.item()
+
     if cuda:
-        fn(hidden, weight, labels, chunk_size).backward()  # warm-up (kernels, allocator)
-        hidden.grad = weight.grad = None
+        run_once()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -64,17 +68,27 @@ def measure(path, vocab, hidden_dim, tokens, chunk_size, dtype, device, repeats,
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        fn(hidden, weight, labels, chunk_size).backward()
-        if cuda:
-            torch.cuda.synchronize()
+        loss = run_once()  # .item() waits for the device
         times.append(time.perf_counter() - start)
-        hidden.grad = weight.grad = None
     if cuda:
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     # The first CPU repeat pays for page faults; report the median of the rest.
-    queue.put((statistics.median(times[1:] if len(times) > 1 else times), peak))
+    return statistics.median(times[1:] if len(times) > 1 else times), peak, loss
+
+
+def measure(path, vocab, hidden_dim, tokens, chunk_size, dtype, device, repeats, queue):
+    torch.manual_seed(0)
+    dtype = getattr(torch, dtype)
+    hidden = torch.randn(tokens, hidden_dim, dtype=dtype, device=device, requires_grad=True)
+    weight = (0.02 * torch.randn(vocab, hidden_dim, device=device)).to(dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (tokens,), device=device)
+    fn = PATHS[path]
+    seconds, peak, _ = time_and_peak(
+        lambda: fn(hidden, weight, labels, chunk_size), (hidden, weight), device, repeats
+    )
+    queue.put((seconds, peak))
 
 
 def run_isolated(function, *args):

@@ -11,11 +11,9 @@ resident memory over the inputs; CUDA: ``max_memory_allocated``).
 """
 
 import argparse
-import statistics
-import time
 
 import torch
-from bench_loss import rss_bytes, run_isolated
+from bench_loss import run_isolated, time_and_peak
 
 from titan_objectives.losses import linear_sparse_cross_entropy_sum
 from titan_objectives.objectives.top import top_targets
@@ -48,33 +46,10 @@ def measure(path, vocab, hidden_dim, batch, seq, window, chunk_size, device, rep
     hidden = torch.randn(batch, seq, hidden_dim, device=device, requires_grad=True)
     weight = (0.02 * torch.randn(vocab, hidden_dim, device=device)).requires_grad_()
     labels = torch.randint(0, vocab, (batch, seq), device=device)
-    cuda = device.startswith("cuda")
     fn = PATHS[path]
-    if cuda:
-        fn(hidden, weight, labels, window, chunk_size).backward()
-        hidden.grad = weight.grad = None
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = rss_bytes()
-    times, losses = [], []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        loss = fn(hidden, weight, labels, window, chunk_size)
-        loss.backward()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-        losses.append(loss.item())
-        hidden.grad = weight.grad = None
-    if cuda:
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    queue.put((statistics.median(times[1:] if len(times) > 1 else times), peak, losses[-1]))
+    queue.put(time_and_peak(
+        lambda: fn(hidden, weight, labels, window, chunk_size), (hidden, weight), device, repeats
+    ))  # fmt: skip
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""The two collectives objectives' tensors cross ranks with, with their gradients."""
+"""The collectives objectives' tensors cross ranks with: a gather and a sum with their
+gradients, and a plain all-reduce for what needs none."""
 
 import torch
 import torch.distributed._functional_collectives as funcol
@@ -15,13 +16,19 @@ def all_gather(x: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
     return _all_gather(x, 0, mesh)
 
 
+def all_reduce(x: torch.Tensor, op: str, mesh: DeviceMesh) -> torch.Tensor:
+    """``x`` reduced (``"sum"``, ``"max"``) over ``mesh``, waited for; no gradient (inside
+    our own autograd functions, and for measurements)."""
+    return funcol.wait_tensor(funcol.all_reduce(x, op, mesh))
+
+
 class _SumOverRanks(torch.autograd.Function):
     """All-reduce (sum) forward, identity backward: each rank's partial sum enters one
     loss that every rank computes alike, whose gradient every rank already holds whole."""
 
     @staticmethod
     def forward(ctx, partial: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:  # type: ignore[override]
-        return funcol.wait_tensor(funcol.all_reduce(partial, "sum", mesh))
+        return all_reduce(partial, "sum", mesh)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]

@@ -81,9 +81,7 @@ class SequenceShards:
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """The whole sequence of a sharded tensor, on every rank, without gradient (for
         measurements, not losses)."""
-        if not self.sharded:
-            return x
-        return all_gather(x.detach().transpose(0, 1).contiguous(), self.mesh).transpose(0, 1)
+        return self.all_positions(x.detach())
 
     def sum(self, partial: torch.Tensor) -> torch.Tensor:
         """The sum over all shards of a per-shard sum, the same on every rank."""

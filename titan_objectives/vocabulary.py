@@ -18,11 +18,10 @@ each rank's columns.
 """
 
 import torch
-import torch.distributed._functional_collectives as funcol
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-from titan_objectives.collectives import sum_over_ranks
+from titan_objectives.collectives import all_reduce, sum_over_ranks
 
 
 def shard_range(size: int, mesh: DeviceMesh) -> tuple[int, int]:
@@ -56,14 +55,15 @@ def local_columns(logits: torch.Tensor) -> tuple[torch.Tensor, slice, DeviceMesh
     return logits.to_local(), slice(*shard_range(vocab, mesh)), mesh
 
 
-def _sharded_logsumexp(local: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
-    """log-sum-exp over columns split across ranks: a max and a sum all-reduce."""
-    local_max = local.amax(dim=-1)
-    global_max = funcol.wait_tensor(funcol.all_reduce(local_max, "max", mesh))
+def logsumexp_over_ranks(local: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+    """log-sum-exp over columns split across the ranks of ``mesh`` (a max and a sum
+    all-reduce), without gradient: the building block of the functions below and of the
+    chunked cross-entropy."""
+    global_max = all_reduce(local.amax(dim=-1), "max", mesh)
     # A row that is -inf everywhere would give nan - nan; shift it by 0 instead.
     shift = torch.where(torch.isfinite(global_max), global_max, 0.0)
     partial = (local - shift[..., None]).exp().sum(dim=-1)
-    return funcol.wait_tensor(funcol.all_reduce(partial, "sum", mesh)).log() + shift
+    return all_reduce(partial, "sum", mesh).log() + shift
 
 
 class _ShardedLogSumExp(torch.autograd.Function):
@@ -72,7 +72,7 @@ class _ShardedLogSumExp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, local: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:  # type: ignore[override]
-        lse = _sharded_logsumexp(local, mesh)
+        lse = logsumexp_over_ranks(local, mesh)
         ctx.save_for_backward(local, lse)
         return lse
 
@@ -94,7 +94,7 @@ class _ShardedLogSoftmax(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, local: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:  # type: ignore[override]
-        log_p = local - _sharded_logsumexp(local, mesh)[..., None]
+        log_p = local - logsumexp_over_ranks(local, mesh)[..., None]
         ctx.save_for_backward(log_p)
         ctx.mesh = mesh
         return log_p
@@ -102,7 +102,7 @@ class _ShardedLogSoftmax(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
         (log_p,) = ctx.saved_tensors
-        total = funcol.wait_tensor(funcol.all_reduce(grad.sum(dim=-1), "sum", ctx.mesh))
+        total = all_reduce(grad.sum(dim=-1), "sum", ctx.mesh)
         return grad - log_p.exp() * total[..., None], None
 
 

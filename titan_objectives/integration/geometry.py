@@ -15,6 +15,7 @@ import torch.distributed._functional_collectives as funcol
 from torch.distributed.device_mesh import DeviceMesh
 from torchtitan.tools.logging import logger
 
+from titan_objectives.collectives import all_reduce
 from titan_objectives.metrics import (
     CovarianceMoments,
     GeometryError,
@@ -64,7 +65,7 @@ class GeometryProbe:
             [CovarianceMoments.of(hidden[key], local_valid).as_vector() for key in self.keys]
         )
         if self.sequence.sharded:
-            moments = funcol.all_reduce(moments, "sum", self.sequence.mesh)
+            moments = all_reduce(moments, "sum", self.sequence.mesh)
         self._moments = moments
         hidden = {key: self.sequence.gather(hidden[key]) for key in self.keys}
         batch, seq, _ = hidden["final"].shape
@@ -89,7 +90,7 @@ class GeometryProbe:
         if self.mesh is not None:
             ids = funcol.all_gather_tensor(ids, 0, self.mesh)
             samples = {k: funcol.all_gather_tensor(v, 0, self.mesh) for k, v in samples.items()}
-            moments = funcol.all_reduce(moments, "sum", self.mesh)
+            moments = all_reduce(moments, "sum", self.mesh)
         generator = torch.Generator().manual_seed(seed)
         values = {}
         for (key, sample), vector in zip(samples.items(), moments, strict=True):

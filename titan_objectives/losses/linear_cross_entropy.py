@@ -18,14 +18,14 @@ memory-efficient backends compute the loss a chunk of tokens at a time instead:
 """
 
 import torch
-import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
+from titan_objectives.collectives import all_reduce
 from titan_objectives.objective import IGNORE_INDEX
 from titan_objectives.sequence import UNSHARDED, SequenceShards
-from titan_objectives.vocabulary import shard_range
+from titan_objectives.vocabulary import logsumexp_over_ranks, shard_range
 
 
 def torch_has_linear_cross_entropy() -> bool:
@@ -63,10 +63,6 @@ def _vocab_parallel_cross_entropy_sum(logits: DTensor, labels: torch.Tensor) -> 
     return _cross_entropy_sum(logits, labels).full_tensor()
 
 
-def _all_reduce(x: torch.Tensor, op: str, mesh: DeviceMesh | None) -> torch.Tensor:
-    return x if mesh is None else funcol.wait_tensor(funcol.all_reduce(x, op, mesh))
-
-
 def _chunk_loss_and_grads(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -93,10 +89,8 @@ def _chunk_loss_and_grads(
     if mesh is None:
         log_z = torch.logsumexp(logits, dim=-1)
     else:
-        row_max = _all_reduce(logits.amax(dim=-1), "max", mesh)
-        sum_exp = _all_reduce((logits - row_max[:, None]).exp().sum(dim=-1), "sum", mesh)
-        log_z = sum_exp.log() + row_max
-        target_term = _all_reduce(target_term, "sum", mesh)
+        log_z = logsumexp_over_ranks(logits, mesh)
+        target_term = all_reduce(target_term, "sum", mesh)
     loss = torch.where(scored, log_z - target_term, 0.0).sum()
     if not with_grads:
         return loss, None, None

@@ -44,11 +44,15 @@ class CovarianceMoments:
 
     @classmethod
     def of(cls, hidden: torch.Tensor, valid: torch.Tensor | None = None) -> "CovarianceMoments":
-        """Moments of the tokens of ``hidden`` (``[..., dim]``) where ``valid`` is true."""
+        """Moments of the tokens of ``hidden`` (``[..., dim]``) where ``valid`` is true.
+        Invalid tokens are zeroed rather than dropped: no host sync, no gathered copy."""
         x = hidden.detach().reshape(-1, hidden.shape[-1]).double()
-        if valid is not None:
-            x = x[valid.reshape(-1)]
-        count = torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device)
+        if valid is None:
+            count = torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device)
+        else:
+            keep = valid.reshape(-1, 1).to(x.device)
+            x = x * keep
+            count = keep.sum(dtype=torch.float64)
         return cls(count, x.sum(dim=0), x.T @ x)
 
     def as_vector(self) -> torch.Tensor:
