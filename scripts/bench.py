@@ -25,7 +25,10 @@ sys.path.insert(0, str(ROOT))
 
 STACKS = {
     "ntp": ("titan_objectives.train", ["--objectives.stack", "ntp"]),
-    "torchtitan (plain)": ("titan_objectives.baseline", ["--objectives.stack", "ntp"]),
+    "torchtitan (plain)": (
+        "titan_objectives.hosts.torchtitan_0_2.baseline",
+        ["--objectives.stack", "ntp"],
+    ),
     "ntp+nitp": ("titan_objectives.train", ["--objectives.stack", "ntp,nitp"]),
     "ntp+nitp (recomputed projector)": (
         "titan_objectives.train",
@@ -87,7 +90,7 @@ def flops_overhead(args: list[str]) -> float:
     from torchtitan.config import ConfigManager
 
     from titan_objectives.cli import objective_costs
-    from titan_objectives.integration.preflight import check_job_config
+    from titan_objectives.hosts.torchtitan_0_2.preflight import check_job_config
 
     # Options the stack leaves unused (the TOML's [objectives.nitp]) are expected here.
     logging.getLogger("titan_objectives.config").setLevel(logging.ERROR)
@@ -104,10 +107,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=None)
     args = parser.parse_args()
 
-    from titan_objectives.integration import cpu_runtime
+    from titan_objectives.hosts.torchtitan_0_2.runtime import cpu as cpu_runtime
 
     cpu_runtime.activate()  # before anything imports torchtitan
-    from titan_objectives.integration.extensions import register_extensions
+    from titan_objectives.hosts.torchtitan_0_2.runtime.extensions import register_extensions
 
     register_extensions()
     if args.tiny:

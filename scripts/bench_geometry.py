@@ -63,7 +63,7 @@ def probe_seconds(batch: int = 8, seq: int = 256, dim: int = 256, repeats: int =
 
     import torch
 
-    from titan_objectives.integration.geometry import GeometryProbe
+    from titan_objectives.hosts.common.geometry_probe import GeometryProbe
     from titan_objectives.sequence import UNSHARDED
 
     probe = GeometryProbe([2], 2048, 4096, None, 0, 1, UNSHARDED)

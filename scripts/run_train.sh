@@ -7,8 +7,34 @@
 # LOG_RANK: ranks whose output is shown (default 0). TRAIN_FILE: the module to run
 # (default titan_objectives.train). PYTHON: an interpreter that already has everything
 # installed; without it, ./scripts/setup.sh prepares .venv first.
+# TORCHTITAN=0.3: train on torchtitan 0.3 (Python configs) in its own environment
+# (.venv-tt03): MODULE and CONFIG name the config function (default: the same main job,
+# titan_objectives.hosts.torchtitan_0_3 llama3_debug_nitp); arguments are 0.3 flags.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+LOG_RANK=${LOG_RANK:-0}
+
+launch() {  # launch PYTHON MODULE_ARGS...: one process per device (NGPU), torchrun's way
+  local python=$1
+  shift
+  if [ -z "${NGPU:-}" ]; then
+    NGPU=$("$python" -c "import torch; print(max(torch.cuda.device_count(), 1))")
+  fi
+  cd "$ROOT"  # the bundled configs name paths relative to the project root
+  exec "$python" -m torch.distributed.run --nproc_per_node="$NGPU" \
+    --rdzv_backend c10d --rdzv_endpoint="localhost:0" \
+    --local-ranks-filter "$LOG_RANK" --role rank --tee 3 "$@"
+}
+
+if [ "${TORCHTITAN:-0.2}" = "0.3" ]; then
+  if [ -z "${PYTHON:-}" ]; then
+    TORCHTITAN=0.3 "$ROOT/scripts/setup.sh"
+    PYTHON="$ROOT/.venv-tt03/bin/python"
+  fi
+  launch "$PYTHON" -m titan_objectives.train \
+    --module "${MODULE:-titan_objectives.hosts.torchtitan_0_3}" \
+    --config "${CONFIG:-llama3_debug_nitp}" "$@"
+fi
 
 # torchtitan reads the first --job.config_file it is given: take the user's out of the
 # arguments, so that the one passed below is the one they named.
@@ -50,19 +76,9 @@ if [ ! -f "$CONFIG_FILE" ]; then
 fi
 CONFIG_FILE=$(cd "$(dirname "$CONFIG_FILE")" && pwd)/$(basename "$CONFIG_FILE")
 TRAIN_FILE=${TRAIN_FILE:-"titan_objectives.train"}
-LOG_RANK=${LOG_RANK:-0}
 
 if [ -z "${PYTHON:-}" ]; then
   "$ROOT/scripts/setup.sh"
   PYTHON="$ROOT/.venv/bin/python"
 fi
-if [ -z "${NGPU:-}" ]; then
-  NGPU=$("$PYTHON" -c "import torch; print(max(torch.cuda.device_count(), 1))")
-fi
-
-# The bundled configs name paths relative to the project root.
-cd "$ROOT"
-exec "$PYTHON" -m torch.distributed.run --nproc_per_node="$NGPU" \
-  --rdzv_backend c10d --rdzv_endpoint="localhost:0" \
-  --local-ranks-filter "$LOG_RANK" --role rank --tee 3 \
-  -m "$TRAIN_FILE" --job.config_file "$CONFIG_FILE" ${ARGS[@]+"${ARGS[@]}"}
+launch "$PYTHON" -m "$TRAIN_FILE" --job.config_file "$CONFIG_FILE" ${ARGS[@]+"${ARGS[@]}"}

@@ -4,11 +4,11 @@ from pathlib import Path
 import pytest
 
 # torchtitan fixes its device type at import: the CPU runtime must come first.
-from titan_objectives.integration import cpu_runtime
+from titan_objectives.hosts.torchtitan_0_2.runtime import cpu as cpu_runtime
 
 cpu_runtime.activate()
 
-from titan_objectives.integration.extensions import register_extensions  # noqa: E402
+from titan_objectives.hosts.torchtitan_0_2.runtime.extensions import register_extensions  # noqa: E402
 
 register_extensions()
 

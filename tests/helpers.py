@@ -34,41 +34,37 @@ def train(
     config: Path = DEBUG_CONFIG,
     nproc: int = 1,
     module: str = "titan_objectives.train",
+    **torchrun_kwargs,
+) -> subprocess.CompletedProcess:
+    """torchrun a torchtitan 0.2.2 training of a TOML config, at the TINY sizes."""
+    return torchrun(
+        [module, "--job.config_file", str(config), "--job.dump_folder", str(dump_folder),
+         *TINY, *overrides],
+        nproc=nproc,
+        **torchrun_kwargs,
+    )  # fmt: skip
+
+
+def torchrun(
+    module_args: list[str],
+    nproc: int = 1,
     extra_pythonpath: str | None = None,
     timeout: int = 600,
     check: bool = True,
     env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
-    """torchrun a training; returns the finished process (stdout and stderr merged)."""
+    """``torchrun -m MODULE ARGS``; returns the finished process (stdout and stderr merged)."""
     env = dict(
         os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(max(1, 2 // nproc)), **(env or {})
     )
     if extra_pythonpath:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [extra_pythonpath, env.get("PYTHONPATH")]))
     command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        "--rdzv_backend",
-        "c10d",
-        "--rdzv_endpoint",
-        "localhost:0",
-        "--local-ranks-filter",
-        "0",
-        "--role",
-        "rank",
-        "--tee",
-        "3",
-        "-m",
-        module,
-        "--job.config_file",
-        str(config),
-        "--job.dump_folder",
-        str(dump_folder),
-        *TINY,
-        *overrides,
-    ]
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+        "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0",
+        "--local-ranks-filter", "0", "--role", "rank", "--tee", "3",
+        "-m", *module_args,
+    ]  # fmt: skip
     result = subprocess.run(
         command,
         cwd=ROOT,

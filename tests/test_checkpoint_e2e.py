@@ -100,8 +100,8 @@ def test_export_has_no_objective_modules_and_gives_the_same_logits(tmp_path):
     from torchtitan.models.llama3 import Transformer, llama3_args
     from torchtitan.models.llama3.model.state_dict_adapter import Llama3StateDictAdapter
 
-    from titan_objectives.integration.model_adapter import get_model_adapter
-    from titan_objectives.integration.spec import model_class_with_objectives
+    from titan_objectives.hosts.torchtitan_0_2.model_adapter import get_model_adapter
+    from titan_objectives.hosts.torchtitan_0_2.spec import model_class_with_objectives
     from titan_objectives.objectives import MTPOptions, NITPOptions, NTPOptions, TOPOptions
 
     steps = ("--training.steps", "3")

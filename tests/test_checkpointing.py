@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from titan_objectives.integration.checkpointing import (
+from titan_objectives.hosts.common.checkpoint_state import (
     CheckpointMismatchError,
     _WithoutKeys,
     objective_of,

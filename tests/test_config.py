@@ -8,7 +8,7 @@ from helpers import DEBUG_CONFIG, needs_pytorch_kernel, run_module
 from torchtitan.config import ConfigManager
 
 from titan_objectives.config import ObjectivesConfigError
-from titan_objectives.integration.preflight import check_job_config, check_toml_file
+from titan_objectives.hosts.torchtitan_0_2.preflight import check_job_config, check_toml_file
 from titan_objectives.objectives.nitp import NITPOptions
 
 OBJECTIVES_BLOCK = re.compile(r"\[objectives\].*?(?=\n\[profiling\])", re.S)
@@ -358,7 +358,7 @@ def test_tensor_parallel_refuses_objectives_that_do_not_declare_it(clean_registr
     from types import SimpleNamespace
 
     from titan_objectives import Objective, ObjectiveOptions, Requirements, register_objective
-    from titan_objectives.integration.preflight import _check_tensor_parallel
+    from titan_objectives.hosts.common.checks import check_tensor_parallel
     from titan_objectives.objectives import NTPOptions
 
     @register_objective("logit_norm")
@@ -378,13 +378,13 @@ def test_tensor_parallel_refuses_objectives_that_do_not_declare_it(clean_registr
         r"sequence_parallel = True",
     ):
         options = {"ntp": NTPOptions(), "logit_norm": ObjectiveOptions()}
-        _check_tensor_parallel(job_config, options, needs)
-    _check_tensor_parallel(job_config, {"ntp": NTPOptions()}, {"ntp": needs["ntp"]})
+        check_tensor_parallel(job_config, options, needs)
+    check_tensor_parallel(job_config, {"ntp": NTPOptions()}, {"ntp": needs["ntp"]})
 
 
 def test_an_objective_that_cannot_be_built_for_the_model_is_named(monkeypatch):
-    from titan_objectives.integration import preflight
-    from titan_objectives.integration.model_adapter import DecoderAdapter
+    from titan_objectives.hosts.torchtitan_0_2 import preflight
+    from titan_objectives.hosts.torchtitan_0_2.model_adapter import DecoderAdapter
 
     # An adapter (e.g. for a new model family) whose block module has no TransformerBlock:
     # MTP cannot build its extra block. Found by building the stack on the meta device.

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from titan_objectives.integration import cpu_runtime
-from titan_objectives.integration.moe_permute import generate_permute_indices
+from titan_objectives.hosts.torchtitan_0_2.runtime import cpu as cpu_runtime
+from titan_objectives.hosts.torchtitan_0_2.runtime.moe_permute import generate_permute_indices
 
 
 def test_torchtitan_runs_on_cpu():

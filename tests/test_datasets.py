@@ -4,13 +4,13 @@ import json
 import pytest
 from torchtitan.hf_datasets.text_datasets import DATASETS
 
-from titan_objectives.integration.datasets import (
+from titan_objectives.hosts.common.corpus import (
     DEFAULT_TRAIN_PATH,
     corpus_files,
     load_local_text,
     paragraph_chunks,
-    register_datasets,
 )
+from titan_objectives.hosts.torchtitan_0_2.runtime.datasets import register_datasets
 
 
 def test_paragraph_chunks_cut_only_at_blank_lines():

@@ -15,12 +15,12 @@ from test_registry import installed_plugin  # noqa: F401 (fixture)
 # the entry points installed when the config module is first imported.
 CHECK_CONFIGS = """
 import json, sys
-from titan_objectives.integration import cpu_runtime
+from titan_objectives.hosts.torchtitan_0_2.runtime import cpu as cpu_runtime
 cpu_runtime.activate()
 from titan_objectives.cli import _parse_job_config
 from titan_objectives.config import ObjectivesConfigError
-from titan_objectives.integration.extensions import register_extensions
-from titan_objectives.integration.preflight import check_job_config
+from titan_objectives.hosts.torchtitan_0_2.runtime.extensions import register_extensions
+from titan_objectives.hosts.torchtitan_0_2.preflight import check_job_config
 register_extensions()
 results = []
 for argv in json.loads(sys.argv[1]):
@@ -84,14 +84,14 @@ def test_a_plugin_reading_three_ahead_gets_the_errors_mtp_gets(installed_plugin)
 def test_no_decision_in_the_glue_depends_on_a_builtins_name():
     """Messages may name built-ins; code may not branch on them (but for PP's plain-ntp
     pass-through, which is about torchtitan's own step)."""
-    name = r"""["'](ntp|nitp|mtp)["']"""
+    name = r"""["'](ntp|nitp|mtp|top)["']"""
     branch_on_name = re.compile(
         rf"(==|!=|\bin)\s*{name}|{name}\s*(==|!=|(not\s+)?in\b)|\w\[{name}\]|\.get\({name}"
     )
     offenders = []
     glue = [
         ROOT / "titan_objectives" / "config.py",
-        *ROOT.glob("titan_objectives/integration/*.py"),
+        *ROOT.glob("titan_objectives/hosts/**/*.py"),
     ]
     for path in glue:
         for number, line in enumerate(path.read_text().splitlines(), 1):
@@ -124,7 +124,7 @@ def test_top_reads_labels_ahead_but_hidden_states_in_place():
     from types import SimpleNamespace
 
     from titan_objectives import ModelInfo, Requirements, get_objective
-    from titan_objectives.integration.preflight import _check_tensor_parallel
+    from titan_objectives.hosts.common.checks import check_tensor_parallel
     from titan_objectives.objectives import TOPOptions
 
     info = ModelInfo(dim=8, n_layers=2, vocab_size=16, seq_len=1024)
@@ -134,6 +134,6 @@ def test_top_reads_labels_ahead_but_hidden_states_in_place():
         parallelism=SimpleNamespace(tensor_parallel_degree=8),
         training=SimpleNamespace(seq_len=1024),
     )
-    _check_tensor_parallel(job_config, {"top": TOPOptions(window=1024)}, {"top": needs})
+    check_tensor_parallel(job_config, {"top": TOPOptions(window=1024)}, {"top": needs})
     merged = needs | Requirements(lookahead=2)  # with an objective that shifts by 2
     assert merged.lookahead == 1024 and merged.shard_reach == 2

@@ -158,7 +158,7 @@ def test_a_probe_skips_what_a_batch_cannot_measure(caplog):
     why) and the other metrics still are; training goes on."""
     import logging
 
-    from titan_objectives.integration.geometry import GeometryProbe
+    from titan_objectives.hosts.common.geometry_probe import GeometryProbe
     from titan_objectives.sequence import UNSHARDED
 
     probe = GeometryProbe([], max_tokens=64, pairs=16, mesh=None, dp_rank=0, dp_size=1,

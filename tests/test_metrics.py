@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from titan_objectives.integration.metrics import ObjectiveMetrics
+from titan_objectives.hosts.common.running_metrics import ObjectiveMetrics
 from titan_objectives.objective import MeanMetric, ObjectiveOutput
 from titan_objectives.stack import StackOutput
 

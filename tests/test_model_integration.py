@@ -9,8 +9,9 @@ from torchtitan.models.llama3 import Transformer, llama3_args
 from torchtitan.models.llama3.model.model import TransformerBlock
 
 from titan_objectives import Features
-from titan_objectives.integration.model_adapter import HiddenStateTap, get_model_adapter
-from titan_objectives.integration.spec import model_class_with_objectives
+from titan_objectives.hosts.common.capture import HiddenStateTap
+from titan_objectives.hosts.torchtitan_0_2.model_adapter import documents_of, get_model_adapter
+from titan_objectives.hosts.torchtitan_0_2.spec import model_class_with_objectives
 from titan_objectives.objectives import MTPOptions, NITPOptions, NTPOptions
 from titan_objectives.sequence import UNSHARDED
 
@@ -25,7 +26,9 @@ def build(options, flavor="debugmodel", eos_id=None):
     model = model_class_with_objectives(Transformer, adapter, options)(args)
     with torch.no_grad():
         model.init_weights()
-    tap = HiddenStateTap(model, adapter, model.objectives.requirements(), eos_id)
+    tap = HiddenStateTap(
+        model, adapter, model.objectives.requirements(), documents_of(args, eos_id)
+    )
     tokens = torch.randint(0, args.vocab_size, (2, SEQ))
     labels = torch.roll(tokens, -1, dims=1)
     return model, tap, tokens, labels

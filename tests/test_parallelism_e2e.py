@@ -191,7 +191,7 @@ def test_pipeline_parallel_plain_ntp_is_torchtitans_own_run(tmp_path):
           "--parallelism.pipeline_parallel_degree", "2")  # fmt: skip
     ours = train(tmp_path / "ours", *pp, nproc=2)
     assert "Pipeline parallel with a plain ntp stack" in ours.stdout
-    train(tmp_path / "plain", *pp, nproc=2, module="titan_objectives.baseline")
+    train(tmp_path / "plain", *pp, nproc=2, module="titan_objectives.hosts.torchtitan_0_2.baseline")
     ours_tb, plain_tb = scalars(tmp_path / "ours"), scalars(tmp_path / "plain")
     for tag in ("loss_metrics/global_avg_loss", "grad_norm"):
         assert ours_tb[tag] == plain_tb[tag] and len(plain_tb[tag]) == 3, tag

@@ -7,7 +7,7 @@ import sys
 import pytest
 from helpers import ROOT
 
-from titan_objectives.integration.seams import PRIVATE_SEAMS, SUPPORTED_TORCHTITAN
+from titan_objectives.hosts.torchtitan_0_2.seams import PRIVATE_SEAMS, SUPPORTED_TORCHTITAN
 
 
 @pytest.mark.parametrize(
@@ -18,7 +18,7 @@ def test_every_private_seam_still_exists_and_is_used_where_listed(module, attrib
     for part in attribute.split("."):
         assert hasattr(value, part), f"{module}.{attribute} is gone ({why})"
         value = getattr(value, part)
-    source = (ROOT / "titan_objectives" / "integration" / f"{user}.py").read_text()
+    source = (ROOT / "titan_objectives" / "hosts" / "torchtitan_0_2" / f"{user}.py").read_text()
     assert attribute.split(".")[-1] in source or module in source, (module, attribute, user)
 
 
@@ -26,13 +26,13 @@ def test_another_torchtitan_is_refused_at_import_naming_both_versions():
     fake_version = (
         "import importlib.metadata as m; real = m.version; "
         "m.version = lambda name: '0.3.0' if name == 'torchtitan' else real(name); "
-        "import titan_objectives.integration"
+        "import titan_objectives.hosts.torchtitan_0_2"
     )
     result = subprocess.run(
         [sys.executable, "-c", fake_version], capture_output=True, text=True, cwd=ROOT
     )
     assert result.returncode != 0
     assert (
-        f"titan_objectives.integration is the host for torchtitan {SUPPORTED_TORCHTITAN} "
-        "(TOML job configs), and torchtitan 0.3.0 is installed" in result.stderr
+        f"titan_objectives.hosts.torchtitan_0_2 is the host for torchtitan {SUPPORTED_TORCHTITAN} "
+        "(TOML job configs), and torchtitan 0.3.0 is installed" in " ".join(result.stderr.split())
     )

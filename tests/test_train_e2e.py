@@ -21,7 +21,13 @@ def test_ntp_stack_matches_plain_torchtitan_bitwise(tmp_path):
     ours = tmp_path / "ours"
     plain = tmp_path / "plain"
     train(ours, *NTP_CONFIG_OVERRIDES, "--training.steps", "6")
-    train(plain, *NTP_CONFIG_OVERRIDES, "--training.steps", "6", module="titan_objectives.baseline")
+    train(
+        plain,
+        *NTP_CONFIG_OVERRIDES,
+        "--training.steps",
+        "6",
+        module="titan_objectives.hosts.torchtitan_0_2.baseline",
+    )
     ours_tb, plain_tb = scalars(ours), scalars(plain)
     expected = plain_tb["loss_metrics/global_avg_loss"]
     assert sorted(expected) == [1, 2, 3, 4, 5, 6]

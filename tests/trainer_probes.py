@@ -9,7 +9,7 @@ trainer with a test probe, for what the logs do not show.
 
 import os
 
-from titan_objectives.integration import cpu_runtime
+from titan_objectives.hosts.torchtitan_0_2.runtime import cpu as cpu_runtime
 
 cpu_runtime.activate()
 
@@ -17,7 +17,7 @@ import torch  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
 from titan_objectives import train  # noqa: E402
-from titan_objectives.integration.trainer import ObjectiveTrainer  # noqa: E402
+from titan_objectives.hosts.torchtitan_0_2.trainer import ObjectiveTrainer  # noqa: E402
 
 GRADIENTS = (
     "tok_embeddings.weight",

@@ -10,8 +10,6 @@ import copy
 import sys
 from collections.abc import Sequence
 
-from titan_objectives.integration import cpu_runtime
-
 
 def list_command() -> int:
     import textwrap
@@ -38,7 +36,7 @@ def _parse_job_config(argv: list[str]):
     from torchtitan.config import ConfigManager
 
     from titan_objectives.config import ObjectivesConfigError
-    from titan_objectives.integration.preflight import check_toml_file
+    from titan_objectives.hosts.torchtitan_0_2.preflight import check_toml_file
 
     check_toml_file(argv)
     try:
@@ -54,7 +52,7 @@ def objective_costs(job_config, checked) -> tuple[int, int, dict[str, tuple[int,
     import torch
     from torchtitan.protocols.train_spec import get_train_spec
 
-    from titan_objectives.integration.spec import model_class_with_objectives
+    from titan_objectives.hosts.torchtitan_0_2.spec import model_class_with_objectives
 
     spec = get_train_spec(job_config.model.name)
     model_args = copy.deepcopy(spec.model_args[job_config.model.flavor])
@@ -104,8 +102,11 @@ def describe(job_config, checked) -> str:
 
 def validate_command(config: str, overrides: Sequence[str]) -> int:
     from titan_objectives.config import ObjectivesConfigError
-    from titan_objectives.integration.extensions import register_extensions
-    from titan_objectives.integration.preflight import check_job_config, exit_on_config_error
+    from titan_objectives.hosts.torchtitan_0_2.preflight import (
+        check_job_config,
+        exit_on_config_error,
+    )
+    from titan_objectives.hosts.torchtitan_0_2.runtime.extensions import register_extensions
 
     register_extensions()
     argv = ["--job.config_file", config, *overrides]
@@ -142,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for path in compare_runs(args.runs, args.out):
             print(path)
         return 0
+    from titan_objectives.hosts.torchtitan_0_2.runtime import cpu as cpu_runtime
+
     cpu_runtime.activate()
     if args.command == "list":
         return list_command()

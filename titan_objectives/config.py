@@ -18,7 +18,13 @@ from typing import Annotated, Any, Literal
 import tyro
 
 from titan_objectives.objective import ModelInfo, ObjectiveOptions, OptionError
-from titan_objectives.registry import RegistryError, get_objective, list_objectives
+from titan_objectives.registry import (
+    RESERVED_NAMES,
+    RegistryError,
+    broken_entry_points,
+    get_objective,
+    list_objectives,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -251,3 +257,60 @@ def check_geometry(options: Any, model: ModelInfo) -> None:
         )
     if options.pairs < 1:
         raise ObjectivesConfigError(f"{key}.pairs = {options.pairs} is not allowed; expected >= 1")
+
+
+def check_objectives_table(toml: dict[str, Any]) -> None:
+    """Unknown keys in ``[objectives]`` and its sub-tables, with what is allowed.
+
+    torchtitan would reject them too, but naming only a Python class."""
+    table = toml.get(SECTION)
+    if table is None:
+        return
+    if not isinstance(table, dict):
+        raise ObjectivesConfigError(f"{SECTION} must be a table, got {table!r}")
+    registered = list_objectives()
+    broken = broken_entry_points()
+    for key, value in table.items():
+        if key == "geometry" and isinstance(value, dict):
+            allowed = [f.name for f in dataclasses.fields(GeometryOptions)]
+            for option in value:
+                if option not in allowed:
+                    raise ObjectivesConfigError(
+                        f"unknown option {SECTION}.geometry.{option}; allowed: {', '.join(allowed)}"
+                    )
+            continue
+        if key in RESERVED_NAMES:
+            continue
+        if key in broken:
+            raise ObjectivesConfigError(f"[{SECTION}.{key}]: {broken[key]}")
+        if key not in registered:
+            raise ObjectivesConfigError(
+                f"unknown key {SECTION}.{key}; allowed: {', '.join(RESERVED_NAMES)}, "
+                + ", ".join(f"[{SECTION}.{n}]" for n in registered)
+            )
+        if not isinstance(value, dict):
+            raise ObjectivesConfigError(
+                f"{SECTION}.{key} must be a table of options, got {value!r}"
+            )
+        allowed = [f.name for f in dataclasses.fields(registered[key].Options)]
+        for option in value:
+            if option not in allowed:
+                raise ObjectivesConfigError(
+                    f"unknown option {SECTION}.{key}.{option}; allowed: {', '.join(allowed)}"
+                )
+
+
+def objectives_from_table(table: dict[str, Any]) -> Any:
+    """The ``[objectives]`` table of a TOML file as the section dataclass (the hosts
+    without TOML job configs load it this way). Keys are checked here; types and values
+    when the stack is resolved, with the same messages as on the TOML host."""
+    check_objectives_table({SECTION: table})
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key == "geometry":
+            values[key] = GeometryOptions(**value)
+        elif isinstance(value, dict):
+            values[key] = get_objective(key).Options(**value)
+        else:
+            values[key] = value
+    return Objectives(**values)

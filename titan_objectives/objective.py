@@ -39,9 +39,9 @@ class OptionError(ValueError):
 class SharedModules(Protocol):
     """The model's own pieces an objective may reuse: weights are shared, never copied.
 
-    Implemented per model family by the integration layer, so objectives never import a
-    model class. Use them only inside ``forward`` (they are materialized and possibly
-    sharded after the objective is built)."""
+    Implemented per model family by each host (``titan_objectives.hosts``), so objectives
+    never import a model class. Use them only inside ``forward`` (they are materialized
+    and possibly sharded after the objective is built)."""
 
     def output_weight(self) -> torch.Tensor:
         """The LM head's ``[vocab, dim]`` weight, as the forward pass just used it."""

@@ -1,38 +1,21 @@
-"""``python -m titan_objectives.train --job.config_file CONFIG.toml [--section.key value ...]``
+"""``python -m titan_objectives.train ...``: training on the installed torchtitan.
 
-torchtitan's own entry point (``torchtitan.train.main``) with the objective trainer.
-On a machine without CUDA the CPU runtime is switched on first, automatically.
+torchtitan 0.2.2 (TOML job configs): ``--job.config_file CONFIG.toml [--section.key v]``.
+torchtitan 0.3.0 (Python configs): ``--module M --config FN [--section.key v]``.
+Each host's ``launch.main`` switches the CPU runtime on first, where there is no CUDA.
 """
 
-import sys
+import importlib.metadata
+from typing import Any
 
-from titan_objectives.integration import cpu_runtime
 
-
-def main(argv: list[str] | None = None, trainer_class: type | None = None) -> None:
-    """Train with ``ObjectiveTrainer``, or ``trainer_class`` (a subclass of it; import it
-    after ``cpu_runtime.activate()``, as torchtitan binds its device type at import)."""
-    cpu_runtime.activate()
-
-    import torchtitan.train
-
-    from titan_objectives.config import ObjectivesConfigError
-    from titan_objectives.integration.extensions import register_extensions
-    from titan_objectives.integration.nonfinite import NonFiniteLossError
-    from titan_objectives.integration.preflight import check_toml_file, exit_on_config_error
-    from titan_objectives.integration.trainer import ObjectiveTrainer
-
-    argv = sys.argv[1:] if argv is None else argv
-    register_extensions()
-    try:
-        check_toml_file(argv)
-        torchtitan.train.main(trainer_class or ObjectiveTrainer)
-    except ObjectivesConfigError as error:
-        exit_on_config_error(error)
-    except NonFiniteLossError as error:
-        print(f"titan-objectives: {error}", file=sys.stderr)
-        raise SystemExit(3) from None
-    cpu_runtime.exit_after_training()
+def main(argv: list[str] | None = None, **kwargs: Any) -> None:
+    """Train with the host for the installed torchtitan (``kwargs`` go to its ``main``)."""
+    if importlib.metadata.version("torchtitan").startswith("0.3."):
+        from titan_objectives.hosts.torchtitan_0_3.launch import main as host_main
+    else:
+        from titan_objectives.hosts.torchtitan_0_2.launch import main as host_main
+    host_main(argv, **kwargs)
 
 
 if __name__ == "__main__":

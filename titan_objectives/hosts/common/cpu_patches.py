@@ -1,15 +1,12 @@
-"""Lets torchtitan 0.2.2 train on a machine without an accelerator, with gloo.
+"""CPU patches both torchtitan hosts need, applied by each host's ``runtime.cpu``.
 
-As shipped, torchtitan picks ``cuda`` when no accelerator is found, imports a Triton
-kernel at package import (CPU builds of torch have no triton), asks the device module
-for memory statistics and device indices ``torch.cpu`` does not have, and lets FSDP2
-reduce gradients with ``PREMUL_SUM``, which gloo lacks, and its MoE router counts integer
-expert ids with ``torch.histc``, which CPU refuses. ``activate()`` fixes exactly
-these, before torchtitan is imported, and does nothing when CUDA is available.
+torchtitan picks ``cuda`` when no accelerator is found and asks the device module for
+memory statistics and device indices ``torch.cpu`` does not have; FSDP2 reduces
+gradients with ``PREMUL_SUM``, which gloo lacks; MoE routers count integer expert ids
+with ``torch.histc``, which CPU refuses.
 """
 
 import functools
-import importlib
 import inspect
 import logging
 import os
@@ -18,45 +15,6 @@ import sys
 import types
 
 import torch
-
-_active = False
-
-
-def is_active() -> bool:
-    return _active
-
-
-def activate() -> bool:
-    """Apply the CPU patches if there is no CUDA device. Returns whether they are active."""
-    global _active
-    if _active:
-        return True
-    if torch.cuda.is_available():
-        return False
-    if "torchtitan" in sys.modules:
-        raise RuntimeError(
-            "titan_objectives.integration.cpu_runtime.activate() must run before torchtitan "
-            "is imported: torchtitan fixes its device type at import time"
-        )
-    _install_moe_kernels_without_triton()
-    _import_torchtitan_with_cpu_device()
-    _force_sum_reductions_in_fsdp()
-    _histc_of_integers()
-    _active = True
-    return True
-
-
-def _install_moe_kernels_without_triton() -> None:
-    """``torchtitan.models.moe.kernels`` imports triton at module level; provide the one
-    function MoE uses, in plain PyTorch, under the same module name."""
-    if importlib.util.find_spec("triton") is not None:
-        return
-    from titan_objectives.integration import moe_permute
-
-    module = types.ModuleType("torchtitan.models.moe.kernels")
-    module.generate_permute_indices = moe_permute.generate_permute_indices
-    module.__all__ = ["generate_permute_indices"]
-    sys.modules[module.__name__] = module
 
 
 class _CPUDeviceModule(types.ModuleType):
@@ -97,7 +55,7 @@ class _CPUDeviceModule(types.ModuleType):
         pass
 
 
-def _import_torchtitan_with_cpu_device() -> None:
+def import_torchtitan_with_cpu_device() -> None:
     """torchtitan binds ``device_type`` and ``device_module`` from ``torch._utils`` when
     ``torchtitan.tools.utils`` is first imported, and falls back to ``cuda``. Answer
     ``cpu`` (and a CPU device module) for that one import; torch itself is left as it was."""
@@ -114,7 +72,7 @@ def _import_torchtitan_with_cpu_device() -> None:
     assert titan_utils.device_type == "cpu", titan_utils.device_type
 
 
-def _force_sum_reductions_in_fsdp() -> None:
+def force_sum_reductions_in_fsdp() -> None:
     """torchtitan sets FSDP2's gradient divide factor to 1 (it normalizes by the token
     count itself), for which FSDP2 reduce-scatters with ``PREMUL_SUM(1.0)``: gloo has no
     such op. A plain SUM is the same reduction."""
@@ -131,7 +89,7 @@ def _force_sum_reductions_in_fsdp() -> None:
     _fsdp_collectives._get_gradient_divide_factors = sum_only
 
 
-def _histc_of_integers() -> None:
+def histc_of_integers() -> None:
     """torchtitan's MoE router counts tokens per expert with ``torch.histc`` on integer
     expert ids, which CUDA accepts and CPU does not; count them as floats there and hand
     back integers, as CUDA does."""
@@ -147,7 +105,7 @@ def _histc_of_integers() -> None:
     torch.histc = histc
 
 
-def exit_after_training() -> None:
+def exit_now() -> None:
     """End the process now that training has finished and torchtitan has closed its
     writers and destroyed the process group.
 
@@ -156,8 +114,6 @@ def exit_after_training() -> None:
     native thread is still joinable when its owner is destroyed. Nothing is left to do
     at that point, so skip the teardown rather than report a crash for a finished run.
     """
-    if not _active:
-        return
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -1,26 +1,28 @@
-"""Checkpoints with objective modules in them, exports without.
+"""Checkpoint state with objective modules in it, for every host.
 
-torchtitan's DCP checkpoints take the whole model, so they already hold the objectives'
-modules and their optimizer state, and a resumed run continues exactly. Two things are
-added here, both on torchtitan's ``CheckpointManager``:
+A host's DCP checkpoints hold the whole model, objectives' modules and their optimizer
+state included, so a resumed run continues exactly. What is added here:
 
-- model-only saves at the last step (``last_save_model_only``, ``export_dtype``, the HF
-  export) leave the objective modules out: the shipped model is the plain model. Seed
-  checkpoints (step 0) keep them, since training starts from them.
-- loading reconciles the checkpoint with the current stack: modules of an objective the
-  checkpoint lacks keep their initialization (logged), saved state of an objective no
-  longer in the stack is ignored (with a warning), and a module or model tensor whose
-  shape differs is a clear error naming it, before anything is read.
+- ``reconcile`` fits a checkpoint to the current stack before DCP reads it: modules of
+  an objective the checkpoint lacks keep their initialization (logged), saved state of an
+  objective no longer in the stack is ignored (with a warning), and a module or model
+  tensor whose shape differs is a clear error naming it, before anything is read;
+- ``without_objectives`` is the model state the model-only saves (the shipped model)
+  write: the plain model.
 """
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.stateful import Stateful
-from torchtitan.components.checkpoint import MODEL, OPTIMIZER, CheckpointManager
-from torchtitan.tools.logging import logger
+
+logger = logging.getLogger(__name__)
+
+# The keys of the model and the optimizer in both hosts' checkpoint states.
+MODEL, OPTIMIZER = "model", "optimizer"
 
 PREFIX = "objectives."
 
@@ -122,7 +124,7 @@ def reconcile(states: dict[str, Any], checkpoint_id: str) -> dict[str, Any]:
     return fitted
 
 
-def _model_only(wrapper: Stateful) -> Stateful:
+def without_objectives(wrapper: Stateful) -> Stateful:
     class ModelWithoutObjectives(Stateful):
         def state_dict(self) -> dict[str, Any]:
             return {k: v for k, v in wrapper.state_dict().items() if not k.startswith(PREFIX)}
@@ -133,9 +135,12 @@ def _model_only(wrapper: Stateful) -> Stateful:
     return ModelWithoutObjectives()
 
 
-def install(checkpointer: CheckpointManager) -> None:
-    """Add both behaviours to a torchtitan ``CheckpointManager`` (which has no hooks for
-    them: its two methods are wrapped on the instance)."""
+def install(checkpointer: Any) -> None:
+    """Add both behaviours to a torchtitan ``CheckpointManager`` (0.2.2 and 0.3.0 alike
+    have no hooks for them, and the same two methods: they are wrapped on the instance).
+    Model-only saves at the last step (``last_save_model_only``, ``export_dtype``, the HF
+    export) leave the objective modules out; seed checkpoints (step 0) keep them, since
+    training starts from them."""
     dcp_load = checkpointer.dcp_load
     save_last_step = checkpointer._save_last_step
 
@@ -148,7 +153,7 @@ def install(checkpointer: CheckpointManager) -> None:
         if not checkpointer.last_save_model_only or curr_step == 0:
             return save_last_step(curr_step)
         full = checkpointer.states[MODEL]
-        checkpointer.states[MODEL] = _model_only(full)
+        checkpointer.states[MODEL] = without_objectives(full)
         try:
             save_last_step(curr_step)
         finally:

@@ -1,7 +1,7 @@
 """What this project adds to torchtitan's registries, for every entry point."""
 
-from titan_objectives.integration.datasets import register_datasets
-from titan_objectives.integration.flavors import register_flavors
+from titan_objectives.hosts.torchtitan_0_2.runtime.datasets import register_datasets
+from titan_objectives.hosts.torchtitan_0_2.runtime.flavors import register_flavors
 
 
 def register_extensions() -> None:

@@ -15,19 +15,20 @@ import dataclasses
 from functools import partial
 from typing import Any
 
-import torch
 from torch import nn
-from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
-from torch.distributed.tensor.parallel import parallelize_module
 from torchtitan.components.validate import build_validator
-from torchtitan.config import TORCH_DTYPE_MAP
 from torchtitan.protocols.train_spec import ParallelizeFunction, TrainSpec
 from torchtitan.tools.logging import logger
 
-from titan_objectives.integration.metrics import build_objective_metrics_processor
-from titan_objectives.integration.model_adapter import DecoderAdapter
-from titan_objectives.integration.validation import build_objective_validator
+from titan_objectives.hosts.common.parallelize import (
+    compile_objectives,
+    owned_blocks,
+    shard_objectives,
+    tensor_parallelize_objectives,
+)
+from titan_objectives.hosts.torchtitan_0_2.metrics import build_objective_metrics_processor
+from titan_objectives.hosts.torchtitan_0_2.model_adapter import DecoderAdapter
+from titan_objectives.hosts.torchtitan_0_2.validation import build_objective_validator
 from titan_objectives.objective import ObjectiveOptions
 from titan_objectives.stack import ObjectiveStack
 
@@ -53,63 +54,6 @@ def model_class_with_objectives(
     return ModelWithObjectives
 
 
-def _compile_objectives(stack: ObjectiveStack, job_config: Any) -> None:
-    # Static shapes: training and validation batches each get their own graph. A dynamic
-    # batch dimension breaks DTensor's sharding propagation under tensor parallelism.
-    for name, objective in list(stack.items()):
-        stack[name] = torch.compile(objective, backend=job_config.compile.backend, dynamic=False)
-    logger.info(f"Compiling objectives with torch.compile: {', '.join(stack)}")
-
-
-def _shard_objectives(stack: ObjectiveStack, parallel_dims: Any, job_config: Any) -> None:
-    training, parallelism = job_config.training, job_config.parallelism
-    names = ["dp_replicate", "fsdp"] if parallel_dims.dp_replicate_enabled else ["fsdp"]
-    config: dict[str, Any] = {
-        "mesh": parallel_dims.get_mesh(names),
-        "mp_policy": MixedPrecisionPolicy(
-            param_dtype=TORCH_DTYPE_MAP[training.mixed_precision_param],
-            reduce_dtype=TORCH_DTYPE_MAP[training.mixed_precision_reduce],
-        ),
-        # The objectives run right after the trunk and are the first to run backward:
-        # keeping their parameters gathered between the two saves an all-gather.
-        "reshard_after_forward": parallelism.fsdp_reshard_after_forward == "always",
-    }
-    if training.enable_cpu_offload:
-        config["offload_policy"] = CPUOffloadPolicy()
-    sharded = [name for name, objective in stack.items() if list(objective.parameters())]
-    for name in sharded:
-        fully_shard(stack[name], **config)
-    logger.info(f"Applied FSDP to the objectives, one unit each: {', '.join(sharded)}")
-    # torchtitan normalizes gradients by the global token count itself.
-    for module in stack.modules():
-        if isinstance(module, FSDPModule):
-            module.set_gradient_divide_factor(1.0)
-
-
-def _tensor_parallelize_objectives(stack: ObjectiveStack, tp_mesh: Any) -> None:
-    for name, objective in stack.objectives().items():
-        plan = objective.tensor_parallel_plan()
-        if plan:
-            parallelize_module(objective, tp_mesh, plan)
-        missed = [key for key, p in objective.named_parameters() if not isinstance(p, DTensor)]
-        if missed:
-            raise RuntimeError(
-                f"objective {name!r}: tensor_parallel_plan() leaves parameters "
-                f"{', '.join(missed)} unsplit; their gradients would not be reduced over "
-                "the tensor-parallel group"
-            )
-
-
-def _owned_blocks(stack: ObjectiveStack, block_cls: type[nn.Module]) -> list[tuple[nn.Module, str]]:
-    """(parent, attribute) of each block of the model's own kind that an objective owns."""
-    return [
-        (parent, attribute)
-        for parent in stack.modules()
-        for attribute, child in parent.named_children()
-        if isinstance(child, block_cls)
-    ]
-
-
 def parallelize_with_objectives(
     parallelize_fn: ParallelizeFunction,
     adapter: DecoderAdapter,
@@ -118,7 +62,7 @@ def parallelize_with_objectives(
     job_config: Any,
 ) -> nn.Module:
     stack: ObjectiveStack = model.objectives
-    blocks = _owned_blocks(stack, adapter.block_class())
+    blocks = owned_blocks(stack, adapter.block_class())
     first_lent = len(model.layers)
     for i, (parent, attribute) in enumerate(blocks):
         model.layers[str(first_lent + i)] = getattr(parent, attribute)
@@ -139,14 +83,20 @@ def parallelize_with_objectives(
             objective.checkpoint_activations()
         logger.info("Objectives recompute their activations in backward, like the blocks")
     if parallel_dims.tp_enabled:
-        _tensor_parallelize_objectives(stack, parallel_dims.get_mesh("tp"))
+        tensor_parallelize_objectives(stack, parallel_dims.get_mesh("tp"))
         model.objective_shared_modules.use_tensor_parallel(
             loss_parallel=not job_config.parallelism.disable_loss_parallel
         )
     if job_config.compile.enable and "loss" in job_config.compile.components:
-        _compile_objectives(stack, job_config)
+        compile_objectives(stack, job_config.compile.backend)
     if parallel_dims.fsdp_enabled:
-        _shard_objectives(stack, parallel_dims, job_config)
+        names = ["dp_replicate", "fsdp"] if parallel_dims.dp_replicate_enabled else ["fsdp"]
+        shard_objectives(
+            stack,
+            parallel_dims.get_mesh(names),
+            job_config.training,
+            job_config.parallelism.fsdp_reshard_after_forward,
+        )
     if detach:
         model.objectives = stack
     return model

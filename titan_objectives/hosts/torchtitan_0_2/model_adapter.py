@@ -6,9 +6,8 @@ layout ``tok_embeddings -> layers["0".."n-1"] -> norm -> output``.
 """
 
 import inspect
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from titan_objectives.objective import Features, ModelInfo, Requirements
-from titan_objectives.sequence import SequenceShards
+from titan_objectives.hosts.common.capture import DocumentsOf, documents_ending_at
+from titan_objectives.objective import ModelInfo
 
 
 class DecoderSharedModules:
@@ -155,13 +154,6 @@ def get_model_adapter(model_name: str) -> DecoderAdapter:
     return _adapters[model_name]
 
 
-def document_ids(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """The document index of each position of packed ``[batch, seq]`` tokens, as
-    torchtitan's block-causal mask splits them: an EOS token ends its document."""
-    eos = (tokens == eos_id).int()
-    return eos.cumsum(dim=1) - eos
-
-
 def packs_documents(model_args: Any) -> bool:
     """Whether the model attends within documents only (block-causal masks)."""
     return (
@@ -170,98 +162,11 @@ def packs_documents(model_args: Any) -> bool:
     )
 
 
-@dataclass
-class ForwardCapture:
-    """What one forward pass of the model produced for the objectives: hidden states
-    ("final", or k as in ``Requirements.layers``), the keyword arguments the model ran
-    with (attention masks, which blocks of the objectives must run with too), and the
-    document index of each position under block-causal masks."""
-
-    hidden: dict[int | str, torch.Tensor] = field(default_factory=dict)
-    context: dict[str, Any] = field(default_factory=dict)
-    documents: torch.Tensor | None = None
-
-    def features(
-        self, labels: torch.Tensor, logits: torch.Tensor | None, sequence: SequenceShards
-    ) -> Features:
-        """The objectives' view of this forward pass; training and validation alike."""
-        return Features(
-            labels=labels,
-            logits=logits,
-            final_hidden=self.hidden.get("final"),
-            layers={key: value for key, value in self.hidden.items() if key != "final"},
-            context=self.context,
-            documents=self.documents,
-            sequence=sequence,
-        )
-
-
-class HiddenStateTap:
-    """Hooks that keep what the objectives need from the model's forward, while armed.
-
-    Hooks sit on the (possibly compiled, checkpointed, FSDP-wrapped) modules themselves,
-    so the model's own forward runs unchanged and nothing is recomputed or copied; the
-    model's own pre-hook records its keyword arguments, so training and validation give
-    the objectives the same context from one place. Register after parallelization:
-    compile and AC replace the block modules.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        adapter: DecoderAdapter,
-        needs: Requirements,
-        eos_id: int | None,
-    ):
-        self._capture: ForwardCapture | None = None
-        self._keep_logits = False
-        self._eos_id = eos_id if packs_documents(model.model_args) else None
-        if packs_documents(model.model_args) and eos_id is None:
-            raise ValueError("block-causal attention needs a tokenizer with an EOS token")
-        model.register_forward_pre_hook(self._keep_context, with_kwargs=True)
-        if needs.final_hidden:
-            adapter.final_norm(model).register_forward_hook(self._keep("final"))
-        for layer in sorted(needs.layers):
-            adapter.layer_module(model, layer).register_forward_hook(self._keep(layer))
-        if not needs.logits:
-            # Nobody reads the logits: let the head run on zero positions.
-            adapter.output_head(model).register_forward_pre_hook(self._skip_positions)
-
-    def _keep_context(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self._capture is None:
-            return
-        self._capture.context = dict(kwargs)
-        if self._eos_id is not None:
-            self._capture.documents = document_ids(args[0], self._eos_id)
-
-    def _skip_positions(self, module: nn.Module, args: tuple) -> tuple | None:
-        if self._capture is None or self._keep_logits:
-            return None  # validation and other callers get the full logits
-        hidden, *rest = args
-        if isinstance(hidden, DTensor):
-            # Sequence shards (TP) cannot be cut to zero positions: DTensor's view rules
-            # divide by their length. One position per rank costs as little.
-            local = hidden.to_local()[:, :1]
-            return (DTensor.from_local(local, hidden.device_mesh, hidden.placements), *rest)
-        return (hidden[:, :0], *rest)
-
-    def _keep(self, key: int | str):
-        def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
-            if self._capture is not None:
-                # Under sequence parallelism the final norm returns a DTensor; objectives
-                # get every hidden state as this rank's plain sequence shard.
-                local = output.to_local() if isinstance(output, DTensor) else output
-                self._capture.hidden[key] = local
-
-        return hook
-
-    @contextmanager
-    def capture(self, keep_logits: bool = False) -> Iterator[ForwardCapture]:
-        """Within the block, forward passes record into the yielded capture (the last
-        one's). Unless ``keep_logits``, the model skips logits no objective reads."""
-        self._capture = captured = ForwardCapture()
-        self._keep_logits = keep_logits
-        try:
-            yield captured
-        finally:
-            self._capture = None
+def documents_of(model_args: Any, eos_id: int | None) -> DocumentsOf:
+    """How a forward's documents are found: under block-causal masks an EOS token ends
+    its document (torchtitan 0.2.2 has no position ids); otherwise there is one stream."""
+    if not packs_documents(model_args):
+        return lambda args, kwargs: None
+    if eos_id is None:
+        raise ValueError("block-causal attention needs a tokenizer with an EOS token")
+    return lambda args, kwargs: documents_ending_at(args[0], eos_id)

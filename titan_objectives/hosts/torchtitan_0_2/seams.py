@@ -15,19 +15,21 @@ SUPPORTED_TORCHTITAN = "0.2.2"
 PRIVATE_SEAMS: tuple[tuple[str, str, str, str], ...] = (
     ("torchtitan.protocols.train_spec", "_extra_train_specs", "trainer",
      "serve the wrapped TrainSpec under the model's own name while the Trainer builds"),
-    ("torchtitan.components.checkpoint", "CheckpointManager._save_last_step", "checkpointing",
+    ("torchtitan.components.checkpoint", "CheckpointManager._save_last_step",
+     "../common/checkpoint_state",
      "leave the objectives' modules out of the model-only save at the last step"),
-    ("torchtitan.components.checkpoint", "CheckpointManager.dcp_load", "checkpointing",
+    ("torchtitan.components.checkpoint", "CheckpointManager.dcp_load",
+     "../common/checkpoint_state",
      "fit a checkpoint to the current stack before DCP reads it"),
-    ("torchtitan.tools.utils", "device_type", "cpu_runtime",
+    ("torchtitan.tools.utils", "device_type", "../common/cpu_patches",
      "bound at import from torch._utils: must say cpu without an accelerator"),
-    ("torch._utils", "_get_available_device_type", "cpu_runtime",
+    ("torch._utils", "_get_available_device_type", "../common/cpu_patches",
      "answers cpu while torchtitan.tools.utils is first imported"),
-    ("torch._utils", "_get_device_module", "cpu_runtime",
+    ("torch._utils", "_get_device_module", "../common/cpu_patches",
      "a CPU device module with the memory statistics torchtitan's metrics read"),
     ("torch.distributed.fsdp._fully_shard._fsdp_collectives", "_get_gradient_divide_factors",
-     "cpu_runtime", "force SUM reductions: gloo has no PREMUL_SUM"),
-    ("torchtitan.models.moe.utils", "generate_permute_indices", "cpu_runtime",
+     "../common/cpu_patches", "force SUM reductions: gloo has no PREMUL_SUM"),
+    ("torchtitan.models.moe.utils", "generate_permute_indices", "runtime/cpu",
      "imported from torchtitan.models.moe.kernels (Triton): that module is replaced by "
      "a plain-PyTorch one"),
 )  # fmt: skip
@@ -46,7 +48,8 @@ def check_torchtitan_version() -> None:
     if installed != SUPPORTED_TORCHTITAN:
         found = f"torchtitan {installed} is installed" if installed else "torchtitan is missing"
         raise UnsupportedTorchtitanError(
-            f"titan_objectives.integration is the host for torchtitan {SUPPORTED_TORCHTITAN} "
-            f"(TOML job configs), and {found}: pip install torchtitan=={SUPPORTED_TORCHTITAN} "
-            "(./scripts/setup.sh does)"
+            f"{__package__} is the host for torchtitan {SUPPORTED_TORCHTITAN} (TOML job "
+            f"configs), and {found}: pip install torchtitan=={SUPPORTED_TORCHTITAN} "
+            "(./scripts/setup.sh does); torchtitan 0.3.0 has its own host, "
+            "titan_objectives.hosts.torchtitan_0_3"
         )

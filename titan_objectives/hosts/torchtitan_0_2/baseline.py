@@ -1,11 +1,11 @@
-"""``python -m titan_objectives.baseline --job.config_file CONFIG.toml``
+"""``python -m titan_objectives.hosts.torchtitan_0_2.baseline --job.config_file CONFIG.toml``
 
 torchtitan's own ``Trainer``, untouched, with only what this machine needs to run it (the
 CPU runtime, the local datasets). It is the reference the objective trainer is compared
 against: same config, same seed, plain torchtitan loss.
 """
 
-from titan_objectives.integration import cpu_runtime
+from titan_objectives.hosts.torchtitan_0_2.runtime import cpu as cpu_runtime
 
 
 def main() -> None:
@@ -13,7 +13,7 @@ def main() -> None:
 
     import torchtitan.train
 
-    from titan_objectives.integration.extensions import register_extensions
+    from titan_objectives.hosts.torchtitan_0_2.runtime.extensions import register_extensions
 
     register_extensions()
     torchtitan.train.main(torchtitan.train.Trainer)

@@ -13,12 +13,14 @@ Optimizers other than the fused ones cannot skip on the device: with them the fl
 read before every step (one device-to-host sync), the only way to skip or stop in time.
 """
 
+import logging
 from typing import Any
 
 import torch
 import torch.distributed._functional_collectives as funcol
 from torch.distributed.device_mesh import DeviceMesh
-from torchtitan.tools.logging import logger
+
+logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):

@@ -7,13 +7,13 @@ bounded random sample of tokens, gathered over the data-parallel ranks, gives
 ``effective_rank_sv`` and the cosines. Other steps cost nothing.
 """
 
+import logging
 import math
 from functools import partial
 
 import torch
 import torch.distributed._functional_collectives as funcol
 from torch.distributed.device_mesh import DeviceMesh
-from torchtitan.tools.logging import logger
 
 from titan_objectives.collectives import all_reduce
 from titan_objectives.metrics import (
@@ -25,6 +25,8 @@ from titan_objectives.metrics import (
     random_pair_cosine,
 )
 from titan_objectives.sequence import SequenceShards
+
+logger = logging.getLogger(__name__)
 
 
 def layer_name(key: int | str) -> str:

@@ -10,14 +10,16 @@ from torchtitan.components.optimizer import build_optimizers_with_moe_load_balan
 from torchtitan.tools.logging import logger
 from torchtitan.train import Trainer
 
-from titan_objectives.integration import checkpointing, moe_balance
-from titan_objectives.integration.geometry import GeometryProbe
-from titan_objectives.integration.metrics import ObjectiveMetrics
-from titan_objectives.integration.model_adapter import HiddenStateTap
-from titan_objectives.integration.nonfinite import NonFiniteGuard
-from titan_objectives.integration.preflight import check_job_config
-from titan_objectives.integration.spec import wrap_train_spec
-from titan_objectives.integration.validation import ObjectiveValidator
+from titan_objectives.hosts.common import checkpoint_state
+from titan_objectives.hosts.common.capture import HiddenStateTap
+from titan_objectives.hosts.common.geometry_probe import GeometryProbe
+from titan_objectives.hosts.common.nonfinite import NonFiniteGuard
+from titan_objectives.hosts.common.running_metrics import ObjectiveMetrics
+from titan_objectives.hosts.torchtitan_0_2 import moe_balance
+from titan_objectives.hosts.torchtitan_0_2.model_adapter import documents_of
+from titan_objectives.hosts.torchtitan_0_2.preflight import check_job_config
+from titan_objectives.hosts.torchtitan_0_2.spec import wrap_train_spec
+from titan_objectives.hosts.torchtitan_0_2.validation import ObjectiveValidator
 from titan_objectives.objective import IGNORE_INDEX, Requirements
 from titan_objectives.sequence import SequenceShards
 from titan_objectives.stack import ObjectiveStack
@@ -84,15 +86,16 @@ class ObjectiveTrainer(Trainer):
             needs = needs | Requirements(
                 final_hidden=True, layers=frozenset(self.geometry.keys[1:])
             )
+        eos_id = self.tokenizer.eos_id if self.tokenizer else None
         self.hidden_states = HiddenStateTap(
-            model, checked.adapter, needs, self.tokenizer.eos_id if self.tokenizer else None
+            model, checked.adapter, needs, documents_of(model.model_args, eos_id)
         )
         if isinstance(getattr(self, "validator", None), ObjectiveValidator):
             self.validator.attach(
                 self.hidden_states, self.objective_stack, self.geometry,
                 loss_mesh, self.sequence,
             )  # fmt: skip
-        checkpointing.install(self.checkpointer)
+        checkpoint_state.install(self.checkpointer)
         if self.train_spec.build_optimizers_fn is build_optimizers_with_moe_load_balancing:
             # Balance the objectives' own routers exactly when torchtitan balances the trunk's.
             moe_balance.install(self.optimizers, self.objective_stack, loss_mesh)

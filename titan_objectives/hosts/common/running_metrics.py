@@ -1,18 +1,15 @@
-"""Per-objective numbers in torchtitan's console line and TensorBoard.
+"""Per-objective numbers of a training step, kept on the device.
 
 During a step the values stay on the device as running sums; only on logging steps are
 they reduced across data-parallel ranks (one all-reduce for all of them) and read back,
 so steps that do not log gain no host synchronisation.
 """
 
-from typing import Any
-
 import torch
 import torch.distributed._functional_collectives as funcol
 from torch.distributed.device_mesh import DeviceMesh
-from torchtitan.components.metrics import MetricsProcessor
-from torchtitan.tools.logging import logger
 
+from titan_objectives.objective import IGNORE_INDEX
 from titan_objectives.stack import StackOutput
 
 PREFIX = "objectives"
@@ -64,36 +61,40 @@ class ObjectiveMetrics:
         return logged
 
 
-class ObjectiveMetricsProcessor(MetricsProcessor):
-    """torchtitan's processor, plus the objectives' values on the logging steps."""
+class ValidationTotals:
+    """Each objective's loss over a validation pass: sums of loss and labelled tokens,
+    on the device, reduced over the data-parallel ranks once at the end."""
 
-    objective_metrics: ObjectiveMetrics | None = None
-    objective_mesh: DeviceMesh | None = None
+    def __init__(self) -> None:
+        self._sums: dict[str, torch.Tensor] = {}
 
-    def log(
-        self,
-        step: int,
-        global_avg_loss: float,
-        global_max_loss: float,
-        grad_norm: float,
-        extra_metrics: dict[str, Any] | None = None,
-    ) -> None:
-        values = (
-            self.objective_metrics.reduce(self.objective_mesh) if self.objective_metrics else {}
-        )
-        super().log(
-            step, global_avg_loss, global_max_loss, grad_norm, {**(extra_metrics or {}), **values}
-        )
-        if values:
-            losses = "  ".join(
-                f"{key.split('/')[1]}: {value:8.5f}"
-                for key, value in values.items()
-                if key.endswith("/loss") and not key.startswith(f"{PREFIX}/total/")
-            )
-            logger.info(f"{self.color.green}step: {step:2}  objectives  {losses}{self.color.reset}")
+    def add(self, output: StackOutput, labels: torch.Tensor) -> None:
+        tokens = (labels != IGNORE_INDEX).sum().float()
+        for name, out in output.outputs.items():
+            for key, value in ((f"{name}/loss", out.loss_sum), (f"{name}/tokens", tokens)):
+                self._sums[key] = self._sums.get(key, 0) + value.float()
+
+    def reduce(self, mesh: DeviceMesh | None) -> dict[str, float]:
+        """``validation/objectives/<name>/loss`` of the pass (reads the device once)."""
+        if not self._sums:
+            return {}
+        keys = list(self._sums)
+        vector = torch.stack([self._sums[k] for k in keys])
+        if mesh is not None:
+            vector = funcol.all_reduce(vector, reduceOp="sum", group=mesh)
+        totals = dict(zip(keys, vector.tolist(), strict=True))
+        return {
+            f"validation/{PREFIX}/{key.removesuffix('/loss')}/loss": value
+            / max(totals[key.replace("/loss", "/tokens")], 1.0)
+            for key, value in totals.items()
+            if key.endswith("/loss")
+        }
 
 
-def build_objective_metrics_processor(
-    job_config: Any, parallel_dims: Any, model_args: Any = None, tag: str | None = None
-) -> ObjectiveMetricsProcessor:
-    return ObjectiveMetricsProcessor(job_config, parallel_dims, tag)
+def console_line(values: dict[str, float]) -> str:
+    """The objectives' losses of a logging step, for the console."""
+    return "  ".join(
+        f"{key.split('/')[1]}: {value:8.5f}"
+        for key, value in values.items()
+        if key.endswith("/loss") and not key.startswith(f"{PREFIX}/total/")
+    )

@@ -1,4 +1,4 @@
-"""Local text corpora in torchtitan's dataset registry.
+"""Local text corpora for torchtitan's dataset registries (each host registers them).
 
 ``--training.dataset local_text --training.dataset_path PATH`` reads a ``.txt`` file
 (cut into chunks of whole paragraphs), a ``.jsonl`` / ``.jsonl.gz`` file of
@@ -10,11 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from datasets import Dataset, IterableDataset, load_dataset
-from torchtitan.hf_datasets import DatasetConfig
-from torchtitan.hf_datasets.text_datasets import DATASETS
 
 DATASET_NAME = "local_text"
-ASSETS = Path(__file__).resolve().parents[2] / "assets"
+ASSETS = Path(__file__).resolve().parents[3] / "assets"
 DEFAULT_TRAIN_PATH = ASSETS / "tiny" / "train.txt"
 TEXT_SUFFIXES = (".txt",)
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
@@ -72,11 +70,5 @@ def load_local_text(path: str) -> Dataset | IterableDataset:
     return load_dataset("json", data_files=[str(f) for f in files], split="train", streaming=True)
 
 
-def _text_of(sample: dict[str, Any]) -> str:
+def text_of(sample: dict[str, Any]) -> str:
     return sample["text"]
-
-
-def register_datasets() -> None:
-    DATASETS[DATASET_NAME] = DatasetConfig(
-        path=str(DEFAULT_TRAIN_PATH), loader=load_local_text, sample_processor=_text_of
-    )

@@ -1,0 +1,1 @@
+"""Training-loop pieces every host shares: plain PyTorch, no torchtitan import."""

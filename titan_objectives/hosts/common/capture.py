@@ -1,0 +1,142 @@
+"""What one forward pass of a model produced for the objectives, captured with hooks.
+
+Plain PyTorch, shared by every host: a host says where a model keeps its blocks, final
+norm and output head (``ModelLayout``), and how to tell documents apart in a packed
+batch; the hooks do the rest.
+"""
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from titan_objectives.objective import Features, Requirements
+from titan_objectives.sequence import SequenceShards
+
+DocumentsOf = Callable[[tuple, dict], "torch.Tensor | None"]
+"""The document index of each position of a batch, from the model's forward arguments
+(positional, keyword); None when the model attends across documents."""
+
+
+class ModelLayout(Protocol):
+    def layer_module(self, model: nn.Module, layer: int) -> nn.Module:
+        """The module whose output is hidden state ``layer`` (0 = embeddings, k = block k)."""
+        ...
+
+    def final_norm(self, model: nn.Module) -> nn.Module: ...
+
+    def output_head(self, model: nn.Module) -> nn.Module: ...
+
+
+def documents_ending_at(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """The document index of each position of packed ``[batch, seq]`` tokens when an
+    EOS token ends its document (torchtitan 0.2.2's block-causal masks)."""
+    eos = (tokens == eos_id).int()
+    return eos.cumsum(dim=1) - eos
+
+
+def documents_starting_at(positions: torch.Tensor) -> torch.Tensor:
+    """The document index of each position of a packed ``[batch, seq]`` batch whose
+    position ids restart at 0 with each document (torchtitan 0.3's ``positions``).
+    A sequence that starts inside a document counts it as document 0 all the same."""
+    starts = (positions == 0).int()
+    starts[:, 0] = 1
+    return starts.cumsum(dim=1) - 1
+
+
+@dataclass
+class ForwardCapture:
+    """What one forward pass of the model produced for the objectives: hidden states
+    ("final", or k as in ``Requirements.layers``), the keyword arguments the model ran
+    with (attention masks, which blocks of the objectives must run with too), and the
+    document index of each position under block-causal masks."""
+
+    hidden: dict[int | str, torch.Tensor] = field(default_factory=dict)
+    context: dict[str, Any] = field(default_factory=dict)
+    documents: torch.Tensor | None = None
+
+    def features(
+        self, labels: torch.Tensor, logits: torch.Tensor | None, sequence: SequenceShards
+    ) -> Features:
+        """The objectives' view of this forward pass; training and validation alike."""
+        return Features(
+            labels=labels,
+            logits=logits,
+            final_hidden=self.hidden.get("final"),
+            layers={key: value for key, value in self.hidden.items() if key != "final"},
+            context=self.context,
+            documents=self.documents,
+            sequence=sequence,
+        )
+
+
+class HiddenStateTap:
+    """Hooks that keep what the objectives need from the model's forward, while armed.
+
+    Hooks sit on the (possibly compiled, checkpointed, FSDP-wrapped) modules themselves,
+    so the model's own forward runs unchanged and nothing is recomputed or copied; the
+    model's own pre-hook records its keyword arguments, so training and validation give
+    the objectives the same context from one place. Register after parallelization:
+    compile and AC replace the block modules.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layout: ModelLayout,
+        needs: Requirements,
+        documents_of: DocumentsOf,
+    ):
+        self._capture: ForwardCapture | None = None
+        self._keep_logits = False
+        self._documents_of = documents_of
+        model.register_forward_pre_hook(self._keep_context, with_kwargs=True)
+        if needs.final_hidden:
+            layout.final_norm(model).register_forward_hook(self._keep("final"))
+        for layer in sorted(needs.layers):
+            layout.layer_module(model, layer).register_forward_hook(self._keep(layer))
+        if not needs.logits:
+            # Nobody reads the logits: let the head run on zero positions.
+            layout.output_head(model).register_forward_pre_hook(self._skip_positions)
+
+    def _keep_context(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._capture is None:
+            return
+        self._capture.context = dict(kwargs)
+        self._capture.documents = self._documents_of(args, kwargs)
+
+    def _skip_positions(self, module: nn.Module, args: tuple) -> tuple | None:
+        if self._capture is None or self._keep_logits:
+            return None  # validation and other callers get the full logits
+        hidden, *rest = args
+        if isinstance(hidden, DTensor):
+            # Sequence shards (TP) cannot be cut to zero positions: DTensor's view rules
+            # divide by their length. One position per rank costs as little.
+            local = hidden.to_local()[:, :1]
+            return (DTensor.from_local(local, hidden.device_mesh, hidden.placements), *rest)
+        return (hidden[:, :0], *rest)
+
+    def _keep(self, key: int | str):
+        def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+            if self._capture is not None:
+                # Under sequence parallelism the final norm returns a DTensor; objectives
+                # get every hidden state as this rank's plain sequence shard.
+                local = output.to_local() if isinstance(output, DTensor) else output
+                self._capture.hidden[key] = local
+
+        return hook
+
+    @contextmanager
+    def capture(self, keep_logits: bool = False) -> Iterator[ForwardCapture]:
+        """Within the block, forward passes record into the yielded capture (the last
+        one's). Unless ``keep_logits``, the model skips logits no objective reads."""
+        self._capture = captured = ForwardCapture()
+        self._keep_logits = keep_logits
+        try:
+            yield captured
+        finally:
+            self._capture = None

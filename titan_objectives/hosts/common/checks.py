@@ -1,0 +1,132 @@
+"""Config checks decided from what the stacked objectives declare, for every host.
+
+Both torchtitan releases keep the settings these read under the same names
+(``parallelism.*``, ``training.seq_len``), so the checks and their messages are shared;
+each host adds what only it has. Objectives are built on the meta device to read their
+declarations, so a stack that cannot be built fails here, before any allocation.
+"""
+
+import dataclasses
+import logging
+from typing import Any
+
+import torch
+
+from titan_objectives.config import SECTION, ObjectivesConfigError
+from titan_objectives.objective import ModelInfo, ObjectiveOptions, Requirements
+from titan_objectives.registry import get_objective
+
+logger = logging.getLogger(__name__)
+
+
+def settings(options: ObjectiveOptions) -> str:
+    """The options a user set (those that differ from the defaults), for messages."""
+    defaults = type(options)()
+    changed = [
+        f"{f.name} = {getattr(options, f.name)!r}"
+        for f in dataclasses.fields(options)
+        if getattr(options, f.name) != getattr(defaults, f.name)
+    ]
+    return f" ({', '.join(changed)})" if changed else ""
+
+
+def declarations(
+    options: dict[str, ObjectiveOptions], info: ModelInfo, model: str
+) -> dict[str, Requirements]:
+    """Build each objective on the meta device, as the trainer will (blocks of the model's
+    kind included, nothing allocated), and read what it declares. ``model`` names the
+    model for messages."""
+    needs = {}
+    for objective, opts in options.items():
+        try:
+            with torch.device("meta"):
+                needs[objective] = get_objective(objective)(opts, info).requirements()
+        except Exception as error:  # noqa: BLE001 - any failure means it cannot be built
+            raise ObjectivesConfigError(
+                f"{SECTION}.stack has {objective!r}{settings(opts)}, which cannot be built "
+                f"for {model}: {type(error).__name__}: {str(error)[:300]}; remove it from "
+                "the stack"
+            ) from None
+    return needs
+
+
+def warn_if_nothing_reads_the_head(
+    options: dict[str, ObjectiveOptions], needs: dict[str, Requirements]
+) -> None:
+    if not any(need.logits or need.output_weight for need in needs.values()):
+        logger.warning(
+            f"{SECTION}.stack = {list(options)!r}: no objective reads the output head (its "
+            "logits or its weight), so the model will not be trained to predict tokens; "
+            "add ntp"
+        )
+
+
+def check_parallelism(
+    job_config: Any, options: dict[str, ObjectiveOptions], needs: dict[str, Requirements]
+) -> None:
+    parallelism = job_config.parallelism
+    stack = f"{SECTION}.stack = {list(options)!r}"
+    # torchtitan's own loss path, which every parallelism supports. The one decision on a
+    # built-in's name: it is a statement about torchtitan's step, not about an objective.
+    plain_ntp = list(options) == ["ntp"] and options["ntp"] == type(options["ntp"])()
+
+    if parallelism.pipeline_parallel_degree > 1 and not plain_ntp:
+        raise ObjectivesConfigError(
+            f"{stack} with parallelism.pipeline_parallel_degree = "
+            f"{parallelism.pipeline_parallel_degree}: only a plain ntp stack (default options) "
+            "runs under pipeline parallelism (the loss is computed inside torchtitan's "
+            "schedule on the last stage, which does not see other stages' hidden states); "
+            "use FSDP instead"
+        )
+    shifting = [name for name, need in needs.items() if need.lookahead > 0]
+    if parallelism.context_parallel_degree > 1 and shifting:
+        read_ahead = ", ".join(
+            f"{name}{settings(options[name])} reads {needs[name].lookahead} position(s) ahead"
+            for name in shifting
+        )
+        raise ObjectivesConfigError(
+            f"{stack} with parallelism.context_parallel_degree = "
+            f"{parallelism.context_parallel_degree}: context parallelism reorders the "
+            f"sequence, and {read_ahead}; use FSDP or TP instead"
+        )
+    if parallelism.tensor_parallel_degree > 1:
+        check_tensor_parallel(job_config, options, needs)
+    head_readers = [name for name, need in needs.items() if need.output_weight]
+    if head_readers and parallelism.fsdp_reshard_after_forward == "always":
+        raise ObjectivesConfigError(
+            f"parallelism.fsdp_reshard_after_forward = 'always' with "
+            f"{', '.join(head_readers)}: they read the output head's weight after the forward, "
+            "which 'always' frees; use 'default' or 'never'"
+        )
+
+
+def check_tensor_parallel(
+    job_config: Any, options: dict[str, ObjectiveOptions], needs: dict[str, Requirements]
+) -> None:
+    degree = job_config.parallelism.tensor_parallel_degree
+    tp = f"parallelism.tensor_parallel_degree = {degree}"
+    unsupported = [name for name in options if not get_objective(name).sequence_parallel]
+    if unsupported:
+        raise ObjectivesConfigError(
+            f"{SECTION}.stack has {', '.join(unsupported)}, which cannot run with {tp}: the "
+            "objective does not declare sequence_parallel = True (see the README, 'Write your "
+            "own objective'); use FSDP (data_parallel_shard_degree) instead"
+        )
+    for name, need in needs.items():
+        if need.whole_vocabulary:
+            raise ObjectivesConfigError(
+                f"{SECTION}.{name}{settings(options[name])} with {tp}: these options need the "
+                "whole vocabulary on each rank, and tensor parallelism splits the output head "
+                "over the vocabulary; change them (for ntp and mtp: ce_backend = 'auto' or "
+                "'chunked', whose chunks split the vocabulary too) or use FSDP instead"
+            )
+    shard = job_config.training.seq_len // degree
+    for name, need in needs.items():
+        if need.shard_reach > shard:
+            raise ObjectivesConfigError(
+                f"{SECTION}.{name}{settings(options[name])} reads hidden states "
+                f"{need.shard_reach} positions ahead, with {tp} and training.seq_len = "
+                f"{job_config.training.seq_len}: each rank holds {shard} positions of them, "
+                "and an objective may not read further than one shard ahead; read at most "
+                f"{shard} ahead or use a smaller tensor_parallel_degree"
+            )

@@ -1,0 +1,80 @@
+"""Parallelizing the objectives' own modules, for every host: each objective is its own
+FSDP2 unit (and compile, and tensor-parallel plan), kept out of the model's root unit."""
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import parallelize_module
+
+from titan_objectives.stack import ObjectiveStack
+
+logger = logging.getLogger(__name__)
+
+
+def compile_objectives(stack: ObjectiveStack, backend: str) -> None:
+    # Static shapes: training and validation batches each get their own graph. A dynamic
+    # batch dimension breaks DTensor's sharding propagation under tensor parallelism.
+    for name, objective in list(stack.items()):
+        stack[name] = torch.compile(objective, backend=backend, dynamic=False)
+    logger.info(f"Compiling objectives with torch.compile: {', '.join(stack)}")
+
+
+def shard_objectives(
+    stack: ObjectiveStack,
+    mesh: Any,
+    training: Any,
+    reshard_after_forward_policy: str,
+    **fully_shard_kwargs: Any,
+) -> None:
+    """``training`` is the host's training config (``mixed_precision_param``,
+    ``mixed_precision_reduce``, ``enable_cpu_offload``: the same names in both hosts);
+    ``fully_shard_kwargs`` what else the host gives ``fully_shard`` for the model."""
+    config: dict[str, Any] = {
+        **fully_shard_kwargs,
+        "mesh": mesh,
+        "mp_policy": MixedPrecisionPolicy(
+            param_dtype=getattr(torch, training.mixed_precision_param),
+            reduce_dtype=getattr(torch, training.mixed_precision_reduce),
+        ),
+        # The objectives run right after the trunk and are the first to run backward:
+        # keeping their parameters gathered between the two saves an all-gather.
+        "reshard_after_forward": reshard_after_forward_policy == "always",
+    }
+    if training.enable_cpu_offload:
+        config["offload_policy"] = CPUOffloadPolicy()
+    sharded = [name for name, objective in stack.items() if list(objective.parameters())]
+    for name in sharded:
+        fully_shard(stack[name], **config)
+    logger.info(f"Applied FSDP to the objectives, one unit each: {', '.join(sharded)}")
+    # torchtitan normalizes gradients by the global token count itself.
+    for module in stack.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+
+
+def tensor_parallelize_objectives(stack: ObjectiveStack, tp_mesh: Any) -> None:
+    for name, objective in stack.objectives().items():
+        plan = objective.tensor_parallel_plan()
+        if plan:
+            parallelize_module(objective, tp_mesh, plan)
+        missed = [key for key, p in objective.named_parameters() if not isinstance(p, DTensor)]
+        if missed:
+            raise RuntimeError(
+                f"objective {name!r}: tensor_parallel_plan() leaves parameters "
+                f"{', '.join(missed)} unsplit; their gradients would not be reduced over "
+                "the tensor-parallel group"
+            )
+
+
+def owned_blocks(stack: ObjectiveStack, block_cls: type[nn.Module]) -> list[tuple[nn.Module, str]]:
+    """(parent, attribute) of each block of the model's own kind that an objective owns."""
+    return [
+        (parent, attribute)
+        for parent in stack.modules()
+        for attribute, child in parent.named_children()
+        if isinstance(child, block_cls)
+    ]

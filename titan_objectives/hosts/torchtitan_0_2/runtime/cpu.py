@@ -1,0 +1,61 @@
+"""Lets torchtitan 0.2.2 train on a machine without an accelerator, with gloo.
+
+Besides the patches both hosts need (``hosts.common.cpu_patches``: device type and
+module, SUM reductions in FSDP2, integer ``histc``), torchtitan 0.2.2 imports a Triton
+kernel at package import, which CPU builds of torch cannot: a plain-PyTorch module
+stands in. ``activate()`` applies them before torchtitan is imported, and does nothing
+when CUDA is available.
+"""
+
+import importlib
+import sys
+import types
+
+import torch
+
+from titan_objectives.hosts.common import cpu_patches
+
+_active = False
+
+
+def is_active() -> bool:
+    return _active
+
+
+def activate() -> bool:
+    """Apply the CPU patches if there is no CUDA device. Returns whether they are active."""
+    global _active
+    if _active:
+        return True
+    if torch.cuda.is_available():
+        return False
+    if "torchtitan" in sys.modules:
+        raise RuntimeError(
+            f"{__name__}.activate() must run before torchtitan is imported: torchtitan "
+            "fixes its device type at import time"
+        )
+    _install_moe_kernels_without_triton()
+    cpu_patches.import_torchtitan_with_cpu_device()
+    cpu_patches.force_sum_reductions_in_fsdp()
+    cpu_patches.histc_of_integers()
+    _active = True
+    return True
+
+
+def _install_moe_kernels_without_triton() -> None:
+    """``torchtitan.models.moe.kernels`` imports triton at module level; provide the one
+    function MoE uses, in plain PyTorch, under the same module name."""
+    if importlib.util.find_spec("triton") is not None:
+        return
+    from titan_objectives.hosts.torchtitan_0_2.runtime import moe_permute
+
+    module = types.ModuleType("torchtitan.models.moe.kernels")
+    module.generate_permute_indices = moe_permute.generate_permute_indices
+    module.__all__ = ["generate_permute_indices"]
+    sys.modules[module.__name__] = module
+
+
+def exit_after_training() -> None:
+    """End the process once training has finished (see ``cpu_patches.exit_now``)."""
+    if _active:
+        cpu_patches.exit_now()

@@ -1,0 +1,20 @@
+"""``python -m titan_objectives.hosts.torchtitan_0_3.baseline --module M --config FN``:
+torchtitan 0.3's own ``torchtitan.train.main`` (its Trainer, no objectives) with this
+project's CPU runtime and local datasets, the reference the tests compare against."""
+
+from titan_objectives.hosts.torchtitan_0_3.runtime import cpu
+
+
+def main() -> None:
+    cpu.activate()
+    import torchtitan.train
+
+    from titan_objectives.hosts.torchtitan_0_3.runtime.datasets import register_datasets
+
+    register_datasets()
+    torchtitan.train.main()
+    cpu.exit_after_training()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""``python -m titan_objectives.train --module M --config FN [--section.key value ...]``
+on torchtitan 0.3.
+
+``M`` and ``FN`` are torchtitan's: a model name (``llama3``, ``deepseek_v3``, ``qwen3``)
+and one of its config functions, or ``titan_objectives.hosts.torchtitan_0_3`` and one of
+ours. A config that is not already an ``ObjectiveTrainer.Config`` is wrapped with
+``with_objectives``. ``--objectives.toml FILE`` loads the ``[objectives]`` table of a
+TOML file (the 0.2.2 syntax); ``--objectives.*`` flags apply on top of it.
+"""
+
+import sys
+from typing import Any
+
+from titan_objectives.hosts.torchtitan_0_3.runtime import cpu
+
+TOML_FLAG = "--objectives.toml"
+
+
+def _pop_toml_flag(args: list[str]) -> tuple[list[str], str | None]:
+    rest, path = [], None
+    i = 0
+    while i < len(args):
+        key, eq, value = args[i].partition("=")
+        if key == TOML_FLAG:
+            if not eq:
+                if i + 1 >= len(args):
+                    raise ValueError(f"{TOML_FLAG} needs a file")
+                value, i = args[i + 1], i + 1
+            path = value
+        else:
+            rest.append(args[i])
+        i += 1
+    return rest, path
+
+
+def objectives_table(path: str) -> dict[str, Any]:
+    """The ``[objectives]`` table of a TOML file (empty if it has none)."""
+    import tomllib
+
+    from titan_objectives.config import SECTION, ObjectivesConfigError
+
+    try:
+        with open(path, "rb") as f:
+            toml = tomllib.load(f)
+    except FileNotFoundError:
+        raise ObjectivesConfigError(f"{TOML_FLAG} {path!r} does not exist") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ObjectivesConfigError(f"{TOML_FLAG} {path!r} is not valid TOML: {error}") from None
+    table = toml.get(SECTION, {})
+    if not isinstance(table, dict):
+        raise ObjectivesConfigError(f"{TOML_FLAG} {path!r}: {SECTION} must be a table")
+    return table
+
+
+def parse_config(args: list[str]) -> Any:
+    """An ``ObjectiveTrainer.Config`` from a torchtitan 0.3 command line."""
+    from torchtitan.config.manager import ConfigManager
+
+    from titan_objectives.config import objectives_from_table
+    from titan_objectives.hosts.torchtitan_0_3.config_registry import with_objectives
+    from titan_objectives.hosts.torchtitan_0_3.trainer import ObjectiveTrainer
+
+    args, toml_path = _pop_toml_flag(args)
+    section = objectives_from_table(objectives_table(toml_path)) if toml_path else None
+
+    class ObjectiveConfigManager(ConfigManager):
+        def _load_config(self, args: list[str]) -> tuple[object, list[str]]:
+            loaded, rest = super()._load_config(args)
+            if not isinstance(loaded, ObjectiveTrainer.Config):
+                loaded = with_objectives(loaded)
+            if section is not None:
+                loaded.objectives = section
+            return loaded, rest
+
+    return ObjectiveConfigManager().parse_args(args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cpu.activate()
+
+    import torch
+    from torchtitan.tools.logging import init_logger
+
+    from titan_objectives.config import ObjectivesConfigError
+    from titan_objectives.hosts.common.nonfinite import NonFiniteLossError
+    from titan_objectives.hosts.torchtitan_0_3.preflight import exit_on_config_error
+    from titan_objectives.hosts.torchtitan_0_3.runtime.datasets import register_datasets
+
+    init_logger()
+    register_datasets()
+    trainer = None
+    try:
+        config = parse_config(sys.argv[1:] if argv is None else argv)
+        trainer = config.build()
+        if config.checkpoint.create_seed_checkpoint:
+            trainer.checkpointer.save(curr_step=0, last_step=True)
+        else:
+            trainer.train()
+    except ObjectivesConfigError as error:
+        exit_on_config_error(error)
+    except NonFiniteLossError as error:
+        print(f"titan-objectives: {error}", file=sys.stderr)
+        raise SystemExit(3) from None
+    finally:
+        if trainer is not None:
+            trainer.close()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    cpu.exit_after_training()

@@ -1,0 +1,95 @@
+"""How the objectives reach the pieces of a torchtitan 0.3 model.
+
+Every language model of torchtitan 0.3 is a ``models.common.decoder.Decoder``
+(``tok_embeddings -> layers["0".."n-1"] -> norm -> lm_head``) whose blocks take
+``(hidden, attention_masks, positions)`` and build their own rotary embeddings, so one
+adapter serves llama3, qwen3 and deepseek_v3 alike.
+"""
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchtitan.models.common.decoder import Decoder
+
+from titan_objectives.hosts.common.capture import documents_starting_at
+from titan_objectives.objective import ModelInfo
+
+
+class DecoderLayout:
+    """Where a ``Decoder`` keeps what the hidden-state hooks attach to."""
+
+    def layer_module(self, model: nn.Module, layer: int) -> nn.Module:
+        return model.tok_embeddings if layer == 0 else model.layers[str(layer - 1)]
+
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        return model.norm
+
+    def output_head(self, model: nn.Module) -> nn.Module:
+        return model.lm_head
+
+
+class DecoderSharedModules:
+    """``SharedModules`` of a torchtitan 0.3 ``Decoder``, looked up on the live model at
+    each call (so they see the parameters as parallelization left them). Without a model
+    (objectives built on the meta device for the config checks) only ``new_block`` works."""
+
+    def __init__(self, model: nn.Module | None, model_config: Decoder.Config):
+        self._model = model
+        self._model_config = model_config
+
+    def _live_model(self) -> nn.Module:
+        if self._model is None:
+            raise RuntimeError(
+                "SharedModules: the model does not exist yet (objectives are being built for "
+                "the config checks); use the model's modules only in forward"
+            )
+        return self._model
+
+    def output_weight(self) -> torch.Tensor:
+        return self._live_model().lm_head.weight
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.output_weight())
+
+    def new_block(self, index: int) -> nn.Module:
+        """A block built from the config of the model's last block (as torchtitan 0.3's
+        own MTP builds its blocks), with its rotary embedding for ``training.seq_len``."""
+        return copy.deepcopy(self._model_config.layers[-1]).build()
+
+    def init_block(self, block: nn.Module) -> None:
+        block.init_states(buffer_device=None)
+
+    def run_block(self, block: nn.Module, hidden: torch.Tensor, context: dict) -> torch.Tensor:
+        return _run_block(block, hidden, context.get("attention_masks"), context.get("positions"))
+
+
+@torch.compiler.disable
+def _run_block(
+    block: nn.Module, hidden: torch.Tensor, masks: Any, positions: torch.Tensor | None
+) -> torch.Tensor:
+    """A block outside any compiled objective graph: torchtitan gives it the trunk blocks'
+    compile, activation checkpointing and FSDP unit itself."""
+    return block(hidden, masks, positions)
+
+
+def model_info(
+    model_config: Decoder.Config, seq_len: int, shared: DecoderSharedModules | None = None
+) -> ModelInfo:
+    return ModelInfo(
+        dim=model_config.dim,
+        n_layers=len(model_config.layers),
+        vocab_size=model_config.vocab_size,
+        seq_len=seq_len,
+        norm_eps=model_config.norm.eps,
+        shared=shared,
+    )
+
+
+def documents_of(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """torchtitan 0.3 packs documents with position ids that restart at 0 with each
+    document (and masks attention by them): the documents follow from ``positions``."""
+    positions = kwargs.get("positions")
+    return None if positions is None else documents_starting_at(positions)

@@ -1,0 +1,137 @@
+"""Checks that run before torchtitan 0.3 allocates anything: a bad config fails in
+seconds, with a message that names the CLI flag, the value and what is allowed."""
+
+import copy
+import dataclasses
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torchtitan.models.common.decoder import Decoder
+
+from titan_objectives.config import (
+    SECTION,
+    GeometryOptions,
+    ObjectivesConfigError,
+    resolve_stack,
+)
+from titan_objectives.hosts.common.checks import (
+    check_parallelism,
+    declarations,
+    warn_if_nothing_reads_the_head,
+)
+from titan_objectives.hosts.common.corpus import DATASET_NAME, corpus_files
+from titan_objectives.hosts.torchtitan_0_3.model_adapter import DecoderSharedModules, model_info
+from titan_objectives.objective import ModelInfo, ObjectiveOptions, Requirements
+
+
+@dataclass
+class CheckedConfig:
+    model_config: Decoder.Config
+    """The model's config as the Trainer will build it (``update_from_config`` applied)."""
+    model_info: ModelInfo
+    options: dict[str, ObjectiveOptions]
+    needs: dict[str, Requirements]
+    nonfinite: str
+    geometry: GeometryOptions
+
+
+def _model_config(config: Any) -> Decoder.Config:
+    spec = config.model_spec
+    if spec is None:
+        raise ObjectivesConfigError(
+            "the config has no model: --module M --config FN must name a config function "
+            "that returns a Trainer.Config with model_spec set"
+        )
+    if not isinstance(spec.model, Decoder.Config):
+        raise ObjectivesConfigError(
+            f"--module {spec.name}: {type(spec.model).__qualname__} is not a decoder language "
+            "model (models.common.decoder.Decoder); titan-objectives trains llama3, qwen3 and "
+            "deepseek_v3"
+        )
+    if getattr(spec.model, "mtp_layers", None):
+        raise ObjectivesConfigError(
+            f"--module {spec.name} (flavor {spec.flavor!r}) has torchtitan's own MTP layers "
+            f"({len(spec.model.mtp_layers)}); use a config without them and put mtp in "
+            f"{SECTION}.stack instead (--objectives.stack ntp,mtp)"
+        )
+    model_config = copy.deepcopy(spec.model)
+    model_config.update_from_config(config=config)  # as the Trainer does before building
+    return model_config
+
+
+def _check_runtime(config: Any) -> None:
+    if config.parallelism.spmd_backend != "partial_dtensor":
+        raise ObjectivesConfigError(
+            f"parallelism.spmd_backend = {config.parallelism.spmd_backend!r}: the objectives "
+            "run on plain tensors, with DTensor for the model-parallel axes only; use "
+            "--parallelism.spmd_backend partial_dtensor (with_objectives() sets it)"
+        )
+    if config.parallelism.tensor_parallel_degree > 1:
+        raise ObjectivesConfigError(
+            f"parallelism.tensor_parallel_degree = {config.parallelism.tensor_parallel_degree}: "
+            "the torchtitan 0.3 host does not run objectives under tensor parallelism yet "
+            "(the torchtitan 0.2.2 host does); use FSDP (parallelism.data_parallel_shard_degree)"
+        )
+    if not config.training.disable_cuda_graphs:
+        raise ObjectivesConfigError(
+            "training.disable_cuda_graphs = False: the objectives' step (sampled geometry, "
+            "host reads on logging steps) cannot be captured in a CUDA graph; pass "
+            "--training.disable_cuda_graphs (the configs of titan_objectives.hosts."
+            "torchtitan_0_3.config_registry and with_objectives() set it)"
+        )
+
+
+def _check_paths(config: Any) -> None:
+    assets = Path(config.hf_assets_path)
+    if not (assets / "tokenizer.json").is_file():
+        raise ObjectivesConfigError(
+            f"hf_assets_path = {str(assets)!r} has no tokenizer.json (the bundled one: "
+            "--hf_assets_path ./assets/tokenizer-bpe2k-tiny)"
+        )
+    loaders = [("dataloader", config.dataloader)]
+    if config.validator.enable:
+        loaders.append(("validator.dataloader", config.validator.dataloader))
+    for key, loader in loaders:
+        if getattr(loader, "dataset", None) == DATASET_NAME and loader.dataset_path:
+            try:
+                corpus_files(loader.dataset_path)
+            except FileNotFoundError as error:
+                raise ObjectivesConfigError(f"{key}.dataset_path: {error}") from None
+
+
+def check_config(config: Any) -> CheckedConfig:
+    """Everything the objectives need from a parsed config, validated."""
+    if not hasattr(config, SECTION):
+        raise ObjectivesConfigError(
+            "the config has no objectives section: build it with ObjectiveTrainer.Config or "
+            "with_objectives(config) (titan_objectives.hosts.torchtitan_0_3)"
+        )
+    model_config = _model_config(config)
+    seq_len = config.training.seq_len
+    info = model_info(model_config, seq_len)
+    options = resolve_stack(config.objectives, info)
+    spec = config.model_spec
+    needs = declarations(
+        options,
+        model_info(model_config, seq_len, DecoderSharedModules(None, model_config)),
+        f"--module {spec.name} (flavor {spec.flavor!r})",
+    )
+    warn_if_nothing_reads_the_head(options, needs)
+    check_parallelism(config, options, needs)
+    _check_runtime(config)
+    _check_paths(config)
+    return CheckedConfig(
+        model_config,
+        info,
+        options,
+        needs,
+        config.objectives.nonfinite,
+        dataclasses.replace(config.objectives.geometry),
+    )
+
+
+def exit_on_config_error(error: ObjectivesConfigError) -> None:
+    print(f"titan-objectives: config error: {error}", file=sys.stderr)
+    raise SystemExit(2)

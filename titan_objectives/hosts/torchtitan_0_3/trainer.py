@@ -1,0 +1,281 @@
+"""torchtitan 0.3's Trainer, with the loss computed by the objective stack.
+
+``ObjectiveTrainer.Config`` is torchtitan's ``Trainer.Config`` plus ``objectives`` (the
+same section, options and checks as the ``[objectives]`` table of the 0.2.2 host), so
+``config.build()`` makes this trainer and tyro parses ``--objectives.*`` flags.
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import spmd_types as spmd
+import torch
+from torch import nn
+from torchtitan.components.checkpointer import MODEL, ModelWrapper
+from torchtitan.tools.logging import logger
+from torchtitan.trainer import Trainer
+
+from titan_objectives.config import ObjectiveOptions, Objectives
+from titan_objectives.hosts.common import checkpoint_state
+from titan_objectives.hosts.common.capture import HiddenStateTap
+from titan_objectives.hosts.common.geometry_probe import GeometryProbe
+from titan_objectives.hosts.common.nonfinite import NonFiniteGuard
+from titan_objectives.hosts.common.parallelize import (
+    compile_objectives,
+    owned_blocks,
+    shard_objectives,
+)
+from titan_objectives.hosts.common.running_metrics import ObjectiveMetrics, console_line
+from titan_objectives.hosts.torchtitan_0_3.model_adapter import (
+    DecoderLayout,
+    DecoderSharedModules,
+    documents_of,
+    model_info,
+)
+from titan_objectives.hosts.torchtitan_0_3.preflight import CheckedConfig, check_config
+from titan_objectives.hosts.torchtitan_0_3.validation import ObjectiveValidation
+from titan_objectives.objective import IGNORE_INDEX, Requirements
+from titan_objectives.sequence import UNSHARDED
+from titan_objectives.stack import ObjectiveStack
+
+try:  # torchtitan's module protocol: initialized by the model's own init_states
+    from torchtitan.protocols.module import Module as _TitanModule
+except ImportError:  # pragma: no cover - seams.py pins the version
+    _TitanModule = nn.Module
+
+
+class HostedObjectiveStack(ObjectiveStack, _TitanModule):
+    """The stack as a torchtitan 0.3 module: ``model.init_weights`` initializes the
+    blocks of the model's kind it holds (torchtitan modules) and then, here, the rest."""
+
+    def _init_self_parameters(self) -> None:
+        self.init_weights()
+
+
+def parallelize_with_objectives(
+    parallelize_fn: Any,
+    options: dict[str, ObjectiveOptions],
+    model_config: Any,
+    model: nn.Module,
+    **kwargs: Any,
+) -> nn.Module:
+    """torchtitan's parallelize function, with the objectives attached to the model.
+
+    Blocks of the model's own kind that objectives own (MTP's) are lent to ``layers``
+    while torchtitan parallelizes, so they get the trunk blocks' activation
+    checkpointing, compile and FSDP2 unit; the rest of each objective then gets its own
+    compile and FSDP2 unit. The stack joins the model afterwards, so that torchtitan's
+    root ``fully_shard`` does not absorb it, and before the optimizer sees the parameters.
+    """
+    training, parallelism, parallel_dims = (
+        kwargs["training"], kwargs["parallelism"], kwargs["parallel_dims"],
+    )  # fmt: skip
+    shared = DecoderSharedModules(model, model_config)
+    with torch.device("meta"):
+        stack = HostedObjectiveStack(options, model_info(model_config, training.seq_len, shared))
+    blocks = owned_blocks(stack, type(model.layers[str(len(model.layers) - 1)]))
+    first_lent = len(model.layers)
+    for i, (parent, attribute) in enumerate(blocks):
+        model.layers[str(first_lent + i)] = getattr(parent, attribute)
+    model = parallelize_fn(model, **kwargs)
+    for i, (parent, attribute) in enumerate(blocks):
+        key = str(first_lent + i)
+        setattr(parent, attribute, model.layers[key])  # as wrapped: AC, compile, FSDP
+        del model.layers[key]
+    if not isinstance(kwargs["ac_config"], type(None)) and blocks:
+        logger.info(f"Parallelized {len(blocks)} objective block(s) like the model's own")
+    compile_config = kwargs["compile_config"]
+    if compile_config.enable and "loss" in compile_config.components:
+        compile_objectives(stack, compile_config.backend)
+    # torchtitan 0.3 applies FSDP2 always (a no-op gather at degree 1): so does the stack.
+    names = ["dp_replicate", "fsdp"] if parallel_dims.dp_replicate_enabled else ["fsdp"]
+    shard_objectives(
+        stack, parallel_dims.get_mesh(names), training, parallelism.fsdp_reshard_after_forward
+    )
+    model.objectives = stack
+    return model
+
+
+class ObjectiveTrainer(Trainer):
+    @dataclass(kw_only=True, slots=True)
+    class Config(Trainer.Config):
+        objectives: Objectives = field(default_factory=Objectives)  # type: ignore[valid-type]
+        """Loss objectives (titan-objectives): --objectives.stack ntp,nitp etc."""
+
+    objective_stack: ObjectiveStack
+    objective_metrics: ObjectiveMetrics
+    hidden_states: HiddenStateTap
+
+    def __init__(self, config: Config):
+        checked = check_config(config)
+        self.pipeline_passthrough = config.parallelism.pipeline_parallel_degree > 1
+        if self.pipeline_passthrough:
+            logger.info(
+                "Pipeline parallel with a plain ntp stack: torchtitan's own training step "
+                "(no objectives/* metrics)"
+            )
+            super().__init__(config)
+            return
+        spec = config.model_spec
+        config.model_spec = dataclasses.replace(
+            spec,
+            parallelize_fn=partial(
+                parallelize_with_objectives, spec.parallelize_fn, checked.options,
+                checked.model_config,
+            ),
+        )  # fmt: skip
+        super().__init__(config)
+        if config.checkpoint.create_seed_checkpoint:
+            self._attach_objectives_for_the_seed(checked)
+            return
+
+        model = self.model_parts[0]
+        self.objective_stack = model.objectives
+        needs = self.objective_stack.requirements()
+        # The model returns logits only when an objective reads them; its own loss
+        # function (config.loss) is not used.
+        self.reads_logits = needs.logits
+        model._skip_lm_head = not needs.logits
+        self.objective_metrics = ObjectiveMetrics(self.objective_stack.weights())
+        self.loss_mesh = (
+            self.parallel_dims.get_optional_mesh("loss")
+            if self.parallel_dims.dp_cp_enabled
+            else None
+        )
+        self._log_objectives_with_metrics()
+        self.sequence = UNSHARDED
+        self.geometry, self.geometry_freq = self._build_geometry(checked)
+        if self.geometry is not None:
+            needs = needs | Requirements(
+                final_hidden=True, layers=frozenset(self.geometry.keys[1:])
+            )
+        self.hidden_states = HiddenStateTap(model, DecoderLayout(), needs, documents_of)
+        if config.validator.enable:
+            ObjectiveValidation(
+                self.validator, self.hidden_states, self.objective_stack, self.geometry,
+                self.loss_mesh, self.sequence, self.reads_logits,
+            )  # fmt: skip
+        if self.checkpointer.enable:
+            checkpoint_state.install(self.checkpointer)
+        self.nonfinite: NonFiniteGuard | None = None
+        if checked.nonfinite != "off":
+            self.nonfinite = NonFiniteGuard(
+                list(self.objective_stack), checked.nonfinite, self.optimizers, self.loss_mesh,
+                self.device,
+            )  # fmt: skip
+
+    def _attach_objectives_for_the_seed(self, checked: CheckedConfig) -> None:
+        """torchtitan skips the parallelize function for a seed checkpoint, so the stack
+        joins the model here (on the CPU, initialized) and the checkpoint's model state
+        is taken again, with it."""
+        model = self.model_parts[0]
+        shared = DecoderSharedModules(model, checked.model_config)
+        info = model_info(checked.model_config, self.config.training.seq_len, shared)
+        model.objectives = HostedObjectiveStack(checked.options, info)
+        with torch.no_grad():
+            model.objectives.init_weights()
+        self.checkpointer.states[MODEL] = ModelWrapper(self.model_parts)
+
+    def _log_objectives_with_metrics(self) -> None:
+        """torchtitan's metrics line and TensorBoard, plus the objectives' values."""
+        processor = self.metrics_processor
+        log = processor.log
+
+        def log_with_objectives(
+            step: int,
+            global_avg_loss: float,
+            global_max_loss: float,
+            grad_norm: float,
+            extra_metrics: dict[str, Any] | None = None,
+        ) -> None:
+            values = self.objective_metrics.reduce(self.loss_mesh)
+            log(
+                step,
+                global_avg_loss,
+                global_max_loss,
+                grad_norm,
+                {**(extra_metrics or {}), **values},
+            )
+            color = processor.color
+            logger.info(
+                f"{color.green}step: {step:2}  objectives  {console_line(values)}{color.reset}"
+            )
+
+        processor.log = log_with_objectives
+
+    def _build_geometry(self, checked: CheckedConfig) -> tuple[GeometryProbe | None, int]:
+        options = checked.geometry
+        if not options.freq and not self.config.validator.enable:
+            return None, 0
+        if self.parallel_dims.dp_enabled:
+            batch_mesh = self.parallel_dims.get_mesh("batch")
+            dp_size, dp_rank = batch_mesh.size(), batch_mesh.get_local_rank()
+        else:
+            dp_size, dp_rank = 1, 0
+        probe = GeometryProbe(
+            layers=options.resolved_layers(self.objective_stack.requirements().geometry_layers),
+            max_tokens=max(options.max_tokens, checked.model_info.dim),
+            pairs=options.pairs,
+            mesh=self.loss_mesh,
+            dp_rank=dp_rank,
+            dp_size=dp_size,
+            sequence=self.sequence,
+        )
+        return probe, options.freq
+
+    def _geometry_due(self) -> bool:
+        return bool(self.geometry_freq) and self.step % self.geometry_freq == 0
+
+    def train_step(self, data_iterator: Any) -> None:
+        if self.pipeline_passthrough:
+            return super().train_step(data_iterator)
+        if self.nonfinite is not None:
+            self.nonfinite.start_step(self.step)
+        self._geometry_sampled = False
+        self.objective_metrics.reset()
+        self.objective_stack.set_step(self.step)
+        self.objective_metrics.weights = self.objective_stack.weights()
+        super().train_step(data_iterator)
+        if self._geometry_due():
+            values = self.geometry.measure(seed=self.step)
+            self.metrics_processor.logger.log(
+                {f"geometry/{k}": v for k, v in values.items()}, self.step
+            )
+            final = "  ".join(
+                f"{k.split('/')[1]}: {v:.4g}" for k, v in values.items() if k.startswith("final/")
+            )
+            logger.info(f"step: {self.step:2}  geometry of the final hidden states  {final}")
+        last_step = self.step == self.config.training.steps
+        if self.nonfinite is not None and (
+            self.metrics_processor.should_log(self.step) or last_step
+        ):
+            self.nonfinite.report()
+
+    def _forward_backward_body(
+        self,
+        inputs: torch.Tensor,
+        labels: torch.Tensor,
+        global_valid_tokens: torch.Tensor,
+        extra_kwargs: dict[str, Any],
+    ) -> torch.Tensor:
+        with self.train_context():
+            with self.hidden_states.capture() as captured:
+                pred = self.model_parts[0](inputs, **extra_kwargs)
+            if self._geometry_due() and not self._geometry_sampled:
+                valid = labels != IGNORE_INDEX
+                self.geometry.take_sample(captured.hidden, seed=self.step, valid=valid)
+                self._geometry_sampled = True
+            logits = pred if self.reads_logits else None
+            output = self.objective_stack(captured.features(labels, logits, self.sequence))
+            loss = output.weighted_loss_sum / global_valid_tokens
+            # Free the logits and hidden states before backward, as torchtitan does.
+            del pred, logits, captured
+            with spmd.no_typecheck():
+                loss.backward()
+
+        self.objective_metrics.add(output, global_valid_tokens)
+        if self.nonfinite is not None:
+            self.nonfinite.record([out.loss_sum for out in output.outputs.values()])
+        return loss
