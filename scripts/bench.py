@@ -105,7 +105,15 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run of the debug model")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument(
+        "--stacks", default=",".join(STACKS),
+        help=f"comma-separated rows to measure, ntp first (default: all: {','.join(STACKS)})",
+    )  # fmt: skip
     args = parser.parse_args()
+    chosen = args.stacks.split(",")
+    unknown = [name for name in chosen if name not in STACKS]
+    if unknown or chosen[0] != "ntp":
+        parser.error(f"--stacks {args.stacks!r}: start with ntp and choose from {list(STACKS)}")
 
     from titan_objectives.hosts.torchtitan_0_2.runtime import cpu as cpu_runtime
 
@@ -131,7 +139,8 @@ def main() -> None:
           "| FLOPs vs ntp |\n|---|---|---|---|---|---|---|")  # fmt: skip
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, (module, stack_args) in STACKS.items():
+        for name in chosen:
+            module, stack_args = STACKS[name]
             tb = run(module, [*size, *stack_args], Path(tmp) / str(len(rows)), steps)
             rows[name] = (
                 median_after(tb["throughput(tps)"], warmup),

@@ -143,11 +143,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for path in compare_runs(args.runs, args.out):
             print(path)
         return 0
+    if args.command == "list":
+        return list_command()
+    # validate reads TOML job configs: the torchtitan 0.2.2 host's.
     from titan_objectives.hosts.torchtitan_0_2.runtime import cpu as cpu_runtime
 
     cpu_runtime.activate()
-    if args.command == "list":
-        return list_command()
     return validate_command(args.config, args.overrides)
 
 

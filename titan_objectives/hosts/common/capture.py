@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from titan_objectives.objective import Features, Requirements
 from titan_objectives.sequence import SequenceShards
@@ -46,6 +46,18 @@ def documents_starting_at(positions: torch.Tensor) -> torch.Tensor:
     starts = (positions == 0).int()
     starts[:, 0] = 1
     return starts.cumsum(dim=1) - 1
+
+
+def sequence_shard(hidden: torch.Tensor) -> torch.Tensor:
+    """This rank's plain sequence shard of a hidden state. Under tensor parallelism the
+    model's modules return DTensors: sequence shards (``Shard(1)``), or whole sequences
+    replicated on every rank (torchtitan 0.3's final norm), which are cut to this rank's
+    shard, so that objectives see every hidden state the same way."""
+    if not isinstance(hidden, DTensor):
+        return hidden
+    if all(isinstance(p, Replicate) for p in hidden.placements):
+        hidden = hidden.redistribute(hidden.device_mesh, [Shard(1)] * hidden.device_mesh.ndim)
+    return hidden.to_local()
 
 
 @dataclass
@@ -123,10 +135,7 @@ class HiddenStateTap:
     def _keep(self, key: int | str):
         def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
             if self._capture is not None:
-                # Under sequence parallelism the final norm returns a DTensor; objectives
-                # get every hidden state as this rank's plain sequence shard.
-                local = output.to_local() if isinstance(output, DTensor) else output
-                self._capture.hidden[key] = local
+                self._capture.hidden[key] = sequence_shard(output)
 
         return hook
 

@@ -38,7 +38,11 @@ class NonFiniteGuard:
     ):
         self.names, self.policy, self.mesh = names, policy, mesh
         self._optimizers = optimizers.optimizers
-        self.on_device = all(opt.defaults.get("fused") for opt in self._optimizers)
+        # Fused per parameter group (torchtitan 0.3 sets it there, 0.2.2 in the defaults
+        # every group inherits).
+        self.on_device = all(
+            group.get("fused") for opt in self._optimizers for group in opt.param_groups
+        )
         self._flags = torch.zeros(len(names), dtype=torch.bool, device=device)
         # Since the last report: how many steps each objective was not finite, and the
         # first such step (0: none).
@@ -46,6 +50,7 @@ class NonFiniteGuard:
         self._any_bad_steps = torch.zeros((), dtype=torch.int64, device=device)
         self._first_bad_step = torch.zeros((), dtype=torch.int64, device=device)
         self._step = 0
+        self._step_skipped = torch.zeros((), dtype=torch.bool)
         apply_step = optimizers.step
 
         def guarded_step(*args: Any, **kwargs: Any) -> Any:
@@ -56,6 +61,11 @@ class NonFiniteGuard:
     def start_step(self, step: int) -> None:
         self._step = step
         self._flags.zero_()
+        self._step_skipped = torch.zeros((), dtype=torch.bool)
+
+    def step_skipped(self) -> bool:
+        """Whether the current step's optimizer step was skipped (reads the device)."""
+        return bool(self._step_skipped)
 
     def record(self, loss_sums: list[torch.Tensor]) -> None:
         """One micro-batch's loss sums, in ``names`` order."""
@@ -66,6 +76,7 @@ class NonFiniteGuard:
         if self.mesh is not None:
             flags = funcol.all_reduce(flags.to(torch.float32), "max", self.mesh).bool()
         any_bad = flags.any()
+        self._step_skipped = any_bad
         self._bad_steps += flags.long()
         self._any_bad_steps += any_bad.long()
         self._first_bad_step = torch.where(
@@ -81,14 +92,15 @@ class NonFiniteGuard:
             optimizer.found_inf = found_inf
         return apply_step(*args, **kwargs)
 
-    def report(self) -> None:
+    def report(self) -> bool:
         """Tell of the non-finite steps since the last report (reads the device): stop
-        under ``error``, warn under ``skip``. Call at logging steps and at the end."""
+        under ``error``, warn under ``skip``. Call at logging steps and at the end.
+        Returns whether there were any."""
         *counts, total, first = torch.cat(
             [self._bad_steps, self._any_bad_steps.view(1), self._first_bad_step.view(1)]
         ).tolist()  # one read
         if not total:
-            return
+            return False
         for tensor in (self._bad_steps, self._any_bad_steps, self._first_bad_step):
             tensor.zero_()
         bad = [name for name, count in zip(self.names, counts, strict=True) if count]
@@ -98,7 +110,7 @@ class NonFiniteGuard:
             what += f", and at {more} more step(s) up to step {self._step}"
         if self.policy == "skip":
             logger.warning(f"{what}; the optimizer skipped those steps")
-            return
+            return True
         raise NonFiniteLossError(
             f"{what}; the optimizer did not apply it, and training stopped at step "
             f"{self._step}. Set [objectives] nonfinite = 'skip' (or --objectives.nonfinite "

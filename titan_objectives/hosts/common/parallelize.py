@@ -5,9 +5,10 @@ import logging
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import parallelize_module
 
 from titan_objectives.stack import ObjectiveStack
@@ -78,3 +79,17 @@ def owned_blocks(stack: ObjectiveStack, block_cls: type[nn.Module]) -> list[tupl
         for attribute, child in parent.named_children()
         if isinstance(child, block_cls)
     ]
+
+
+def vocabulary_sharded_logits(
+    sequence_shard: torch.Tensor, weight: DTensor, keep_sharded: bool
+) -> torch.Tensor:
+    """What a model's own head does under TP: gather the sequence, multiply by this rank's
+    vocabulary rows of ``weight`` (``Shard(0)``). The logits cover the whole sequence:
+    vocabulary-sharded (a DTensor, for loss parallel) if ``keep_sharded``, else whole."""
+    mesh = weight.device_mesh
+    hidden = DTensor.from_local(sequence_shard, mesh, [Shard(1)]).redistribute(mesh, [Replicate()])
+    logits = F.linear(hidden, weight)
+    if keep_sharded:
+        return logits
+    return logits.redistribute(mesh, [Replicate()]).to_local()

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from titan_objectives.hosts.common.capture import DocumentsOf, documents_ending_at
+from titan_objectives.hosts.common.parallelize import vocabulary_sharded_logits
 from titan_objectives.objective import ModelInfo
 
 
@@ -60,14 +60,7 @@ class DecoderSharedModules:
         weight = self.output_weight()
         if self._loss_parallel is None:
             return F.linear(hidden, weight)
-        # What the model's own head does under TP (torchtitan's ColwiseParallel plan for
-        # ``output``): gather the sequence, multiply by this rank's vocabulary rows.
-        mesh = weight.device_mesh
-        hidden = DTensor.from_local(hidden, mesh, [Shard(1)]).redistribute(mesh, [Replicate()])
-        logits = F.linear(hidden, weight)
-        if self._loss_parallel:
-            return logits
-        return logits.redistribute(mesh, [Replicate()]).to_local()
+        return vocabulary_sharded_logits(hidden, weight, self._loss_parallel)
 
     def new_block(self, index: int) -> nn.Module:
         return self._block_class()(index, self._model_args)

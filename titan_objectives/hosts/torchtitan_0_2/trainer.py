@@ -10,12 +10,11 @@ from torchtitan.components.optimizer import build_optimizers_with_moe_load_balan
 from torchtitan.tools.logging import logger
 from torchtitan.train import Trainer
 
-from titan_objectives.hosts.common import checkpoint_state
+from titan_objectives.hosts.common import checkpoint_state, moe_balance
 from titan_objectives.hosts.common.capture import HiddenStateTap
 from titan_objectives.hosts.common.geometry_probe import GeometryProbe
 from titan_objectives.hosts.common.nonfinite import NonFiniteGuard
 from titan_objectives.hosts.common.running_metrics import ObjectiveMetrics
-from titan_objectives.hosts.torchtitan_0_2 import moe_balance
 from titan_objectives.hosts.torchtitan_0_2.model_adapter import documents_of
 from titan_objectives.hosts.torchtitan_0_2.preflight import check_job_config
 from titan_objectives.hosts.torchtitan_0_2.spec import wrap_train_spec

@@ -60,7 +60,6 @@ def _on_bundled_data(config: Trainer.Config, **training: Any) -> Trainer.Config:
         training=dataclasses.replace(
             config.training, mixed_precision_param="float32", dtype="float32", **sizes
         ),
-        parallelism=dataclasses.replace(config.parallelism, pipeline_parallel_schedule="1F1B"),
     )
 
 

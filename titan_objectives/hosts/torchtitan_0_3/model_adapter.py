@@ -12,9 +12,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
 from torchtitan.models.common.decoder import Decoder
 
-from titan_objectives.hosts.common.capture import documents_starting_at
+from titan_objectives.hosts.common.capture import documents_starting_at, sequence_shard
+from titan_objectives.hosts.common.parallelize import vocabulary_sharded_logits
 from titan_objectives.objective import ModelInfo
 
 
@@ -39,6 +42,12 @@ class DecoderSharedModules:
     def __init__(self, model: nn.Module | None, model_config: Decoder.Config):
         self._model = model
         self._model_config = model_config
+        self._tp_mesh: DeviceMesh | None = None
+
+    def use_tensor_parallel(self, tp_mesh: DeviceMesh) -> None:
+        """The head is vocabulary-sharded and hidden states are sequence shards; torchtitan
+        0.3 always computes the loss on vocabulary-sharded logits (loss parallel)."""
+        self._tp_mesh = tp_mesh
 
     def _live_model(self) -> nn.Module:
         if self._model is None:
@@ -52,7 +61,9 @@ class DecoderSharedModules:
         return self._live_model().lm_head.weight
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.output_weight())
+        if self._tp_mesh is None:
+            return F.linear(hidden, self.output_weight())
+        return vocabulary_sharded_logits(hidden, self.output_weight(), keep_sharded=True)
 
     def new_block(self, index: int) -> nn.Module:
         """A block built from the config of the model's last block (as torchtitan 0.3's
@@ -63,16 +74,24 @@ class DecoderSharedModules:
         block.init_states(buffer_device=None)
 
     def run_block(self, block: nn.Module, hidden: torch.Tensor, context: dict) -> torch.Tensor:
-        return _run_block(block, hidden, context.get("attention_masks"), context.get("positions"))
+        masks, positions = context.get("attention_masks"), context.get("positions")
+        return _run_block(block, hidden, masks, positions, self._tp_mesh)
 
 
 @torch.compiler.disable
 def _run_block(
-    block: nn.Module, hidden: torch.Tensor, masks: Any, positions: torch.Tensor | None
+    block: nn.Module,
+    hidden: torch.Tensor,
+    masks: Any,
+    positions: torch.Tensor | None,
+    tp_mesh: DeviceMesh | None,
 ) -> torch.Tensor:
     """A block outside any compiled objective graph: torchtitan gives it the trunk blocks'
-    compile, activation checkpointing and FSDP unit itself."""
-    return block(hidden, masks, positions)
+    compile, activation checkpointing and FSDP unit itself. Under TP it takes and returns
+    sequence shards as DTensors, as the trunk's blocks do."""
+    if tp_mesh is not None:
+        hidden = DTensor.from_local(hidden, tp_mesh, [Shard(1)])
+    return sequence_shard(block(hidden, masks, positions))
 
 
 def model_info(

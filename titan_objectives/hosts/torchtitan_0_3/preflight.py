@@ -68,12 +68,6 @@ def _check_runtime(config: Any) -> None:
             "run on plain tensors, with DTensor for the model-parallel axes only; use "
             "--parallelism.spmd_backend partial_dtensor (with_objectives() sets it)"
         )
-    if config.parallelism.tensor_parallel_degree > 1:
-        raise ObjectivesConfigError(
-            f"parallelism.tensor_parallel_degree = {config.parallelism.tensor_parallel_degree}: "
-            "the torchtitan 0.3 host does not run objectives under tensor parallelism yet "
-            "(the torchtitan 0.2.2 host does); use FSDP (parallelism.data_parallel_shard_degree)"
-        )
     if not config.training.disable_cuda_graphs:
         raise ObjectivesConfigError(
             "training.disable_cuda_graphs = False: the objectives' step (sampled geometry, "

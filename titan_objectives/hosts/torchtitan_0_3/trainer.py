@@ -5,6 +5,7 @@ same section, options and checks as the ``[objectives]`` table of the 0.2.2 host
 ``config.build()`` makes this trainer and tyro parses ``--objectives.*`` flags.
 """
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from functools import partial
@@ -13,12 +14,15 @@ from typing import Any
 import spmd_types as spmd
 import torch
 from torch import nn
+from torch.distributed.tensor.parallel import loss_parallel
 from torchtitan.components.checkpointer import MODEL, ModelWrapper
+from torchtitan.components.optimizer import register_moe_load_balancing_hook
+from torchtitan.protocols.module import Module as TitanModule
 from torchtitan.tools.logging import logger
 from torchtitan.trainer import Trainer
 
 from titan_objectives.config import ObjectiveOptions, Objectives
-from titan_objectives.hosts.common import checkpoint_state
+from titan_objectives.hosts.common import checkpoint_state, moe_balance
 from titan_objectives.hosts.common.capture import HiddenStateTap
 from titan_objectives.hosts.common.geometry_probe import GeometryProbe
 from titan_objectives.hosts.common.nonfinite import NonFiniteGuard
@@ -26,6 +30,7 @@ from titan_objectives.hosts.common.parallelize import (
     compile_objectives,
     owned_blocks,
     shard_objectives,
+    tensor_parallelize_objectives,
 )
 from titan_objectives.hosts.common.running_metrics import ObjectiveMetrics, console_line
 from titan_objectives.hosts.torchtitan_0_3.model_adapter import (
@@ -37,16 +42,14 @@ from titan_objectives.hosts.torchtitan_0_3.model_adapter import (
 from titan_objectives.hosts.torchtitan_0_3.preflight import CheckedConfig, check_config
 from titan_objectives.hosts.torchtitan_0_3.validation import ObjectiveValidation
 from titan_objectives.objective import IGNORE_INDEX, Requirements
-from titan_objectives.sequence import UNSHARDED
+from titan_objectives.sequence import SequenceShards
 from titan_objectives.stack import ObjectiveStack
 
-try:  # torchtitan's module protocol: initialized by the model's own init_states
-    from torchtitan.protocols.module import Module as _TitanModule
-except ImportError:  # pragma: no cover - seams.py pins the version
-    _TitanModule = nn.Module
+# How torchtitan 0.3's train_step says it stops on a non-finite loss (see seams.py).
+NON_FINITE_STOP = "Loss is not finite"
 
 
-class HostedObjectiveStack(ObjectiveStack, _TitanModule):
+class HostedObjectiveStack(ObjectiveStack, TitanModule):
     """The stack as a torchtitan 0.3 module: ``model.init_weights`` initializes the
     blocks of the model's kind it holds (torchtitan modules) and then, here, the rest."""
 
@@ -84,8 +87,12 @@ def parallelize_with_objectives(
         key = str(first_lent + i)
         setattr(parent, attribute, model.layers[key])  # as wrapped: AC, compile, FSDP
         del model.layers[key]
-    if not isinstance(kwargs["ac_config"], type(None)) and blocks:
+    if blocks:
         logger.info(f"Parallelized {len(blocks)} objective block(s) like the model's own")
+    if parallel_dims.tp_enabled:
+        tp_mesh = parallel_dims.get_mesh("tp")
+        tensor_parallelize_objectives(stack, tp_mesh)
+        shared.use_tensor_parallel(tp_mesh)
     compile_config = kwargs["compile_config"]
     if compile_config.enable and "loss" in compile_config.components:
         compile_objectives(stack, compile_config.backend)
@@ -145,7 +152,9 @@ class ObjectiveTrainer(Trainer):
             else None
         )
         self._log_objectives_with_metrics()
-        self.sequence = UNSHARDED
+        # torchtitan's tensor parallelism is sequence parallel: objectives get shards.
+        tp = self.parallel_dims.tp_enabled
+        self.sequence = SequenceShards(self.parallel_dims.get_mesh("tp") if tp else None)
         self.geometry, self.geometry_freq = self._build_geometry(checked)
         if self.geometry is not None:
             needs = needs | Requirements(
@@ -155,10 +164,15 @@ class ObjectiveTrainer(Trainer):
         if config.validator.enable:
             ObjectiveValidation(
                 self.validator, self.hidden_states, self.objective_stack, self.geometry,
-                self.loss_mesh, self.sequence, self.reads_logits,
+                self.loss_mesh, self.sequence, self.reads_logits, self._loss_parallel,
             )  # fmt: skip
         if self.checkpointer.enable:
             checkpoint_state.install(self.checkpointer)
+        if config.model_spec.post_optimizer_build_fn is register_moe_load_balancing_hook:
+            # Balance the objectives' own routers exactly when torchtitan balances the trunk's.
+            moe_balance.install(
+                self.optimizers, self.objective_stack, self.loss_mesh, moe_balance.TORCHTITAN_0_3
+            )
         self.nonfinite: NonFiniteGuard | None = None
         if checked.nonfinite != "off":
             self.nonfinite = NonFiniteGuard(
@@ -225,6 +239,11 @@ class ObjectiveTrainer(Trainer):
         )
         return probe, options.freq
 
+    def _loss_parallel(self) -> contextlib.AbstractContextManager:
+        """Cross-entropy of vocabulary-sharded logits under TP (the objectives compute
+        it with torch's ``loss_parallel``, forward and backward)."""
+        return loss_parallel() if self.parallel_dims.tp_enabled else contextlib.nullcontext()
+
     def _geometry_due(self) -> bool:
         return bool(self.geometry_freq) and self.step % self.geometry_freq == 0
 
@@ -237,7 +256,16 @@ class ObjectiveTrainer(Trainer):
         self.objective_metrics.reset()
         self.objective_stack.set_step(self.step)
         self.objective_metrics.weights = self.objective_stack.weights()
-        super().train_step(data_iterator)
+        try:
+            super().train_step(data_iterator)
+        except RuntimeError as error:
+            # torchtitan 0.3 stops on a non-finite loss at logging steps, before it logs;
+            # the guard has kept the step out of the weights and decides: stop, naming
+            # the objective and step, or skip and go on.
+            guard = self.nonfinite
+            if not (guard and str(error).startswith(NON_FINITE_STOP) and guard.step_skipped()):
+                raise
+            guard.report()
         if self._geometry_due():
             values = self.geometry.measure(seed=self.step)
             self.metrics_processor.logger.log(
@@ -260,7 +288,7 @@ class ObjectiveTrainer(Trainer):
         global_valid_tokens: torch.Tensor,
         extra_kwargs: dict[str, Any],
     ) -> torch.Tensor:
-        with self.train_context():
+        with self.train_context(), self._loss_parallel():
             with self.hidden_states.capture() as captured:
                 pred = self.model_parts[0](inputs, **extra_kwargs)
             if self._geometry_due() and not self._geometry_sampled:

@@ -4,6 +4,8 @@ loss and the geometry of the validation hidden states, from the same forward pas
 torchtitan's ``validation_metrics/loss`` becomes the stack's weighted total, as the
 training loss is (the model's own loss function is not used by this host)."""
 
+import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -30,9 +32,11 @@ class ObjectiveValidation:
         mesh: DeviceMesh | None,
         sequence: SequenceShards,
         reads_logits: bool,
+        loss_context: Callable[[], contextlib.AbstractContextManager],
     ):
         self.hidden_states, self.stack, self.geometry = hidden_states, stack, geometry
         self.mesh, self.sequence, self.reads_logits = mesh, sequence, reads_logits
+        self.loss_context = loss_context
         self._captured: ForwardCapture | None = None
         self._totals = ValidationTotals()
         self._step = 0
@@ -63,6 +67,7 @@ class ObjectiveValidation:
             )
             self._sampled = True
         logits = pred if self.reads_logits else None
-        output = self.stack(captured.features(labels, logits, self.sequence))
+        with self.loss_context():
+            output = self.stack(captured.features(labels, logits, self.sequence))
         self._totals.add(output, labels)
         return output.weighted_loss_sum, {}

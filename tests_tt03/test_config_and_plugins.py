@@ -1,0 +1,91 @@
+"""Config errors, the TOML table, seams, and a plugin's non-finite loss on the 0.3 host."""
+
+import importlib
+import inspect
+import subprocess
+import sys
+
+import pytest
+from helpers import ROOT, pip_install, torchrun
+
+from titan_objectives.hosts.torchtitan_0_3.launch import parse_config
+from titan_objectives.hosts.torchtitan_0_3.seams import PRIVATE_SEAMS
+from titan_objectives.hosts.torchtitan_0_3.trainer import NON_FINITE_STOP
+
+OURS = ["--module", "titan_objectives.hosts.torchtitan_0_3", "--config", "llama3_debug"]
+PLUGIN = ROOT / "tests" / "plugin_fixture"
+
+
+@pytest.mark.parametrize(("module", "attribute", "user", "why"), PRIVATE_SEAMS)
+def test_every_private_seam_still_exists_and_is_used_where_listed(module, attribute, user, why):
+    value = importlib.import_module(module)
+    for part in attribute.split("."):
+        assert hasattr(value, part), f"{module}.{attribute} is gone ({why})"
+        value = getattr(value, part)
+    source = (ROOT / "titan_objectives" / "hosts" / "torchtitan_0_3" / f"{user}.py").read_text()
+    assert attribute.split(".")[-1] in source or module in source
+
+
+def test_torchtitan_still_stops_on_a_non_finite_loss_with_the_message_we_catch():
+    import torchtitan.trainer
+
+    assert f'f"{NON_FINITE_STOP} (' in inspect.getsource(torchtitan.trainer.Trainer.train_step)
+
+
+def test_objectives_flags_and_the_toml_table_reach_the_config(tmp_path):
+    toml = tmp_path / "objectives.toml"
+    toml.write_text('[objectives]\nstack = ["ntp", "nitp"]\n[objectives.nitp]\nweight = 0.5\n')
+    config = parse_config([*OURS, "--objectives.toml", str(toml),
+                           "--objectives.nitp.target_layer", "3"])  # fmt: skip
+    assert config.objectives.stack == ["ntp", "nitp"]
+    assert (config.objectives.nitp.weight, config.objectives.nitp.target_layer) == (0.5, 3)
+    # torchtitan's own config functions are wrapped
+    wrapped = parse_config(["--module", "llama3", "--config", "llama3_debugmodel",
+                            "--objectives.stack", "ntp,mtp"])  # fmt: skip
+    assert wrapped.objectives.stack == ["ntp", "mtp"]
+    assert wrapped.parallelism.spmd_backend == "partial_dtensor"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--objectives.stack", "ntp,nitpp"], "objectives.stack: unknown objective 'nitpp'"),
+        (["--objectives.nitp.target_layer", "9", "--objectives.stack", "ntp,nitp"],
+         "objectives.nitp.target_layer = 9"),
+        (["--parallelism.spmd_backend", "spmd_types"], "parallelism.spmd_backend = 'spmd_types'"),
+        (["--objectives.toml", "missing.toml"], "--objectives.toml 'missing.toml' does not exist"),
+    ],
+)  # fmt: skip
+def test_bad_config_stops_before_anything_is_built_naming_the_flag(args, message):
+    result = subprocess.run(
+        [sys.executable, "-m", "titan_objectives.train", *OURS, *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr
+    assert "Building llama3" not in result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def nan_plugin(tmp_path_factory):
+    return pip_install(PLUGIN, tmp_path_factory.mktemp("nan_site"))
+
+
+@pytest.mark.slow
+def test_a_plugins_nan_loss_stops_or_is_skipped(tmp_path, nan_plugin):
+    """A plugin from another package (entry point) trains on 0.3 like a built-in: a NaN
+    loss stops training naming it and the step, or, with nonfinite = 'skip', each such
+    step is skipped and training goes on."""
+    common = [
+        "titan_objectives.train", *OURS, "--objectives.stack", "ntp,nan_probe",
+        "--training.seq_len", "64", "--training.local_batch_size", "2",
+        "--metrics.log_freq", "1",
+    ]  # fmt: skip
+    stop = torchrun([*common, "--dump_folder", str(tmp_path / "a")],
+                    extra_pythonpath=str(nan_plugin), check=False)  # fmt: skip
+    assert stop.returncode != 0 and "exitcode  : 3" in stop.stdout
+    assert "step 1: the loss of nan_probe is not finite (NaN or inf)" in stop.stdout
+    skip_args = ["--dump_folder", str(tmp_path / "b"), "--training.steps", "3",
+                 "--objectives.nonfinite", "skip"]  # fmt: skip
+    skip = torchrun([*common, *skip_args], extra_pythonpath=str(nan_plugin))
+    assert skip.stdout.count("the optimizer skipped those steps") == 3
