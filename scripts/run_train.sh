@@ -31,7 +31,7 @@ if [ "${TORCHTITAN:-0.2}" = "0.3" ]; then
     TORCHTITAN=0.3 "$ROOT/scripts/setup.sh"
     PYTHON="$ROOT/.venv-tt03/bin/python"
   fi
-  launch "$PYTHON" -m titan_objectives.train \
+  launch "$PYTHON" -m "${TRAIN_FILE:-titan_objectives.train}" \
     --module "${MODULE:-titan_objectives.hosts.torchtitan_0_3}" \
     --config "${CONFIG:-llama3_debug_nitp}" "$@"
 fi

@@ -2,13 +2,16 @@
 
 import importlib
 import inspect
+import re
 import subprocess
 import sys
 
 import pytest
 from helpers import ROOT, pip_install, torchrun
 
+from titan_objectives.config import ObjectivesConfigError
 from titan_objectives.hosts.torchtitan_0_3.launch import parse_config
+from titan_objectives.hosts.torchtitan_0_3.preflight import check_config
 from titan_objectives.hosts.torchtitan_0_3.seams import PRIVATE_SEAMS
 from titan_objectives.hosts.torchtitan_0_3.trainer import NON_FINITE_STOP
 
@@ -53,16 +56,21 @@ def test_objectives_flags_and_the_toml_table_reach_the_config(tmp_path):
         (["--objectives.nitp.target_layer", "9", "--objectives.stack", "ntp,nitp"],
          "objectives.nitp.target_layer = 9"),
         (["--parallelism.spmd_backend", "spmd_types"], "parallelism.spmd_backend = 'spmd_types'"),
-        (["--objectives.toml", "missing.toml"], "--objectives.toml 'missing.toml' does not exist"),
+        (["--checkpoint.create_seed_checkpoint"], "pass --checkpoint.enable"),
     ],
 )  # fmt: skip
-def test_bad_config_stops_before_anything_is_built_naming_the_flag(args, message):
+def test_bad_config_is_named_before_anything_is_built(args, message):
+    with pytest.raises(ObjectivesConfigError, match=re.escape(message)):
+        check_config(parse_config([*OURS, *args]))
+
+
+def test_the_command_line_exits_2_with_the_message_before_building():
     result = subprocess.run(
-        [sys.executable, "-m", "titan_objectives.train", *OURS, *args],
+        [sys.executable, "-m", "titan_objectives.train", *OURS, "--objectives.toml", "no.toml"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 2, result.stderr[-2000:]
-    assert message in result.stderr
+    assert "config error: --objectives.toml 'no.toml' does not exist" in result.stderr
     assert "Building llama3" not in result.stdout + result.stderr
 
 

@@ -70,29 +70,35 @@ def test_main_job_trains_validates_measures_checkpoints_and_exports(tmp_path):
 
 
 def test_stack_under_fsdp2_and_tp_matches_one_process(tmp_path, twin_corpus):
-    """ntp + nitp + mtp (D = 2) from one seed checkpoint: FSDP2 on 2 processes (each reads
-    its own copy of the corpus) and TP 2 (sequence parallel, loss parallel: torchtitan
-    0.3's only TP) log the losses and grad norm of one process."""
+    """ntp + nitp + mtp (D = 2) from one seed checkpoint, with selective AC (the debug
+    config's): FSDP2 on 2 processes (each reads its own copy of the corpus) and TP 2
+    (sequence parallel, loss parallel: torchtitan 0.3's only TP) with the objectives
+    compiled log the losses and grad norm of one process; so does validation under TP."""
     common = (
         "llama3_debug", "--objectives.stack", "ntp,nitp,mtp", "--objectives.mtp.depth", "2",
         "--dataloader.dataset_path", str(twin_corpus), "--training.steps", "3",
-        "--checkpoint.enable", "--checkpoint.interval", "100",
+        "--checkpoint.enable", "--checkpoint.interval", "100", "--validator.enable",
+        "--validator.freq", "3", "--validator.steps", "1",
     )  # fmt: skip
     train(tmp_path / "seed", *common, "--checkpoint.create_seed_checkpoint")
+    seed = saved_keys(tmp_path / "seed" / "checkpoint" / "step-0")
+    assert any(key.startswith("objectives.nitp.") for key in seed)
+    tp = ("--parallelism.tensor_parallel_degree", "2", "--parallelism.data_parallel_shard_degree",
+          "1", "--compile.enable", "--compile.components", "loss")  # fmt: skip
     logged = {}
-    tp = ("--parallelism.tensor_parallel_degree", "2",
-          "--parallelism.data_parallel_shard_degree", "1")  # fmt: skip
     for name, nproc, overrides in (("one", 1, ()), ("fsdp", 2, ()), ("tp", 2, tp)):
         shutil.copytree(tmp_path / "seed" / "checkpoint", tmp_path / name / "checkpoint")
-        train(tmp_path / name, *common, *overrides, nproc=nproc)
+        result = train(tmp_path / name, *common, *overrides, nproc=nproc)
+        assert "Objectives recompute their activations in backward" in result.stdout
         logged[name] = scalars(tmp_path / name)
-    tags = ("objectives/ntp/loss", "objectives/nitp/loss", "objectives/mtp/depth_2",
-            "loss_metrics/global_avg_loss", "grad_norm")  # fmt: skip
-    for name in ("fsdp", "tp"):
+    assert "Compiling objectives" in result.stdout
+    tags = ["objectives/ntp/loss", "objectives/nitp/loss", "objectives/mtp/depth_2",
+            "loss_metrics/global_avg_loss", "grad_norm"]  # fmt: skip
+    for name, compared in (("fsdp", tags), ("tp", [*tags, "validation/objectives/nitp/loss"])):
         worst = max(
             abs(logged[name][tag][step] / logged["one"][tag][step] - 1)
-            for tag in tags
-            for step in (1, 2, 3)
+            for tag in compared
+            for step in logged["one"][tag]
         )
         print(f"{name}: largest relative difference from one process {worst:.1e}")
         assert worst < 1e-4, name
@@ -109,6 +115,8 @@ def test_ntp_alone_is_torchtitans_own_training(tmp_path):
     ours, theirs = scalars(tmp_path / "ours"), scalars(tmp_path / "plain")
     for tag in ("loss_metrics/global_avg_loss", "grad_norm"):
         assert [ours[tag][s] for s in range(1, 7)] == [theirs[tag][s] for s in range(1, 7)]
+    # ... and the loss is the objective's: the stack ran, not torchtitan's loss function.
+    assert ours["objectives/ntp/loss"] == ours["loss_metrics/global_avg_loss"]
 
 
 @pytest.mark.parametrize("config", ["deepseek_v3_debug", "qwen3_debug"])

@@ -10,8 +10,13 @@ from typing import Any
 
 
 def main(argv: list[str] | None = None, **kwargs: Any) -> None:
-    """Train with the host for the installed torchtitan (``kwargs`` go to its ``main``)."""
-    if importlib.metadata.version("torchtitan").startswith("0.3."):
+    """Train with the host for the installed torchtitan (``kwargs`` go to its ``main``:
+    ``trainer_class`` on 0.2.2). Without torchtitan, the 0.2.2 host says how to install."""
+    try:
+        on_0_3 = importlib.metadata.version("torchtitan").startswith("0.3.")
+    except importlib.metadata.PackageNotFoundError:
+        on_0_3 = False
+    if on_0_3:
         from titan_objectives.hosts.torchtitan_0_3.launch import main as host_main
     else:
         from titan_objectives.hosts.torchtitan_0_2.launch import main as host_main

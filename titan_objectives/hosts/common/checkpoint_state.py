@@ -145,7 +145,11 @@ def install(checkpointer: Any) -> None:
     save_last_step = checkpointer._save_last_step
 
     def load(state_dict, checkpoint_id, from_hf, from_quantized):
-        if not from_hf:
+        if from_hf:
+            # A Hugging Face checkpoint is the plain model: the objectives keep their
+            # initialization (the state-dict adapters know only the model's keys).
+            state_dict = {k: v for k, v in state_dict.items() if objective_of(k) is None}
+        else:
             state_dict = reconcile(state_dict, checkpoint_id)
         return dcp_load(state_dict, checkpoint_id, from_hf, from_quantized)
 

@@ -43,10 +43,12 @@ def objective_routers(objectives: nn.Module, names: BufferNames) -> list[nn.Modu
 
 @torch.no_grad()
 def update_expert_bias(
-    routers: list[nn.Module], mesh: DeviceMesh | None, names: BufferNames = BufferNames()
+    routers: list[nn.Module], meshes: list[DeviceMesh], names: BufferNames = BufferNames()
 ) -> None:
+    """``meshes``: the groups over which torchtitan sums the token counts (the
+    data-parallel ranks, and on 0.3 the TP group too under expert parallelism)."""
     loads = torch.vstack([_local(getattr(r, names.counts)) for r in routers]).float()
-    if mesh is not None:
+    for mesh in meshes:
         dist.all_reduce(loads, group=mesh.get_group())
     for router, load in zip(routers, loads, strict=True):
         delta = router.load_balance_coeff * torch.sign(load.mean() - load)
@@ -55,10 +57,10 @@ def update_expert_bias(
 
 
 def install(
-    optimizers, objectives: nn.Module, mesh: DeviceMesh | None, names: BufferNames = BufferNames()
+    optimizers, objectives: nn.Module, meshes: list[DeviceMesh], names: BufferNames = BufferNames()
 ) -> bool:
     """Register the update on ``optimizers`` if objectives own MoE routers."""
     routers = objective_routers(objectives, names)
     if routers:
-        optimizers.register_step_pre_hook(lambda *_: update_expert_bias(routers, mesh, names))
+        optimizers.register_step_pre_hook(lambda *_: update_expert_bias(routers, meshes, names))
     return bool(routers)

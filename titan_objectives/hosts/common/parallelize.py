@@ -16,11 +16,16 @@ from titan_objectives.stack import ObjectiveStack
 logger = logging.getLogger(__name__)
 
 
-def compile_objectives(stack: ObjectiveStack, backend: str) -> None:
+def compile_objectives(stack: ObjectiveStack, backend: str, in_place: bool = False) -> None:
+    """Each objective compiled on its own; ``in_place`` keeps the module (and its
+    state_dict keys), else it is replaced by the compiled wrapper."""
     # Static shapes: training and validation batches each get their own graph. A dynamic
     # batch dimension breaks DTensor's sharding propagation under tensor parallelism.
     for name, objective in list(stack.items()):
-        stack[name] = torch.compile(objective, backend=backend, dynamic=False)
+        if in_place:
+            objective.compile(backend=backend, dynamic=False)
+        else:
+            stack[name] = torch.compile(objective, backend=backend, dynamic=False)
     logger.info(f"Compiling objectives with torch.compile: {', '.join(stack)}")
 
 
@@ -29,13 +34,10 @@ def shard_objectives(
     mesh: Any,
     training: Any,
     reshard_after_forward_policy: str,
-    **fully_shard_kwargs: Any,
 ) -> None:
     """``training`` is the host's training config (``mixed_precision_param``,
-    ``mixed_precision_reduce``, ``enable_cpu_offload``: the same names in both hosts);
-    ``fully_shard_kwargs`` what else the host gives ``fully_shard`` for the model."""
+    ``mixed_precision_reduce``, ``enable_cpu_offload``: the same names in both hosts)."""
     config: dict[str, Any] = {
-        **fully_shard_kwargs,
         "mesh": mesh,
         "mp_policy": MixedPrecisionPolicy(
             param_dtype=getattr(torch, training.mixed_precision_param),

@@ -97,7 +97,9 @@ class ObjectiveTrainer(Trainer):
         checkpoint_state.install(self.checkpointer)
         if self.train_spec.build_optimizers_fn is build_optimizers_with_moe_load_balancing:
             # Balance the objectives' own routers exactly when torchtitan balances the trunk's.
-            moe_balance.install(self.optimizers, self.objective_stack, loss_mesh)
+            moe_balance.install(
+                self.optimizers, self.objective_stack, [loss_mesh] if loss_mesh else []
+            )
         self.nonfinite: NonFiniteGuard | None = None
         if checked.nonfinite != "off":
             self.nonfinite = NonFiniteGuard(

@@ -28,8 +28,6 @@ from titan_objectives.objective import ModelInfo, ObjectiveOptions, Requirements
 
 @dataclass
 class CheckedConfig:
-    model_config: Decoder.Config
-    """The model's config as the Trainer will build it (``update_from_config`` applied)."""
     model_info: ModelInfo
     options: dict[str, ObjectiveOptions]
     needs: dict[str, Requirements]
@@ -116,8 +114,11 @@ def check_config(config: Any) -> CheckedConfig:
     check_parallelism(config, options, needs)
     _check_runtime(config)
     _check_paths(config)
+    if config.checkpoint.create_seed_checkpoint and not config.checkpoint.enable:
+        raise ObjectivesConfigError(
+            "checkpoint.create_seed_checkpoint needs checkpoint.enable: pass --checkpoint.enable"
+        )
     return CheckedConfig(
-        model_config,
         info,
         options,
         needs,

@@ -15,10 +15,11 @@ import spmd_types as spmd
 import torch
 from torch import nn
 from torch.distributed.tensor.parallel import loss_parallel
-from torchtitan.components.checkpointer import MODEL, ModelWrapper
 from torchtitan.components.optimizer import register_moe_load_balancing_hook
+from torchtitan.config import TORCH_DTYPE_MAP
 from torchtitan.protocols.module import Module as TitanModule
 from torchtitan.tools.logging import logger
+from torchtitan.tools.utils import set_default_dtype
 from torchtitan.trainer import Trainer
 
 from titan_objectives.config import ObjectiveOptions, Objectives
@@ -50,34 +51,45 @@ NON_FINITE_STOP = "Loss is not finite"
 
 
 class HostedObjectiveStack(ObjectiveStack, TitanModule):
-    """The stack as a torchtitan 0.3 module: ``model.init_weights`` initializes the
-    blocks of the model's kind it holds (torchtitan modules) and then, here, the rest."""
+    """The stack as a torchtitan 0.3 module, so that ``model.init_weights`` initializes
+    it: torchtitan's ``init_states`` reaches the blocks of the model's kind it holds
+    first, then ``_init_self_parameters`` runs the objectives' own ``init_weights``
+    (which initializes those blocks again, the way the objective wants)."""
 
     def _init_self_parameters(self) -> None:
         self.init_weights()
 
 
+def build_stack(
+    options: dict[str, ObjectiveOptions], model: nn.Module, training: Any
+) -> HostedObjectiveStack:
+    """The objectives for ``model``, on the meta device and in the model's dtype, as
+    torchtitan builds the model itself; their blocks come from the live model's config
+    (after any ``override.imports``)."""
+    shared = DecoderSharedModules(model, model.config)
+    with torch.device("meta"), set_default_dtype(TORCH_DTYPE_MAP[training.dtype]):
+        return HostedObjectiveStack(options, model_info(model.config, training.seq_len, shared))
+
+
 def parallelize_with_objectives(
     parallelize_fn: Any,
     options: dict[str, ObjectiveOptions],
-    model_config: Any,
     model: nn.Module,
     **kwargs: Any,
 ) -> nn.Module:
     """torchtitan's parallelize function, with the objectives attached to the model.
 
     Blocks of the model's own kind that objectives own (MTP's) are lent to ``layers``
-    while torchtitan parallelizes, so they get the trunk blocks' activation
-    checkpointing, compile and FSDP2 unit; the rest of each objective then gets its own
-    compile and FSDP2 unit. The stack joins the model afterwards, so that torchtitan's
-    root ``fully_shard`` does not absorb it, and before the optimizer sees the parameters.
+    while torchtitan parallelizes, so they get the trunk blocks' tensor-parallel plan,
+    activation checkpointing, compile and FSDP2 unit; the rest of each objective then
+    gets its own plan, AC, compile and FSDP2 unit. The stack joins the model afterwards,
+    so that torchtitan's root ``fully_shard`` does not absorb it, and before the
+    optimizer sees the parameters.
     """
     training, parallelism, parallel_dims = (
         kwargs["training"], kwargs["parallelism"], kwargs["parallel_dims"],
     )  # fmt: skip
-    shared = DecoderSharedModules(model, model_config)
-    with torch.device("meta"):
-        stack = HostedObjectiveStack(options, model_info(model_config, training.seq_len, shared))
+    stack = build_stack(options, model, training)
     blocks = owned_blocks(stack, type(model.layers[str(len(model.layers) - 1)]))
     first_lent = len(model.layers)
     for i, (parent, attribute) in enumerate(blocks):
@@ -89,13 +101,19 @@ def parallelize_with_objectives(
         del model.layers[key]
     if blocks:
         logger.info(f"Parallelized {len(blocks)} objective block(s) like the model's own")
+    if kwargs["ac_config"] is not None:
+        for objective in stack.objectives().values():
+            objective.checkpoint_activations()
+        logger.info("Objectives recompute their activations in backward, like the blocks")
     if parallel_dims.tp_enabled:
         tp_mesh = parallel_dims.get_mesh("tp")
         tensor_parallelize_objectives(stack, tp_mesh)
-        shared.use_tensor_parallel(tp_mesh)
+        stack_shared(stack).use_tensor_parallel(tp_mesh)
     compile_config = kwargs["compile_config"]
     if compile_config.enable and "loss" in compile_config.components:
-        compile_objectives(stack, compile_config.backend)
+        # In place, as torchtitan 0.3 compiles its blocks: its checkpoints take the plain
+        # state_dict keys, which a compiled wrapper would change.
+        compile_objectives(stack, compile_config.backend, in_place=True)
     # torchtitan 0.3 applies FSDP2 always (a no-op gather at degree 1): so does the stack.
     names = ["dp_replicate", "fsdp"] if parallel_dims.dp_replicate_enabled else ["fsdp"]
     shard_objectives(
@@ -103,6 +121,12 @@ def parallelize_with_objectives(
     )
     model.objectives = stack
     return model
+
+
+def stack_shared(stack: ObjectiveStack) -> DecoderSharedModules:
+    shared = next(iter(stack.objectives().values())).model_info.shared
+    assert isinstance(shared, DecoderSharedModules)
+    return shared
 
 
 class ObjectiveTrainer(Trainer):
@@ -129,10 +153,9 @@ class ObjectiveTrainer(Trainer):
         config.model_spec = dataclasses.replace(
             spec,
             parallelize_fn=partial(
-                parallelize_with_objectives, spec.parallelize_fn, checked.options,
-                checked.model_config,
+                parallelize_with_objectives, spec.parallelize_fn, checked.options
             ),
-        )  # fmt: skip
+        )
         super().__init__(config)
         if config.checkpoint.create_seed_checkpoint:
             self._attach_objectives_for_the_seed(checked)
@@ -170,8 +193,12 @@ class ObjectiveTrainer(Trainer):
             checkpoint_state.install(self.checkpointer)
         if config.model_spec.post_optimizer_build_fn is register_moe_load_balancing_hook:
             # Balance the objectives' own routers exactly when torchtitan balances the trunk's.
+            dims = self.parallel_dims
+            meshes = [self.loss_mesh] if self.loss_mesh is not None else []
+            if dims.ep_enabled and dims.tp > 1:  # as torchtitan 0.3 counts the trunk's
+                meshes.insert(0, dims.get_mesh("tp"))
             moe_balance.install(
-                self.optimizers, self.objective_stack, self.loss_mesh, moe_balance.TORCHTITAN_0_3
+                self.optimizers, self.objective_stack, meshes, moe_balance.TORCHTITAN_0_3
             )
         self.nonfinite: NonFiniteGuard | None = None
         if checked.nonfinite != "off":
@@ -182,15 +209,14 @@ class ObjectiveTrainer(Trainer):
 
     def _attach_objectives_for_the_seed(self, checked: CheckedConfig) -> None:
         """torchtitan skips the parallelize function for a seed checkpoint, so the stack
-        joins the model here (on the CPU, initialized) and the checkpoint's model state
-        is taken again, with it."""
+        joins the model here, on the CPU, initialized (the checkpointer's model state
+        picks up new keys when it saves)."""
         model = self.model_parts[0]
-        shared = DecoderSharedModules(model, checked.model_config)
-        info = model_info(checked.model_config, self.config.training.seq_len, shared)
-        model.objectives = HostedObjectiveStack(checked.options, info)
+        stack = build_stack(checked.options, model, self.config.training)
+        stack.to_empty(device="cpu")
         with torch.no_grad():
-            model.objectives.init_weights()
-        self.checkpointer.states[MODEL] = ModelWrapper(self.model_parts)
+            stack.init_weights()
+        model.objectives = stack
 
     def _log_objectives_with_metrics(self) -> None:
         """torchtitan's metrics line and TensorBoard, plus the objectives' values."""
