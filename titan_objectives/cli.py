@@ -101,11 +101,8 @@ def describe(job_config, checked) -> str:
 
 
 def validate_command(config: str, overrides: Sequence[str]) -> int:
-    from titan_objectives.config import ObjectivesConfigError
-    from titan_objectives.hosts.torchtitan_0_2.preflight import (
-        check_job_config,
-        exit_on_config_error,
-    )
+    from titan_objectives.config import ObjectivesConfigError, exit_on_config_error
+    from titan_objectives.hosts.torchtitan_0_2.preflight import check_job_config
     from titan_objectives.hosts.torchtitan_0_2.runtime.extensions import register_extensions
 
     register_extensions()

@@ -10,12 +10,18 @@ torchtitan way. No ``from __future__ import annotations`` here: tyro needs real 
 import dataclasses
 import logging
 import math
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 import tyro
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the same parser, from PyPI
+    import tomli as tomllib
 
 from titan_objectives.objective import ModelInfo, ObjectiveOptions, OptionError
 from titan_objectives.registry import (
@@ -314,3 +320,19 @@ def objectives_from_table(table: dict[str, Any]) -> Any:
         else:
             values[key] = value
     return Objectives(**values)
+
+
+def read_toml(path: str, flag: str) -> dict[str, Any]:
+    """A TOML file named on the command line by ``flag``, or a config error naming both."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ObjectivesConfigError(f"{flag} {path!r} does not exist") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ObjectivesConfigError(f"{flag} {path!r} is not valid TOML: {error}") from None
+
+
+def exit_on_config_error(error: ObjectivesConfigError) -> None:
+    print(f"titan-objectives: config error: {error}", file=sys.stderr)
+    raise SystemExit(2)

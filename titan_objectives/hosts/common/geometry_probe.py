@@ -10,6 +10,7 @@ bounded random sample of tokens, gathered over the data-parallel ranks, gives
 import logging
 import math
 from functools import partial
+from typing import Any
 
 import torch
 import torch.distributed._functional_collectives as funcol
@@ -114,3 +115,38 @@ class GeometryProbe:
             return {}
         numbers = torch.stack(list(values.values())).tolist()
         return dict(zip(values, numbers, strict=True))
+
+
+def build_probe(
+    options: Any,
+    declared_layers: frozenset[int],
+    width: int,
+    parallel_dims: Any,
+    mesh: DeviceMesh | None,
+    sequence: SequenceShards,
+) -> GeometryProbe:
+    """The probe a trainer measures with: ``options`` is ``[objectives.geometry]``,
+    ``parallel_dims`` the host's (both releases name the data-parallel mesh ``batch``)."""
+    if parallel_dims.dp_enabled:
+        batch_mesh = parallel_dims.get_mesh("batch")
+        dp_size, dp_rank = batch_mesh.size(), batch_mesh.get_local_rank()
+    else:
+        dp_size, dp_rank = 1, 0
+    return GeometryProbe(
+        layers=options.resolved_layers(declared_layers),
+        max_tokens=max(options.max_tokens, width),
+        pairs=options.pairs,
+        mesh=mesh,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        sequence=sequence,
+    )
+
+
+def log_measurement(probe: GeometryProbe, step: int, metrics_logger: Any) -> None:
+    """Measure a training step's sample: ``geometry/<layer>/<metric>`` to TensorBoard (the
+    host's metrics logger), the final hidden states' values to the console."""
+    values = {f"geometry/{k}": v for k, v in probe.measure(seed=step).items()}
+    metrics_logger.log(values, step)
+    final = "  ".join(f"{k.split('/')[2]}: {v:.4g}" for k, v in values.items() if "/final/" in k)
+    logger.info(f"step: {step:2}  geometry of the final hidden states  {final}")

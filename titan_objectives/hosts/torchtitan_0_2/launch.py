@@ -15,12 +15,9 @@ def main(argv: list[str] | None = None, trainer_class: type | None = None) -> No
 
     import torchtitan.train
 
-    from titan_objectives.config import ObjectivesConfigError
+    from titan_objectives.config import ObjectivesConfigError, exit_on_config_error
     from titan_objectives.hosts.common.nonfinite import NonFiniteLossError
-    from titan_objectives.hosts.torchtitan_0_2.preflight import (
-        check_toml_file,
-        exit_on_config_error,
-    )
+    from titan_objectives.hosts.torchtitan_0_2.preflight import check_toml_file
     from titan_objectives.hosts.torchtitan_0_2.runtime.extensions import register_extensions
     from titan_objectives.hosts.torchtitan_0_2.trainer import ObjectiveTrainer
 

@@ -2,23 +2,18 @@
 with a message that names the key, the value and what is allowed."""
 
 import copy
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from torchtitan.protocols.train_spec import get_train_spec
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # the same parser, from PyPI
-    import tomli as tomllib
-
 from titan_objectives.config import (
     SECTION,
     GeometryOptions,
     ObjectivesConfigError,
     check_objectives_table,
+    read_toml,
     resolve_stack,
 )
 from titan_objectives.hosts.common.checks import (
@@ -55,16 +50,7 @@ def check_toml_file(argv: list[str]) -> None:
     path = config_file_from_argv(argv)
     if path is None:
         return
-    try:
-        with open(path, "rb") as f:
-            toml = tomllib.load(f)
-    except FileNotFoundError:
-        raise ObjectivesConfigError(f"--job.config_file {path!r} does not exist") from None
-    except tomllib.TOMLDecodeError as error:
-        raise ObjectivesConfigError(
-            f"--job.config_file {path!r} is not valid TOML: {error}"
-        ) from None
-    check_objectives_table(toml)
+    check_objectives_table(read_toml(path, "--job.config_file"))
 
 
 def _model_info(job_config: Any) -> tuple[DecoderAdapter, ModelInfo]:
@@ -145,8 +131,3 @@ def check_job_config(job_config: Any) -> CheckedConfig:
         job_config.objectives.nonfinite,
         job_config.objectives.geometry,
     )
-
-
-def exit_on_config_error(error: ObjectivesConfigError) -> None:
-    print(f"titan-objectives: config error: {error}", file=sys.stderr)
-    raise SystemExit(2)

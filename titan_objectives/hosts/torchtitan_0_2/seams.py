@@ -7,7 +7,7 @@ every one still exists, so an upgrade that moves one fails there, by name, inste
 deep inside a training run.
 """
 
-import importlib.metadata
+from titan_objectives.hosts.common.version import require_torchtitan
 
 SUPPORTED_TORCHTITAN = "0.2.2"
 
@@ -35,21 +35,8 @@ PRIVATE_SEAMS: tuple[tuple[str, str, str, str], ...] = (
 )  # fmt: skip
 
 
-class UnsupportedTorchtitanError(ImportError):
-    pass
-
-
 def check_torchtitan_version() -> None:
-    """Stop at import, naming the versions, when another torchtitan is installed."""
-    try:
-        installed = importlib.metadata.version("torchtitan")
-    except importlib.metadata.PackageNotFoundError:
-        installed = None
-    if installed != SUPPORTED_TORCHTITAN:
-        found = f"torchtitan {installed} is installed" if installed else "torchtitan is missing"
-        raise UnsupportedTorchtitanError(
-            f"{__package__} is the host for torchtitan {SUPPORTED_TORCHTITAN} (TOML job "
-            f"configs), and {found}: pip install torchtitan=={SUPPORTED_TORCHTITAN} "
-            "(./scripts/setup.sh does); torchtitan 0.3.0 has its own host, "
-            "titan_objectives.hosts.torchtitan_0_3"
-        )
+    require_torchtitan(
+        SUPPORTED_TORCHTITAN, __package__, "TOML job configs",
+        "pip install torchtitan==0.2.2 (./scripts/setup.sh does)",
+    )  # fmt: skip

@@ -12,7 +12,11 @@ from torchtitan.train import Trainer
 
 from titan_objectives.hosts.common import checkpoint_state, moe_balance
 from titan_objectives.hosts.common.capture import HiddenStateTap
-from titan_objectives.hosts.common.geometry_probe import GeometryProbe
+from titan_objectives.hosts.common.geometry_probe import (
+    GeometryProbe,
+    build_probe,
+    log_measurement,
+)
 from titan_objectives.hosts.common.nonfinite import NonFiniteGuard
 from titan_objectives.hosts.common.running_metrics import ObjectiveMetrics
 from titan_objectives.hosts.torchtitan_0_2.model_adapter import documents_of
@@ -111,32 +115,15 @@ class ObjectiveTrainer(Trainer):
         options = checked.geometry
         if not options.freq and not job_config.validation.enable:
             return None, 0
-        if self.parallel_dims.dp_enabled:
-            batch_mesh = self.parallel_dims.get_mesh("batch")
-            dp_size, dp_rank = batch_mesh.size(), batch_mesh.get_local_rank()
-        else:
-            dp_size, dp_rank = 1, 0
-        probe = GeometryProbe(
-            layers=options.resolved_layers(self.objective_stack.requirements().geometry_layers),
-            max_tokens=max(options.max_tokens, checked.model_info.dim),
-            pairs=options.pairs,
-            mesh=self.metrics_processor.objective_mesh,
-            dp_rank=dp_rank,
-            dp_size=dp_size,
-            sequence=self.sequence,
-        )
+        probe = build_probe(
+            options, self.objective_stack.requirements().geometry_layers,
+            checked.model_info.dim, self.parallel_dims, self.metrics_processor.objective_mesh,
+            self.sequence,
+        )  # fmt: skip
         return probe, options.freq
 
     def _geometry_due(self) -> bool:
         return bool(self.geometry_freq) and self.step % self.geometry_freq == 0
-
-    def _log_geometry(self) -> None:
-        values = {f"geometry/{k}": v for k, v in self.geometry.measure(seed=self.step).items()}
-        self.metrics_processor.logger.log(values, self.step)
-        final = "  ".join(
-            f"{k.split('/')[2]}: {v:.4g}" for k, v in values.items() if "/final/" in k
-        )
-        logger.info(f"step: {self.step:2}  geometry of the final hidden states  {final}")
 
     def train_step(self, data_iterator: Any) -> None:
         if self.pipeline_passthrough:
@@ -149,7 +136,7 @@ class ObjectiveTrainer(Trainer):
         self.objective_metrics.weights = self.objective_stack.weights()
         super().train_step(data_iterator)
         if self._geometry_due():
-            self._log_geometry()
+            log_measurement(self.geometry, self.step, self.metrics_processor.logger)
         last_step = self.step == self.job_config.training.steps
         if self.nonfinite is not None and (
             self.metrics_processor.should_log(self.step) or last_step

@@ -35,18 +35,9 @@ def _pop_toml_flag(args: list[str]) -> tuple[list[str], str | None]:
 
 def objectives_table(path: str) -> dict[str, Any]:
     """The ``[objectives]`` table of a TOML file (empty if it has none)."""
-    import tomllib
+    from titan_objectives.config import SECTION, ObjectivesConfigError, read_toml
 
-    from titan_objectives.config import SECTION, ObjectivesConfigError
-
-    try:
-        with open(path, "rb") as f:
-            toml = tomllib.load(f)
-    except FileNotFoundError:
-        raise ObjectivesConfigError(f"{TOML_FLAG} {path!r} does not exist") from None
-    except tomllib.TOMLDecodeError as error:
-        raise ObjectivesConfigError(f"{TOML_FLAG} {path!r} is not valid TOML: {error}") from None
-    table = toml.get(SECTION, {})
+    table = read_toml(path, TOML_FLAG).get(SECTION, {})
     if not isinstance(table, dict):
         raise ObjectivesConfigError(f"{TOML_FLAG} {path!r}: {SECTION} must be a table")
     return table
@@ -81,9 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from torchtitan.tools.logging import init_logger
 
-    from titan_objectives.config import ObjectivesConfigError
+    from titan_objectives.config import ObjectivesConfigError, exit_on_config_error
     from titan_objectives.hosts.common.nonfinite import NonFiniteLossError
-    from titan_objectives.hosts.torchtitan_0_3.preflight import exit_on_config_error
     from titan_objectives.hosts.torchtitan_0_3.runtime.datasets import register_datasets
 
     init_logger()

@@ -3,7 +3,6 @@ seconds, with a message that names the CLI flag, the value and what is allowed."
 
 import copy
 import dataclasses
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,8 +124,3 @@ def check_config(config: Any) -> CheckedConfig:
         config.objectives.nonfinite,
         dataclasses.replace(config.objectives.geometry),
     )
-
-
-def exit_on_config_error(error: ObjectivesConfigError) -> None:
-    print(f"titan-objectives: config error: {error}", file=sys.stderr)
-    raise SystemExit(2)

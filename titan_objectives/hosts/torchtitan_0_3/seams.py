@@ -2,7 +2,7 @@
 torchtitan and torch it touches (a test checks that each still exists and is used where
 listed, so an upgrade that moves one fails there, by name)."""
 
-import importlib.metadata
+from titan_objectives.hosts.common.version import require_torchtitan
 
 SUPPORTED_TORCHTITAN = "0.3.0"
 
@@ -15,6 +15,12 @@ PRIVATE_SEAMS: tuple[tuple[str, str, str, str], ...] = (
      "../common/checkpoint_state", "fit a checkpoint to the current stack before DCP reads it"),
     ("torchtitan.models.common.decoder", "Decoder._skip_lm_head", "trainer",
      "the model returns its final hidden states when no objective reads the logits"),
+    ("torchtitan.trainer", "Trainer._forward_backward_body", "trainer",
+     "overridden: one forward, the objective stack's loss, one backward"),
+    ("torchtitan.protocols.module", "Module._init_self_parameters", "trainer",
+     "the stack's own init_weights runs inside the model's init_states"),
+    ("torchtitan.models.common.attention", "FlexAttention.compiled_flex_attn", "runtime/cpu",
+     "replaced by dense-mask SDPA on CPU (FlexAttention has no CPU backward)"),
     ("torchtitan.tools.utils", "device_type", "../common/cpu_patches",
      "bound at import from torch._utils: must say cpu without an accelerator"),
     ("torch._utils", "_get_available_device_type", "../common/cpu_patches",
@@ -26,21 +32,8 @@ PRIVATE_SEAMS: tuple[tuple[str, str, str, str], ...] = (
 )  # fmt: skip
 
 
-class UnsupportedTorchtitanError(ImportError):
-    pass
-
-
 def check_torchtitan_version() -> None:
-    """Stop at import, naming the versions, when another torchtitan is installed."""
-    try:
-        installed = importlib.metadata.version("torchtitan")
-    except importlib.metadata.PackageNotFoundError:
-        installed = None
-    if installed != SUPPORTED_TORCHTITAN:
-        found = f"torchtitan {installed} is installed" if installed else "torchtitan is missing"
-        raise UnsupportedTorchtitanError(
-            f"{__package__} is the host for torchtitan {SUPPORTED_TORCHTITAN} (Python "
-            f"configs), and {found}: TORCHTITAN=0.3 ./scripts/setup.sh makes its own "
-            "environment (.venv-tt03); torchtitan 0.2.2 has its own host, "
-            "titan_objectives.hosts.torchtitan_0_2"
-        )
+    require_torchtitan(
+        SUPPORTED_TORCHTITAN, __package__, "Python configs",
+        "TORCHTITAN=0.3 ./scripts/setup.sh makes its own environment (.venv-tt03)",
+    )  # fmt: skip

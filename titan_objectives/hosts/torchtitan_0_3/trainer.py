@@ -25,7 +25,11 @@ from torchtitan.trainer import Trainer
 from titan_objectives.config import ObjectiveOptions, Objectives
 from titan_objectives.hosts.common import checkpoint_state, moe_balance
 from titan_objectives.hosts.common.capture import HiddenStateTap
-from titan_objectives.hosts.common.geometry_probe import GeometryProbe
+from titan_objectives.hosts.common.geometry_probe import (
+    GeometryProbe,
+    build_probe,
+    log_measurement,
+)
 from titan_objectives.hosts.common.nonfinite import NonFiniteGuard
 from titan_objectives.hosts.common.parallelize import (
     compile_objectives,
@@ -249,20 +253,10 @@ class ObjectiveTrainer(Trainer):
         options = checked.geometry
         if not options.freq and not self.config.validator.enable:
             return None, 0
-        if self.parallel_dims.dp_enabled:
-            batch_mesh = self.parallel_dims.get_mesh("batch")
-            dp_size, dp_rank = batch_mesh.size(), batch_mesh.get_local_rank()
-        else:
-            dp_size, dp_rank = 1, 0
-        probe = GeometryProbe(
-            layers=options.resolved_layers(self.objective_stack.requirements().geometry_layers),
-            max_tokens=max(options.max_tokens, checked.model_info.dim),
-            pairs=options.pairs,
-            mesh=self.loss_mesh,
-            dp_rank=dp_rank,
-            dp_size=dp_size,
-            sequence=self.sequence,
-        )
+        probe = build_probe(
+            options, self.objective_stack.requirements().geometry_layers,
+            checked.model_info.dim, self.parallel_dims, self.loss_mesh, self.sequence,
+        )  # fmt: skip
         return probe, options.freq
 
     def _loss_parallel(self) -> contextlib.AbstractContextManager:
@@ -293,14 +287,7 @@ class ObjectiveTrainer(Trainer):
                 raise
             guard.report()
         if self._geometry_due():
-            values = self.geometry.measure(seed=self.step)
-            self.metrics_processor.logger.log(
-                {f"geometry/{k}": v for k, v in values.items()}, self.step
-            )
-            final = "  ".join(
-                f"{k.split('/')[1]}: {v:.4g}" for k, v in values.items() if k.startswith("final/")
-            )
-            logger.info(f"step: {self.step:2}  geometry of the final hidden states  {final}")
+            log_measurement(self.geometry, self.step, self.metrics_processor.logger)
         last_step = self.step == self.config.training.steps
         if self.nonfinite is not None and (
             self.metrics_processor.should_log(self.step) or last_step
