@@ -12,7 +12,8 @@ pytestmark = pytest.mark.slow
 def test_bench_tiny_prints_the_chosen_stacks():
     stacks = "ntp,torchtitan (plain),ntp+nitp"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--tiny", "--stacks", stacks],
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--tiny", "--stacks", stacks,
+         "--steps", "4", "--warmup", "1"],
         cwd=ROOT, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

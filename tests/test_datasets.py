@@ -9,8 +9,8 @@ from titan_objectives.hosts.common.corpus import (
     corpus_files,
     load_local_text,
     paragraph_chunks,
+    register_datasets,
 )
-from titan_objectives.hosts.torchtitan_0_2.runtime.datasets import register_datasets
 
 
 def test_paragraph_chunks_cut_only_at_blank_lines():

@@ -73,7 +73,8 @@ def test_stack_under_fsdp2_and_tp_matches_one_process(tmp_path, twin_corpus):
     """ntp + nitp + mtp (D = 2) from one seed checkpoint, with selective AC (the debug
     config's): FSDP2 on 2 processes (each reads its own copy of the corpus) and TP 2
     (sequence parallel, loss parallel: torchtitan 0.3's only TP) with the objectives
-    compiled log the losses and grad norm of one process; so does validation under TP."""
+    compiled, and one process accumulating gradients over two micro-batches, log the
+    losses and grad norm of one process; so does validation under TP."""
     common = (
         "llama3_debug", "--objectives.stack", "ntp,nitp,mtp", "--objectives.mtp.depth", "2",
         "--dataloader.dataset_path", str(twin_corpus), "--training.steps", "3",
@@ -85,16 +86,19 @@ def test_stack_under_fsdp2_and_tp_matches_one_process(tmp_path, twin_corpus):
     assert any(key.startswith("objectives.nitp.") for key in seed)
     tp = ("--parallelism.tensor_parallel_degree", "2", "--parallelism.data_parallel_shard_degree",
           "1", "--compile.enable", "--compile.components", "loss")  # fmt: skip
-    logged = {}
-    for name, nproc, overrides in (("one", 1, ()), ("fsdp", 2, ()), ("tp", 2, tp)):
+    logged, stdout = {}, {}
+    accumulate = ("--training.local_batch_size", "2", "--training.global_batch_size", "4")
+    runs = (("one", 1, ()), ("fsdp", 2, ()), ("tp", 2, tp), ("accumulate", 1, accumulate))
+    for name, nproc, overrides in runs:
         shutil.copytree(tmp_path / "seed" / "checkpoint", tmp_path / name / "checkpoint")
-        result = train(tmp_path / name, *common, *overrides, nproc=nproc)
-        assert "Objectives recompute their activations in backward" in result.stdout
+        stdout[name] = train(tmp_path / name, *common, *overrides, nproc=nproc).stdout
+        assert "Objectives recompute their activations in backward" in stdout[name]
         logged[name] = scalars(tmp_path / name)
-    assert "Compiling objectives" in result.stdout
+    assert "Compiling objectives" in stdout["tp"]
     tags = ["objectives/ntp/loss", "objectives/nitp/loss", "objectives/mtp/depth_2",
             "loss_metrics/global_avg_loss", "grad_norm"]  # fmt: skip
-    for name, compared in (("fsdp", tags), ("tp", [*tags, "validation/objectives/nitp/loss"])):
+    validated = [*tags, "validation/objectives/nitp/loss"]
+    for name, compared in (("fsdp", tags), ("tp", validated), ("accumulate", tags)):
         worst = max(
             abs(logged[name][tag][step] / logged["one"][tag][step] - 1)
             for tag in compared

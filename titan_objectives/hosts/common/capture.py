@@ -48,6 +48,17 @@ def documents_starting_at(positions: torch.Tensor) -> torch.Tensor:
     return starts.cumsum(dim=1) - 1
 
 
+def live_model(model: nn.Module | None) -> nn.Module:
+    """The model a host's ``SharedModules`` reads from, which exists only once the trainer
+    built it (the config checks build objectives before: they may not use it)."""
+    if model is None:
+        raise RuntimeError(
+            "SharedModules: the model does not exist yet (objectives are being built for "
+            "the config checks); use the model's modules only in forward"
+        )
+    return model
+
+
 def sequence_shard(hidden: torch.Tensor) -> torch.Tensor:
     """This rank's plain sequence shard of a hidden state. Under tensor parallelism the
     model's modules return DTensors: sequence shards (``Shard(1)``), or whole sequences

@@ -1,6 +1,8 @@
-"""Local text corpora for torchtitan's dataset registries (each host registers them).
+"""Local text corpora in torchtitan's dataset registry (``register_datasets``; the same
+registry in torchtitan 0.2.2 and 0.3.0).
 
-``--training.dataset local_text --training.dataset_path PATH`` reads a ``.txt`` file
+``--training.dataset local_text --training.dataset_path PATH`` (0.2.2; on 0.3:
+``--dataloader.dataset`` / ``--dataloader.dataset_path``) reads a ``.txt`` file
 (cut into chunks of whole paragraphs), a ``.jsonl`` / ``.jsonl.gz`` file of
 ``{"text": ...}`` records (streamed, the layout of torchtitan's c4), or a directory of
 such files. The default path is the bundled Alice books, so a debug run needs no download.
@@ -72,3 +74,14 @@ def load_local_text(path: str) -> Dataset | IterableDataset:
 
 def text_of(sample: dict[str, Any]) -> str:
     return sample["text"]
+
+
+def register_datasets() -> None:
+    """Add ``local_text`` to torchtitan's registry (imported here: this module is plain
+    until a host calls it, after its CPU runtime)."""
+    from torchtitan.hf_datasets import DatasetConfig
+    from torchtitan.hf_datasets.text_datasets import DATASETS
+
+    DATASETS[DATASET_NAME] = DatasetConfig(
+        path=str(DEFAULT_TRAIN_PATH), loader=load_local_text, sample_processor=text_of
+    )

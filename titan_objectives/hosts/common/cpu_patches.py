@@ -55,6 +55,19 @@ class _CPUDeviceModule(types.ModuleType):
         pass
 
 
+def needed(runtime: str) -> bool:
+    """Whether a host's CPU runtime (module ``runtime``) must patch: no CUDA device. It
+    must run before torchtitan is imported (torchtitan fixes its device type then)."""
+    if torch.cuda.is_available():
+        return False
+    if "torchtitan" in sys.modules:
+        raise RuntimeError(
+            f"{runtime}.activate() must run before torchtitan is imported: torchtitan "
+            "fixes its device type at import time"
+        )
+    return True
+
+
 def import_torchtitan_with_cpu_device() -> None:
     """torchtitan binds ``device_type`` and ``device_module`` from ``torch._utils`` when
     ``torchtitan.tools.utils`` is first imported, and falls back to ``cuda``. Answer

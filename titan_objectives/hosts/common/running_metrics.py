@@ -5,6 +5,10 @@ they reduced across data-parallel ranks (one all-reduce for all of them) and rea
 so steps that do not log gain no host synchronisation.
 """
 
+import logging
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.distributed._functional_collectives as funcol
 from torch.distributed.device_mesh import DeviceMesh
@@ -13,6 +17,16 @@ from titan_objectives.objective import IGNORE_INDEX
 from titan_objectives.stack import StackOutput
 
 PREFIX = "objectives"
+logger = logging.getLogger(__name__)
+
+
+def summed_over_ranks(sums: dict[str, torch.Tensor], mesh: DeviceMesh | None) -> dict[str, float]:
+    """Scalars on the device, summed over ``mesh`` in one all-reduce and read at once."""
+    keys = list(sums)
+    vector = torch.stack([sums[k] for k in keys])
+    if mesh is not None:
+        vector = funcol.all_reduce(vector, reduceOp="sum", group=mesh)
+    return dict(zip(keys, vector.tolist(), strict=True))
 
 
 class ObjectiveMetrics:
@@ -40,12 +54,7 @@ class ObjectiveMetrics:
         """Global values of this step, keyed for TensorBoard. Reads the device once."""
         if not self._sums:
             return {}
-        keys = list(self._sums)
-        vector = torch.stack([self._sums[k] for k in keys])
-        if mesh is not None:
-            vector = funcol.all_reduce(vector, reduceOp="sum", group=mesh)
-        values = dict(zip(keys, vector.tolist(), strict=True))
-
+        values = summed_over_ranks(self._sums, mesh)
         logged: dict[str, float] = {}
         total = 0.0
         for name, weight in self.weights.items():
@@ -78,11 +87,7 @@ class ValidationTotals:
         """``validation/objectives/<name>/loss`` of the pass (reads the device once)."""
         if not self._sums:
             return {}
-        keys = list(self._sums)
-        vector = torch.stack([self._sums[k] for k in keys])
-        if mesh is not None:
-            vector = funcol.all_reduce(vector, reduceOp="sum", group=mesh)
-        totals = dict(zip(keys, vector.tolist(), strict=True))
+        totals = summed_over_ranks(self._sums, mesh)
         return {
             f"validation/{PREFIX}/{key.removesuffix('/loss')}/loss": value
             / max(totals[key.replace("/loss", "/tokens")], 1.0)
@@ -91,10 +96,23 @@ class ValidationTotals:
         }
 
 
-def console_line(values: dict[str, float]) -> str:
-    """The objectives' losses of a logging step, for the console."""
-    return "  ".join(
-        f"{key.split('/')[1]}: {value:8.5f}"
-        for key, value in values.items()
-        if key.endswith("/loss") and not key.startswith(f"{PREFIX}/total/")
-    )
+def log_step(
+    log: Callable[..., None],
+    values: dict[str, float],
+    color: Any,
+    step: int,
+    global_avg_loss: float,
+    global_max_loss: float,
+    grad_norm: float,
+    extra_metrics: dict[str, Any] | None = None,
+) -> None:
+    """A torchtitan metrics processor's ``log`` (both releases share its signature) with
+    the objectives' ``values`` added to TensorBoard and a console line of their losses."""
+    log(step, global_avg_loss, global_max_loss, grad_norm, {**(extra_metrics or {}), **values})
+    if values:
+        losses = "  ".join(
+            f"{key.split('/')[1]}: {value:8.5f}"
+            for key, value in values.items()
+            if key.endswith("/loss") and not key.startswith(f"{PREFIX}/total/")
+        )
+        logger.info(f"{color.green}step: {step:2}  objectives  {losses}{color.reset}")

@@ -5,9 +5,8 @@ from typing import Any
 
 from torch.distributed.device_mesh import DeviceMesh
 from torchtitan.components.metrics import MetricsProcessor
-from torchtitan.tools.logging import logger
 
-from titan_objectives.hosts.common.running_metrics import ObjectiveMetrics, console_line
+from titan_objectives.hosts.common.running_metrics import ObjectiveMetrics, log_step
 
 
 class ObjectiveMetricsProcessor(MetricsProcessor):
@@ -27,12 +26,10 @@ class ObjectiveMetricsProcessor(MetricsProcessor):
         values = (
             self.objective_metrics.reduce(self.objective_mesh) if self.objective_metrics else {}
         )
-        super().log(
-            step, global_avg_loss, global_max_loss, grad_norm, {**(extra_metrics or {}), **values}
-        )
-        if values:
-            losses = console_line(values)
-            logger.info(f"{self.color.green}step: {step:2}  objectives  {losses}{self.color.reset}")
+        log_step(
+            super().log, values, self.color, step, global_avg_loss, global_max_loss, grad_norm,
+            extra_metrics,
+        )  # fmt: skip
 
 
 def build_objective_metrics_processor(

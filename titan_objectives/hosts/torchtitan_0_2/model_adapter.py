@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from titan_objectives.hosts.common.capture import DocumentsOf, documents_ending_at
+from titan_objectives.hosts.common.capture import DocumentsOf, documents_ending_at, live_model
 from titan_objectives.hosts.common.parallelize import vocabulary_sharded_logits
 from titan_objectives.objective import ModelInfo
 
@@ -43,12 +43,7 @@ class DecoderSharedModules:
         self._loss_parallel = loss_parallel
 
     def _live_model(self) -> nn.Module:
-        if self._model is None:
-            raise RuntimeError(
-                "SharedModules: the model does not exist yet (objectives are being built for "
-                "the config checks); use the model's modules only in forward"
-            )
-        return self._model
+        return live_model(self._model)
 
     def _rope(self) -> torch.Tensor:
         return getattr(self._live_model(), self._rope_buffer)

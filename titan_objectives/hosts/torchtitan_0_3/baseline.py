@@ -9,7 +9,7 @@ def main() -> None:
     cpu.activate()
     import torchtitan.train
 
-    from titan_objectives.hosts.torchtitan_0_3.runtime.datasets import register_datasets
+    from titan_objectives.hosts.common.corpus import register_datasets
 
     register_datasets()
     torchtitan.train.main()

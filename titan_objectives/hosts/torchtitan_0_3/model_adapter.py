@@ -16,7 +16,11 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 from torchtitan.models.common.decoder import Decoder
 
-from titan_objectives.hosts.common.capture import documents_starting_at, sequence_shard
+from titan_objectives.hosts.common.capture import (
+    documents_starting_at,
+    live_model,
+    sequence_shard,
+)
 from titan_objectives.hosts.common.parallelize import vocabulary_sharded_logits
 from titan_objectives.objective import ModelInfo
 
@@ -50,12 +54,7 @@ class DecoderSharedModules:
         self._tp_mesh = tp_mesh
 
     def _live_model(self) -> nn.Module:
-        if self._model is None:
-            raise RuntimeError(
-                "SharedModules: the model does not exist yet (objectives are being built for "
-                "the config checks); use the model's modules only in forward"
-            )
-        return self._model
+        return live_model(self._model)
 
     def output_weight(self) -> torch.Tensor:
         return self._live_model().lm_head.weight

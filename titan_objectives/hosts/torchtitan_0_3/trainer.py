@@ -37,7 +37,7 @@ from titan_objectives.hosts.common.parallelize import (
     shard_objectives,
     tensor_parallelize_objectives,
 )
-from titan_objectives.hosts.common.running_metrics import ObjectiveMetrics, console_line
+from titan_objectives.hosts.common.running_metrics import ObjectiveMetrics, log_step
 from titan_objectives.hosts.torchtitan_0_3.model_adapter import (
     DecoderLayout,
     DecoderSharedModules,
@@ -227,25 +227,9 @@ class ObjectiveTrainer(Trainer):
         processor = self.metrics_processor
         log = processor.log
 
-        def log_with_objectives(
-            step: int,
-            global_avg_loss: float,
-            global_max_loss: float,
-            grad_norm: float,
-            extra_metrics: dict[str, Any] | None = None,
-        ) -> None:
+        def log_with_objectives(step: int, *args: Any, **kwargs: Any) -> None:
             values = self.objective_metrics.reduce(self.loss_mesh)
-            log(
-                step,
-                global_avg_loss,
-                global_max_loss,
-                grad_norm,
-                {**(extra_metrics or {}), **values},
-            )
-            color = processor.color
-            logger.info(
-                f"{color.green}step: {step:2}  objectives  {console_line(values)}{color.reset}"
-            )
+            log_step(log, values, processor.color, step, *args, **kwargs)
 
         processor.log = log_with_objectives
 

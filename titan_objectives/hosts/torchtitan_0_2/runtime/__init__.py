@@ -1,2 +1,3 @@
-"""What torchtitan 0.2.2 lacks to run here: the CPU runtime (``cpu``), local-file
-datasets and research flavors (``extensions``). Kept apart from the trainer glue."""
+"""What torchtitan 0.2.2 lacks to run here: the CPU runtime (``cpu``), and local-file
+datasets (``hosts.common.corpus``) and research flavors, registered by ``extensions``.
+Kept apart from the trainer glue."""

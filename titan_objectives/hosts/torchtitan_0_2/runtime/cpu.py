@@ -11,8 +11,6 @@ import importlib
 import sys
 import types
 
-import torch
-
 from titan_objectives.hosts.common import cpu_patches
 
 _active = False
@@ -27,13 +25,8 @@ def activate() -> bool:
     global _active
     if _active:
         return True
-    if torch.cuda.is_available():
+    if not cpu_patches.needed(__name__):
         return False
-    if "torchtitan" in sys.modules:
-        raise RuntimeError(
-            f"{__name__}.activate() must run before torchtitan is imported: torchtitan "
-            "fixes its device type at import time"
-        )
     _install_moe_kernels_without_triton()
     cpu_patches.import_torchtitan_with_cpu_device()
     cpu_patches.force_sum_reductions_in_fsdp()

@@ -1,6 +1,6 @@
 """What this project adds to torchtitan's registries, for every entry point."""
 
-from titan_objectives.hosts.torchtitan_0_2.runtime.datasets import register_datasets
+from titan_objectives.hosts.common.corpus import register_datasets
 from titan_objectives.hosts.torchtitan_0_2.runtime.flavors import register_flavors
 
 

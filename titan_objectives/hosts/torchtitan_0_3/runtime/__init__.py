@@ -1,2 +1,2 @@
-"""What torchtitan 0.3.0 lacks to run here: the CPU runtime (``cpu``) and local-file
-datasets (``datasets``). Kept apart from the trainer glue."""
+"""What torchtitan 0.3.0 lacks to run here: the CPU runtime (``cpu``). Kept apart from the
+trainer glue; the local datasets are shared with 0.2.2 (``hosts.common.corpus``)."""

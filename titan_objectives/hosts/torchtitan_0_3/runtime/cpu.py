@@ -9,7 +9,6 @@ lacks: without it, that call does nothing. ``activate()`` applies them before to
 is imported, and does nothing when CUDA is available.
 """
 
-import sys
 from datetime import timedelta
 from typing import Any
 
@@ -26,13 +25,8 @@ def activate() -> bool:
     global _active
     if _active:
         return True
-    if torch.cuda.is_available():
+    if not cpu_patches.needed(__name__):
         return False
-    if "torchtitan" in sys.modules:
-        raise RuntimeError(
-            f"{__name__}.activate() must run before torchtitan is imported: torchtitan "
-            "fixes its device type at import time"
-        )
     cpu_patches.import_torchtitan_with_cpu_device()
     cpu_patches.force_sum_reductions_in_fsdp()
     cpu_patches.histc_of_integers()
