@@ -66,13 +66,14 @@ class HostedObjectiveStack(ObjectiveStack, TitanModule):
 
 def build_stack(
     options: dict[str, ObjectiveOptions], model: nn.Module, training: Any
-) -> HostedObjectiveStack:
-    """The objectives for ``model``, on the meta device and in the model's dtype, as
-    torchtitan builds the model itself; their blocks come from the live model's config
-    (after any ``override.imports``)."""
+) -> tuple[HostedObjectiveStack, DecoderSharedModules]:
+    """The objectives for ``model`` and the model modules they share, on the meta device
+    and in the model's dtype, as torchtitan builds the model itself; their blocks come
+    from the live model's config (after any ``override.imports``)."""
     shared = DecoderSharedModules(model, model.config)
     with torch.device("meta"), set_default_dtype(TORCH_DTYPE_MAP[training.dtype]):
-        return HostedObjectiveStack(options, model_info(model.config, training.seq_len, shared))
+        info = model_info(model.config, training.seq_len, shared)
+        return HostedObjectiveStack(options, info), shared
 
 
 def parallelize_with_objectives(
@@ -93,7 +94,7 @@ def parallelize_with_objectives(
     training, parallelism, parallel_dims = (
         kwargs["training"], kwargs["parallelism"], kwargs["parallel_dims"],
     )  # fmt: skip
-    stack = build_stack(options, model, training)
+    stack, shared = build_stack(options, model, training)
     blocks = owned_blocks(stack, type(model.layers[str(len(model.layers) - 1)]))
     first_lent = len(model.layers)
     for i, (parent, attribute) in enumerate(blocks):
@@ -112,7 +113,7 @@ def parallelize_with_objectives(
     if parallel_dims.tp_enabled:
         tp_mesh = parallel_dims.get_mesh("tp")
         tensor_parallelize_objectives(stack, tp_mesh)
-        stack_shared(stack).use_tensor_parallel(tp_mesh)
+        shared.use_tensor_parallel(tp_mesh)
     compile_config = kwargs["compile_config"]
     if compile_config.enable and "loss" in compile_config.components:
         # In place, as torchtitan 0.3 compiles its blocks: its checkpoints take the plain
@@ -125,12 +126,6 @@ def parallelize_with_objectives(
     )
     model.objectives = stack
     return model
-
-
-def stack_shared(stack: ObjectiveStack) -> DecoderSharedModules:
-    shared = next(iter(stack.objectives().values())).model_info.shared
-    assert isinstance(shared, DecoderSharedModules)
-    return shared
 
 
 class ObjectiveTrainer(Trainer):
@@ -216,7 +211,7 @@ class ObjectiveTrainer(Trainer):
         joins the model here, on the CPU, initialized (the checkpointer's model state
         picks up new keys when it saves)."""
         model = self.model_parts[0]
-        stack = build_stack(checked.options, model, self.config.training)
+        stack, _ = build_stack(checked.options, model, self.config.training)
         stack.to_empty(device="cpu")
         with torch.no_grad():
             stack.init_weights()
