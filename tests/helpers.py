@@ -45,6 +45,15 @@ def train(
     )  # fmt: skip
 
 
+# What torchrun gives its only worker. MASTER_PORT 0: rank 0's store binds a free port,
+# and no other rank needs to find it.
+ONE_WORKER = {
+    "RANK": "0", "LOCAL_RANK": "0", "GROUP_RANK": "0", "ROLE_RANK": "0",
+    "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "ROLE_WORLD_SIZE": "1",
+    "MASTER_ADDR": "localhost", "MASTER_PORT": "0",
+}  # fmt: skip
+
+
 def torchrun(
     module_args: list[str],
     nproc: int = 1,
@@ -53,18 +62,26 @@ def torchrun(
     check: bool = True,
     env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
-    """``torchrun -m MODULE ARGS``; returns the finished process (stdout and stderr merged)."""
+    """``torchrun -m MODULE ARGS``; returns the finished process (stdout and stderr merged).
+
+    One process runs as torchrun's only worker would, without the launcher: the launcher
+    costs about 3 s of imports per run on 2 cores, and the suite runs dozens. A failing
+    run's exit code is then the worker's own."""
     env = dict(
         os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(max(1, 2 // nproc)), **(env or {})
     )
     if extra_pythonpath:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [extra_pythonpath, env.get("PYTHONPATH")]))
-    command = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-        "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0",
-        "--local-ranks-filter", "0", "--role", "rank", "--tee", "3",
-        "-m", *module_args,
-    ]  # fmt: skip
+    if nproc == 1:
+        env.update(ONE_WORKER)
+        command = [sys.executable, "-m", *module_args]
+    else:
+        command = [
+            sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0",
+            "--local-ranks-filter", "0", "--role", "rank", "--tee", "3",
+            "-m", *module_args,
+        ]  # fmt: skip
     result = subprocess.run(
         command,
         cwd=ROOT,

@@ -1,5 +1,5 @@
 """Every objective gives the single-process numbers however the model is split: tensor
-parallel (sequence parallel, loss parallel on and off), FSDP2 x TP, DDP, HSDP, and expert
+parallel (sequence parallel, loss parallel on and off), FSDP2, FSDP2 x TP, DDP, HSDP, and expert
 parallel on a MoE model. Each case starts from one seed checkpoint and reads identical
 data on every data-parallel rank (``twin_corpus``), so only the order of floating-point
 reductions differs from the single-process run: fp32 agreement to 1e-4 relative after a
@@ -81,24 +81,33 @@ PROBE = {
 }
 
 
-def test_chunked_cross_entropy_backends_under_tp_and_fsdp_match_single_process(
-    tmp_path, twin_corpus
-):
-    """ntp and mtp with chunk_size > 0: one process takes PyTorch's kernel (auto); TP 2
-    (loss parallel) chunks a head split over the vocabulary; FSDP2 runs each backend."""
+def test_chunked_losses_under_tp_and_fsdp_match_single_process(tmp_path, twin_corpus):
+    """ntp, mtp and top with chunk_size > 0: one process takes PyTorch's kernel (auto); TP 2
+    (loss parallel) chunks heads split over the vocabulary, plain and with compiled
+    objectives and activation checkpointing; FSDP2 runs each cross-entropy backend."""
     common = (
-        "--objectives.stack", "ntp,mtp", "--objectives.mtp.depth", "2",
+        "--objectives.stack", "ntp,mtp,top", "--objectives.mtp.depth", "2",
         "--objectives.ntp.chunk_size", "48", "--objectives.mtp.chunk_size", "40",
+        "--objectives.top.window", "16", "--objectives.top.chunk_size", "48",
         "--training.dataset_path", str(twin_corpus), "--training.steps", "3",
     )  # fmt: skip
     backend = lambda name: ("--objectives.ntp.ce_backend", name,  # noqa: E731
                             "--objectives.mtp.ce_backend", name)  # fmt: skip
-    runs = {"tp": (2, TP), "fsdp_chunked": (2, backend("chunked"))}
+    runs = {
+        "tp": (2, TP),
+        "tp_compiled_loss_ac": (2, (*TP, "--compile.enable", "--compile.components", "loss",
+                                    "--activation_checkpoint.mode", "selective")),
+        "fsdp_chunked": (2, backend("chunked")),
+    }  # fmt: skip
     if torch_has_linear_cross_entropy():  # torch 2.13+
         runs["fsdp_torch"] = (2, backend("torch"))
     logged = run_from_one_seed(tmp_path, common, runs, **PROBE)
+    assert (
+        "Compiling objectives with torch.compile: ntp, mtp, top"
+        in logged["tp_compiled_loss_ac"]["stdout"]
+    )
     tags = ("objectives/ntp/loss", "objectives/mtp/depth_1", "objectives/mtp/depth_2",
-            "grad_norm")  # fmt: skip
+            "objectives/top/loss", "grad_norm")  # fmt: skip
     assert_same_numbers(logged, tags, steps=3)
     assert_same_gradients(tmp_path, list(runs))
 
@@ -117,6 +126,7 @@ def test_llama3_full_stack_under_tp_2d_ddp_and_hsdp_matches_single_process(tmp_p
                 "--activation_checkpoint.mode", "selective"),
         ),
         "tp_no_loss_parallel": (2, (*TP, "--parallelism.disable_loss_parallel")),
+        "fsdp": (2, ()),
         "fsdp_x_tp": (4, (*TP, "--parallelism.data_parallel_shard_degree", "2")),
         "ddp": (2, ("--parallelism.data_parallel_replicate_degree", "2",
                     "--parallelism.data_parallel_shard_degree", "1")),

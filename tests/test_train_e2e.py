@@ -2,7 +2,6 @@
 
 import math
 import os
-import shutil
 import subprocess
 import sys
 
@@ -80,19 +79,6 @@ def test_ntp_nitp_single_process_with_checkpoint(tmp_path):
     assert b"objectives.nitp.projector.w2.weight" in metadata
 
 
-def test_ntp_nitp_fsdp_two_processes(tmp_path):
-    result = train(tmp_path, nproc=2)
-    assert "dp_shard=2" in result.stdout
-    assert "Applied FSDP to the objectives, one unit each: nitp" in result.stdout
-    check_ntp_nitp_run(tmp_path)
-
-
-def test_ntp_nitp_compiled(tmp_path):
-    result = train(tmp_path, "--compile.enable", "--training.steps", "3")
-    assert "Compiling objectives with torch.compile: ntp, nitp" in result.stdout
-    check_ntp_nitp_run(tmp_path, steps=3)
-
-
 FULL_STACK = (
     "--objectives.stack", "ntp,nitp,mtp", "--objectives.mtp.depth", "2",
     "--objectives.ntp.chunk_size", "48", "--objectives.mtp.chunk_size", "48",
@@ -101,18 +87,19 @@ STACK_TAGS = ("objectives/ntp/loss", "objectives/nitp/loss", "objectives/mtp/dep
               "objectives/mtp/depth_2")  # fmt: skip
 
 
-@pytest.mark.parametrize("mode", ["selective", "full"])
-def test_full_stack_activation_checkpointing(tmp_path, mode):
-    ac = train(tmp_path / "ac", *FULL_STACK, "--activation_checkpoint.mode", mode,
-               "--training.steps", "3")  # fmt: skip
-    assert f"Applied {mode} activation checkpointing" in ac.stdout
-    assert "Objectives recompute their activations in backward" in ac.stdout
+def test_full_stack_activation_checkpointing(tmp_path):
     train(tmp_path / "plain", *FULL_STACK, "--training.steps", "3")
-    # Recomputation (the MTP blocks' included) changes no number.
-    ac_tb, plain_tb = check_mtp_run(tmp_path / "ac", 3), scalars(tmp_path / "plain")
-    for tag in STACK_TAGS:
-        for step, value in plain_tb[tag].items():
-            assert ac_tb[tag][step] == pytest.approx(value, rel=1e-5, abs=1e-6), (tag, step)
+    plain_tb = scalars(tmp_path / "plain")
+    for mode in ("selective", "full"):
+        ac = train(tmp_path / mode, *FULL_STACK, "--activation_checkpoint.mode", mode,
+                   "--training.steps", "3")  # fmt: skip
+        assert f"Applied {mode} activation checkpointing" in ac.stdout
+        assert "Objectives recompute their activations in backward" in ac.stdout
+        # Recomputation (the MTP blocks' included) changes no number.
+        ac_tb = check_mtp_run(tmp_path / mode, 3)
+        for tag in STACK_TAGS:
+            for step, value in plain_tb[tag].items():
+                assert ac_tb[tag][step] == pytest.approx(value, rel=1e-5, abs=1e-6), (mode, tag)
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
@@ -137,8 +124,9 @@ def test_run_train_script(tmp_path, ngpu):
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-4000:]
     assert f"dp_shard={ngpu}" in result.stdout
-    tb = scalars(tmp_path)
-    assert sorted(tb["objectives/nitp/loss"]) == [1, 2]
+    if ngpu == 2:
+        assert "Applied FSDP to the objectives, one unit each: nitp" in result.stdout
+    check_ntp_nitp_run(tmp_path, steps=2)
 
 
 def test_run_train_script_trains_the_config_named_as_an_argument(tmp_path):
@@ -218,29 +206,6 @@ def test_parallel_mtp_with_recomputed_heads_and_step_schedule(tmp_path):
     )
 
 
-def test_full_stack_fsdp_matches_single_process(tmp_path, twin_corpus):
-    """Gradients of every objective (shared head and embedding included) survive FSDP2."""
-    common = (*FULL_STACK, "--training.dataset_path", str(twin_corpus), "--training.steps", "4")
-    checkpoint = (
-        "--checkpoint.enable",
-        "--checkpoint.folder",
-        "ckpt",
-        "--checkpoint.interval",
-        "100",
-    )
-    train(tmp_path / "seed", *common, *checkpoint, "--checkpoint.create_seed_checkpoint")
-    for run, nproc in (("one", 1), ("two", 2)):
-        shutil.copytree(tmp_path / "seed" / "ckpt", tmp_path / run / "ckpt")
-        train(tmp_path / run, *common, *checkpoint, nproc=nproc)
-    one, two = check_mtp_run(tmp_path / "one", 4), check_mtp_run(tmp_path / "two", 4)
-    # fp32 throughout; the only difference is the order of reductions (gloo sum of two
-    # shards vs one local sum), so agreement to 1e-4 relative is expected.
-    for tag in ("objectives/ntp/loss", "objectives/nitp/loss", "objectives/mtp/depth_1",
-                "objectives/mtp/depth_2", "grad_norm"):  # fmt: skip
-        for step in range(1, 5):
-            assert two[tag][step] == pytest.approx(one[tag][step], rel=1e-4), (tag, step)
-
-
 @pytest.fixture(scope="module")
 def nan_plugin(tmp_path_factory):
     from test_registry import PLUGIN
@@ -253,7 +218,7 @@ def test_a_nan_loss_stops_training_naming_objective_and_step(tmp_path, nan_plugi
         tmp_path, "--objectives.stack", "ntp,nan_probe", "--objectives.nan_probe.weight", "0.5",
         extra_pythonpath=str(nan_plugin), check=False,
     )  # fmt: skip
-    assert result.returncode != 0 and "exitcode  : 3" in result.stdout
+    assert result.returncode == 3, result.stdout[-3000:]
     assert "step 1: the loss of nan_probe is not finite (NaN or inf)" in result.stdout
     assert "the optimizer did not apply it, and training stopped at step 1" in result.stdout
 

@@ -69,6 +69,19 @@ def test_main_job_trains_validates_measures_checkpoints_and_exports(tmp_path):
             assert resumed[tag][step] == pytest.approx(logged[tag][step], rel=1e-6), (tag, step)
 
 
+def first_moments(checkpoint: Path, parameters: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Adam's ``exp_avg`` of each parameter in a full checkpoint: a weighted sum of its
+    gradients so far, whole (FSDP/TP shards are gathered by the load)."""
+    metadata = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    state = {
+        key: torch.zeros(metadata[key].size)
+        for name in parameters
+        for key in [f"optimizer.state.{name}.exp_avg"]
+    }
+    dcp.load(state, checkpoint_id=str(checkpoint))
+    return state
+
+
 def test_stack_under_fsdp2_and_tp_matches_one_process(tmp_path, twin_corpus):
     """ntp + nitp + mtp (D = 2) from one seed checkpoint, with selective AC (the debug
     config's): FSDP2 on 2 processes (each reads its own copy of the corpus) and TP 2
@@ -106,6 +119,20 @@ def test_stack_under_fsdp2_and_tp_matches_one_process(tmp_path, twin_corpus):
         )
         print(f"{name}: largest relative difference from one process {worst:.1e}")
         assert worst < 1e-4, name
+    # Gradients themselves, not only their norm: Adam's first moments after step 3 (the
+    # embedding's takes MTP's gradient through the embedding outputs it reads).
+    parameters = (
+        "tok_embeddings.weight", "layers.0.attention.qkv_linear.wqkv.weight", "norm.weight",
+        "lm_head.weight", "objectives.mtp.depths.0.projection.weight",
+    )  # fmt: skip
+    expected = first_moments(tmp_path / "one" / "checkpoint" / "step-3", parameters)
+    for name in ("fsdp", "tp", "accumulate"):
+        moments = first_moments(tmp_path / name / "checkpoint" / "step-3", parameters)
+        for key, value in expected.items():
+            scale = value.abs().max().item()
+            worst = (moments[key] - value).abs().max().item() / scale
+            print(f"{name} {key}: largest difference / largest entry {worst:.1e}")
+            torch.testing.assert_close(moments[key], value, rtol=1e-4, atol=1e-4 * scale)
 
 
 def test_ntp_alone_is_torchtitans_own_training(tmp_path):

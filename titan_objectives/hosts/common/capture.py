@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from titan_objectives.objective import Features, Requirements
@@ -63,12 +64,21 @@ def sequence_shard(hidden: torch.Tensor) -> torch.Tensor:
     """This rank's plain sequence shard of a hidden state. Under tensor parallelism the
     model's modules return DTensors: sequence shards (``Shard(1)``), or whole sequences
     replicated on every rank (torchtitan 0.3's final norm), which are cut to this rank's
-    shard, so that objectives see every hidden state the same way."""
-    if not isinstance(hidden, DTensor):
-        return hidden
-    if all(isinstance(p, Replicate) for p in hidden.placements):
-        hidden = hidden.redistribute(hidden.device_mesh, [Shard(1)] * hidden.device_mesh.ndim)
-    return hidden.to_local()
+    shard, so that objectives see every hidden state the same way.
+
+    A shard still wrapped as an ``AsyncCollectiveTensor`` (the output of a collective not
+    waited for yet, e.g. the vocabulary-parallel embedding's reduce-scatter) is copied
+    into a plain tensor: compiled objectives return a wrong gradient for such an input
+    (torch 2.13 and 2.14: under TP, MTP's embedding gradient was off by 15-26% of its
+    largest entry, on both hosts)."""
+    if isinstance(hidden, DTensor):
+        if all(isinstance(p, Replicate) for p in hidden.placements):
+            mesh = hidden.device_mesh
+            hidden = hidden.redistribute(mesh, [Shard(1)] * mesh.ndim)
+        hidden = hidden.to_local()
+    if isinstance(hidden, AsyncCollectiveTensor):
+        return hidden.clone()
+    return hidden
 
 
 @dataclass
