@@ -5,7 +5,8 @@ from helpers import ROOT, scalars, train
 
 from titan_objectives.report import compare_runs, load_scalars
 
-pytestmark = pytest.mark.slow
+# One test process trains the shared runs (``--dist loadgroup`` keeps the module together).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("geometry_runs")]
 
 GEOMETRY = (
     "--objectives.geometry.freq", "2", "--objectives.geometry.max_tokens", "256",
