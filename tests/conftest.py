@@ -17,6 +17,12 @@ from titan_objectives import registry  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
 
+from helpers import long_tests_first  # noqa: E402
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    long_tests_first(items)
+
 
 @pytest.fixture
 def clean_registry(monkeypatch):

@@ -28,6 +28,12 @@ TINY = [
 ]
 
 
+def long_tests_first(items: list) -> None:
+    """Collection order for ``pytest_collection_modifyitems``: tests marked ``long`` first
+    (pytest-xdist hands tests out in this order: one started last would run alone)."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
+
+
 def train(
     dump_folder: Path,
     *overrides: str,

@@ -9,6 +9,7 @@ from helpers import ROOT
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.long
 def test_bench_tiny_prints_the_chosen_stacks():
     stacks = "ntp,torchtitan (plain),ntp+nitp"
     result = subprocess.run(

@@ -96,6 +96,7 @@ def load_into(model, checkpoint_dir):
     return model
 
 
+@pytest.mark.long
 def test_export_has_no_objective_modules_and_gives_the_same_logits(tmp_path):
     from torchtitan.models.llama3 import Transformer, llama3_args
     from torchtitan.models.llama3.model.state_dict_adapter import Llama3StateDictAdapter

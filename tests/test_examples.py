@@ -59,6 +59,7 @@ def test_z_loss_trains_through_its_entry_point(tmp_path, z_loss_site):
     assert math.log(2048) - 1 < log_z[1] < math.log(2048) + 2  # ~log(vocab) at init
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_z_loss_under_tensor_parallel_matches_one_process(tmp_path, z_loss_site, twin_corpus):
     """z_loss reads vocabulary-sharded logits under loss parallel through

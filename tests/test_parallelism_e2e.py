@@ -16,7 +16,7 @@ from test_moe_e2e import expert_biases
 
 from titan_objectives.losses import torch_has_linear_cross_entropy
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 CHECKPOINT = ("--checkpoint.enable", "--checkpoint.folder", "ckpt", "--checkpoint.interval", "100")
 TP = ("--parallelism.tensor_parallel_degree", "2")

@@ -13,6 +13,12 @@ import pytest  # noqa: E402
 # The subprocess and TensorBoard helpers of the 0.2.2 suite (no torchtitan imports).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from helpers import long_tests_first  # noqa: E402
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    long_tests_first(items)
+
 
 @pytest.fixture(scope="session")
 def twin_corpus(tmp_path_factory):

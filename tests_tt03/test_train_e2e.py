@@ -32,6 +32,7 @@ def saved_keys(checkpoint: Path) -> set[str]:
     return set(FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata)
 
 
+@pytest.mark.long
 def test_main_job_trains_validates_measures_checkpoints_and_exports(tmp_path):
     """ntp + nitp on the bundled data: both losses fall; objectives, geometry and validation
     values reach TensorBoard; checkpoints hold the objectives' modules, the model-only save
@@ -82,6 +83,7 @@ def first_moments(checkpoint: Path, parameters: tuple[str, ...]) -> dict[str, to
     return state
 
 
+@pytest.mark.long
 def test_stack_under_fsdp2_and_tp_matches_one_process(tmp_path, twin_corpus):
     """ntp + nitp + mtp (D = 2) from one seed checkpoint, with selective AC (the debug
     config's): FSDP2 on 2 processes (each reads its own copy of the corpus) and TP 2

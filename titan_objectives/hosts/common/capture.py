@@ -70,7 +70,7 @@ def sequence_shard(hidden: torch.Tensor) -> torch.Tensor:
     waited for yet, e.g. the vocabulary-parallel embedding's reduce-scatter) is copied
     into a plain tensor: compiled objectives return a wrong gradient for such an input
     (torch 2.13 and 2.14: under TP, MTP's embedding gradient was off by 15-26% of its
-    largest entry, on both hosts)."""
+    largest entry, on both hosts; ACT inputs to compiled regions: pytorch/pytorch#179849)."""
     if isinstance(hidden, DTensor):
         if all(isinstance(p, Replicate) for p in hidden.placements):
             mesh = hidden.device_mesh
