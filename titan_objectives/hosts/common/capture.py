@@ -68,9 +68,9 @@ def sequence_shard(hidden: torch.Tensor) -> torch.Tensor:
 
     A shard still wrapped as an ``AsyncCollectiveTensor`` (the output of a collective not
     waited for yet, e.g. the vocabulary-parallel embedding's reduce-scatter) is copied
-    into a plain tensor: compiled objectives return a wrong gradient for such an input
-    (torch 2.13 and 2.14: under TP, MTP's embedding gradient was off by 15-26% of its
-    largest entry, on both hosts; ACT inputs to compiled regions: pytorch/pytorch#179849)."""
+    into a plain tensor: a compiled objective drops the gradient of such an input (torch
+    2.13 and 2.14; under TP, MTP's share of the embedding gradient was lost, on both hosts;
+    ACT inputs to compiled regions: pytorch/pytorch#179849)."""
     if isinstance(hidden, DTensor):
         if all(isinstance(p, Replicate) for p in hidden.placements):
             mesh = hidden.device_mesh
