@@ -15,21 +15,13 @@ class ObjectiveMetricsProcessor(MetricsProcessor):
     objective_metrics: ObjectiveMetrics | None = None
     objective_mesh: DeviceMesh | None = None
 
-    def log(
-        self,
-        step: int,
-        global_avg_loss: float,
-        global_max_loss: float,
-        grad_norm: float,
-        extra_metrics: dict[str, Any] | None = None,
-    ) -> None:
+    def log(self, step: int, *args: Any, **kwargs: Any) -> None:
+        """torchtitan's ``log(step, global_avg_loss, global_max_loss, grad_norm,
+        extra_metrics)``, spelled out once in ``log_step``."""
         values = (
             self.objective_metrics.reduce(self.objective_mesh) if self.objective_metrics else {}
         )
-        log_step(
-            super().log, values, self.color, step, global_avg_loss, global_max_loss, grad_norm,
-            extra_metrics,
-        )  # fmt: skip
+        log_step(super().log, values, self.color, step, *args, **kwargs)
 
 
 def build_objective_metrics_processor(
