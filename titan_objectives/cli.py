@@ -1,14 +1,20 @@
-"""The ``titan-objectives`` command.
+"""The ``titan-objectives`` command, on the installed torchtitan's host.
 
-titan-objectives list                       registered objectives and their options
-titan-objectives validate CONFIG.toml [--section.key value ...]
-                                            check a job config without training
+titan-objectives list                  registered objectives and their options
+titan-objectives validate CONFIG ...   check a config as training would, without training
+                                       (0.2.2: CONFIG.toml [--section.key value ...];
+                                       0.3: --module M --config FN [--section.key value ...])
+titan-objectives describe CONFIG ...   the parameters and FLOPs each objective adds
+titan-objectives compare RUN... --out DIR   plots and a table from runs' TensorBoard logs
 """
 
 import argparse
-import copy
+import importlib
 import sys
 from collections.abc import Sequence
+from types import ModuleType
+
+from titan_objectives.hosts import installed_host
 
 
 def list_command() -> int:
@@ -32,88 +38,24 @@ def list_command() -> int:
     return 0
 
 
-def _parse_job_config(argv: list[str]):
-    from torchtitan.config import ConfigManager
-
-    from titan_objectives.config import ObjectivesConfigError
-    from titan_objectives.hosts.torchtitan_0_2.preflight import check_toml_file
-
-    check_toml_file(argv)
-    try:
-        return ConfigManager().parse_args(argv)
-    except ValueError as error:  # torchtitan's unknown-key error, for other sections
-        raise ObjectivesConfigError(str(error).splitlines()[0]) from None
+def _host_cli() -> ModuleType:
+    return importlib.import_module(f"{installed_host()}.cli")
 
 
-def objective_costs(job_config, checked) -> tuple[int, int, dict[str, tuple[int, int]]]:
-    """The model's parameters and training FLOPs per token (torchtitan's count), and each
-    objective's extra parameters and FLOPs per token, from models built on the meta
-    device (nothing allocated)."""
-    import torch
-    from torchtitan.protocols.train_spec import get_train_spec
-
-    from titan_objectives.hosts.torchtitan_0_2.spec import model_class_with_objectives
-
-    spec = get_train_spec(job_config.model.name)
-    model_args = copy.deepcopy(spec.model_args[job_config.model.flavor])
-    model_args.update_from_config(job_config)
-    with torch.device("meta"):
-        model = spec.model_cls(model_args)
-        with_objectives = model_class_with_objectives(
-            spec.model_cls, checked.adapter, checked.options
-        )(model_args)
-    params, flops = model_args.get_nparams_and_flops(model, job_config.training.seq_len)
-    extra = {
-        name: (sum(p.numel() for p in objective.parameters()), objective.flops_per_token())
-        for name, objective in with_objectives.objectives.objectives().items()
-    }
-    return params, flops, extra
-
-
-def describe(job_config, checked) -> str:
-    """The stack against the model: parameters and training FLOPs each objective adds."""
-    params, flops, extra = objective_costs(job_config, checked)
-    seq_len = job_config.training.seq_len
-    lines = [
-        f"model: {job_config.model.name} {job_config.model.flavor}, {params:,} parameters, "
-        f"{flops / 1e6:,.1f} MFLOPs per token for training (torchtitan's count, seq_len {seq_len})",
-        f"stack: {' + '.join(checked.options)}",
-        "",
-        f"{'objective':<10} {'weight':>8} {'extra params':>14} {'extra MFLOPs/token':>20} "
-        f"{'overhead':>9}",
-    ]
-    for name, (extra_params, extra_flops) in extra.items():
-        options = checked.options[name]
-        weight = options.weight if options.schedule == "constant" else f"{options.weight:g}*"
-        lines.append(
-            f"{name:<10} {weight:>8} {extra_params:>14,} {extra_flops / 1e6:>20,.2f} "
-            f"{100 * extra_flops / flops:>8.2f}%"
-        )
-    total_params = sum(p for p, _ in extra.values())
-    total_flops = sum(f for _, f in extra.values())
-    lines.append(
-        f"{'total':<10} {'':>8} {total_params:>14,} {total_flops / 1e6:>20,.2f} "
-        f"{100 * total_flops / flops:>8.2f}%"
-    )
-    if any(o.schedule != "constant" for o in checked.options.values()):
-        lines.append("* weight at step 1; it follows the objective's schedule")
-    return "\n".join(lines)
-
-
-def validate_command(config: str, overrides: Sequence[str]) -> int:
+def check_command(command: str, args: list[str]) -> int:
+    """``validate``: check a config as training does, then describe it; ``describe``: the
+    table alone. Both on the installed torchtitan's host."""
     from titan_objectives.config import ObjectivesConfigError, exit_on_config_error
-    from titan_objectives.hosts.torchtitan_0_2.preflight import check_job_config
-    from titan_objectives.hosts.torchtitan_0_2.runtime.extensions import register_extensions
+    from titan_objectives.hosts.common.describe import describe
 
-    register_extensions()
-    argv = ["--job.config_file", config, *overrides]
+    host = _host_cli()
     try:
-        job_config = _parse_job_config(argv)
-        checked = check_job_config(job_config)
+        checked, model = host.checked_config(args)
     except ObjectivesConfigError as error:
         exit_on_config_error(error)
-    print(describe(job_config, checked))
-    print(f"\n{config}: OK")
+    print(describe(model, checked.stack))
+    if command == "validate":
+        print(f"\n{host.config_name(args)}: OK")
     return 0
 
 
@@ -121,12 +63,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="titan-objectives", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="registered objectives and their options")
-    validate = commands.add_parser(
-        "validate",
-        help="check a job config against its model (meta device, no accelerator)",
-    )
-    validate.add_argument("config", help="job TOML")
-    validate.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value ...")
+    for command, help_text in (
+        ("validate", "check a config as training would (meta device, no accelerator)"),
+        ("describe", "the parameters and training FLOPs each objective adds"),
+    ):
+        checker = commands.add_parser(command, help=help_text)
+        checker.add_argument(
+            "args",
+            nargs=argparse.REMAINDER,
+            help="torchtitan 0.2.2: CONFIG.toml [--section.key value ...]; torchtitan 0.3: "
+            "--module M --config FN [--section.key value ...] [--objectives.toml FILE]",
+        )
     compare = commands.add_parser(
         "compare", help="plots and a table of final values from runs' TensorBoard logs"
     )
@@ -142,11 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "list":
         return list_command()
-    # validate reads TOML job configs: the torchtitan 0.2.2 host's.
-    from titan_objectives.hosts.torchtitan_0_2.runtime import cpu as cpu_runtime
-
-    cpu_runtime.activate()
-    return validate_command(args.config, args.overrides)
+    return check_command(args.command, args.args)
 
 
 if __name__ == "__main__":

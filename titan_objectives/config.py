@@ -1,13 +1,16 @@
-"""The ``[objectives]`` section of a torchtitan job config, and its validation.
+"""The ``[objectives]`` section of a job config, and its validation, for every host.
 
-torchtitan merges ``JobConfig`` from the module named by ``[job] custom_config_module``
-into its own. The section has ``stack`` plus one sub-table per registered objective
-(built-in or from an entry point), typed by that objective's options dataclass, so TOML
-tables (``[objectives.nitp]``) and CLI flags (``--objectives.nitp.weight 0.8``) work the
-torchtitan way. No ``from __future__ import annotations`` here: tyro needs real types.
+The section has ``stack`` plus one sub-table per registered objective (built-in or from an
+entry point), typed by that objective's options dataclass, so TOML tables
+(``[objectives.nitp]``) and CLI flags (``--objectives.nitp.weight 0.8``) work the
+torchtitan way. The section's class exists once the registry is read, so it is made on
+first use (``Objectives``, ``JobConfig``: torchtitan 0.2.2 merges ``JobConfig`` from the
+module its ``[job] custom_config_module`` names): importing this module discovers no
+entry point. No ``from __future__ import annotations`` here: tyro needs real types.
 """
 
 import dataclasses
+import functools
 import logging
 import math
 import sys
@@ -23,7 +26,7 @@ if sys.version_info >= (3, 11):
 else:  # the same parser, from PyPI
     import tomli as tomllib
 
-from titan_objectives.objective import ModelInfo, ObjectiveOptions, OptionError
+from titan_objectives.objective import ModelInfo, Objective, ObjectiveOptions, OptionError
 from titan_objectives.registry import (
     RESERVED_NAMES,
     RegistryError,
@@ -65,7 +68,18 @@ class GeometryOptions:
         return sorted(set(self.layers if self.layers is not None else declared))
 
 
-def _build_section() -> type:
+@dataclass(frozen=True)
+class StackEntry:
+    """One stacked objective: its registered class and its checked options."""
+
+    cls: type[Objective]
+    options: ObjectiveOptions
+
+
+@functools.cache
+def objectives_section() -> type:
+    """The ``[objectives]`` dataclass: the section's own keys and one field per
+    registered objective (read from the registry on the first call)."""
     section_fields: list[tuple[str, Any, Any]] = [
         (
             "stack",
@@ -100,12 +114,23 @@ def _build_section() -> type:
     return section
 
 
-Objectives = _build_section()
+@functools.cache
+def _job_config() -> type:
+    objectives = objectives_section()
+    job_config = dataclasses.make_dataclass(
+        "JobConfig", [("objectives", objectives, field(default_factory=objectives))]
+    )
+    job_config.__module__ = __name__
+    return job_config
 
 
-@dataclass
-class JobConfig:
-    objectives: Objectives = field(default_factory=Objectives)  # type: ignore[valid-type]
+def __getattr__(name: str) -> type:
+    """``Objectives`` and ``JobConfig``, made on first use (see the module docstring)."""
+    if name == "Objectives":
+        return objectives_section()
+    if name == "JobConfig":
+        return _job_config()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 _TYPE_NAMES = {
@@ -123,84 +148,79 @@ def _type_name(expected: Any) -> str:
     return _TYPE_NAMES.get(expected, getattr(expected, "__name__", str(expected)))
 
 
-def _coerce(value: Any, expected: Any) -> Any:
-    """Return ``value`` as ``expected`` (an int is a valid float), or raise TypeError."""
+def _type_error(value: Any, expected: Any) -> str | None:
+    """What ``expected`` allows, if a TOML ``value`` is not of that type (an integer is a
+    number); None if it is."""
     origin = typing.get_origin(expected)
     if origin is Annotated:
-        return _coerce(value, typing.get_args(expected)[0])
+        return _type_error(value, typing.get_args(expected)[0])
     if origin is Literal:
-        if value in typing.get_args(expected) and not isinstance(value, bool):
-            return value
-        raise TypeError(_type_name(expected))
+        ok = value in typing.get_args(expected) and not isinstance(value, bool)
+        return None if ok else _type_name(expected)
     if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(expected):
-            try:
-                return _coerce(value, option)
-            except TypeError:
-                continue
-        raise TypeError(" or ".join(_type_name(a) for a in typing.get_args(expected)))
+        options = typing.get_args(expected)
+        errors = [_type_error(value, option) for option in options]
+        return None if None in errors else " or ".join(_type_name(a) for a in options)
     if origin is list:
-        if not isinstance(value, list):
-            raise TypeError(f"a list of {_type_name(typing.get_args(expected)[0])}")
-        return [_coerce(item, typing.get_args(expected)[0]) for item in value]
-    if expected is type(None):
-        if value is None:
-            return None
-        raise TypeError(_type_name(expected))
+        item = typing.get_args(expected)[0]
+        if not isinstance(value, list) or any(_type_error(v, item) for v in value):
+            return f"a list of {_type_name(item)}"
+        return None
     if expected is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):
-                raise TypeError("a finite number")
-            return float(value)
-        raise TypeError(_type_name(float))
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return _type_name(float)
+        return None if math.isfinite(value) else "a finite number"
     if expected is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise TypeError(_type_name(int))
-    if expected in (bool, str):
-        if isinstance(value, expected):
-            return value
-        raise TypeError(_type_name(expected))
-    return value
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if expected in (bool, str, type(None)):
+        return None if isinstance(value, expected) else _type_name(expected)
+    return None
 
 
-def _checked_options(name: str, options: Any, model: ModelInfo) -> ObjectiveOptions:
-    cls = get_objective(name).Options
-    if not isinstance(options, cls):
-        raise ObjectivesConfigError(
-            f"{SECTION}.{name} must be a table of {cls.__name__} options, got {options!r}"
-        )
-    hints = typing.get_type_hints(cls, include_extras=True)
-    values = {}
-    for option in dataclasses.fields(cls):
-        value = getattr(options, option.name)
-        try:
-            values[option.name] = _coerce(value, hints[option.name])
-        except TypeError as error:
+def _check_table(key: str, table: dict[str, Any], options_cls: type) -> None:
+    """Keys and value types of a TOML sub-table (``key``) against an options dataclass:
+    torchtitan builds dataclasses from TOML without checking either (CLI flags are typed
+    by tyro)."""
+    hints = typing.get_type_hints(options_cls, include_extras=True)
+    allowed = [f.name for f in dataclasses.fields(options_cls)]
+    for option, value in table.items():
+        if option not in allowed:
             raise ObjectivesConfigError(
-                f"{SECTION}.{name}.{option.name} = {value!r} has the wrong type; expected {error}"
-            ) from None
-    checked = cls(**values)
+                f"unknown option {key}.{option}; allowed: {', '.join(allowed)}"
+            )
+        expected = _type_error(value, hints[option])
+        if expected:
+            raise ObjectivesConfigError(
+                f"{key}.{option} = {value!r} has the wrong type; expected {expected}"
+            )
+
+
+def _validated(name: str, options: Any, cls: type[Objective], model: ModelInfo) -> ObjectiveOptions:
+    if not isinstance(options, cls.Options):
+        raise ObjectivesConfigError(
+            f"{SECTION}.{name} must be a table of {cls.Options.__name__} options, got {options!r}"
+        )
     try:
-        checked.validate(model)
+        options.validate(model)
     except OptionError as error:
         raise ObjectivesConfigError(f"{SECTION}.{name}.{error}") from None
-    return checked
+    return options
 
 
-def resolve_stack(section: Any, model: ModelInfo) -> dict[str, ObjectiveOptions]:
-    """Validate the section against a model; return each stacked objective's options in
-    stack order. Raises ``ObjectivesConfigError``; logs warnings for suspicious but legal
-    settings."""
+def resolve_stack(section: Any, model: ModelInfo) -> dict[str, StackEntry]:
+    """Validate the section against a model; return each stacked objective's class and
+    options, in stack order. Raises ``ObjectivesConfigError``; logs warnings for
+    suspicious but legal settings."""
     stack = section.stack
     if not isinstance(stack, list) or not all(isinstance(n, str) for n in stack):
         raise ObjectivesConfigError(
             f"{SECTION}.stack = {stack!r} must be a list of objective names"
         )
-    available = ", ".join(list_objectives())
+    registered = list_objectives()
     if not stack:
         raise ObjectivesConfigError(
-            f"{SECTION}.stack is empty; name at least one objective (available: {available})"
+            f"{SECTION}.stack is empty; name at least one objective "
+            f"(available: {', '.join(registered)})"
         )
     duplicates = sorted({n for n in stack if stack.count(n) > 1})
     if duplicates:
@@ -208,9 +228,10 @@ def resolve_stack(section: Any, model: ModelInfo) -> dict[str, ObjectiveOptions]
             f"{SECTION}.stack = {stack!r} names {', '.join(duplicates)} more than once; "
             "each objective may appear once"
         )
+    classes = {}
     for name in stack:
         try:
-            get_objective(name)
+            classes[name] = get_objective(name)
         except RegistryError as error:
             raise ObjectivesConfigError(f"{SECTION}.stack: {error}") from None
 
@@ -219,10 +240,13 @@ def resolve_stack(section: Any, model: ModelInfo) -> dict[str, ObjectiveOptions]
             f"{SECTION}.nonfinite = {section.nonfinite!r} is not allowed; expected "
             + _type_name(NonFinitePolicy)
         )
-    resolved = {name: _checked_options(name, getattr(section, name), model) for name in stack}
+    resolved = {
+        name: StackEntry(cls, _validated(name, getattr(section, name), cls, model))
+        for name, cls in classes.items()
+    }
     check_geometry(section.geometry, model)
 
-    for name, cls in list_objectives().items():
+    for name, cls in registered.items():
         if name not in stack and getattr(section, name, None) != cls.Options():
             logger.warning(
                 "[%s.%s] is set but %r is not in %s.stack = %r; its options are ignored",
@@ -235,17 +259,8 @@ def resolve_stack(section: Any, model: ModelInfo) -> dict[str, ObjectiveOptions]
     return resolved
 
 
-def check_geometry(options: Any, model: ModelInfo) -> None:
+def check_geometry(options: GeometryOptions, model: ModelInfo) -> None:
     key = f"{SECTION}.geometry"
-    hints = typing.get_type_hints(GeometryOptions)
-    for option in dataclasses.fields(GeometryOptions):
-        value = getattr(options, option.name)
-        try:
-            _coerce(value, hints[option.name])
-        except TypeError as error:
-            raise ObjectivesConfigError(
-                f"{key}.{option.name} = {value!r} has the wrong type; expected {error}"
-            ) from None
     if options.freq < 0:
         raise ObjectivesConfigError(
             f"{key}.freq = {options.freq} is not allowed; expected 0 (off) or a number of steps"
@@ -266,9 +281,9 @@ def check_geometry(options: Any, model: ModelInfo) -> None:
 
 
 def check_objectives_table(toml: dict[str, Any]) -> None:
-    """Unknown keys in ``[objectives]`` and its sub-tables, with what is allowed.
+    """Keys and types of ``[objectives]`` and its sub-tables, with what is allowed.
 
-    torchtitan would reject them too, but naming only a Python class."""
+    torchtitan would reject unknown keys too, but naming only a Python class."""
     table = toml.get(SECTION)
     if table is None:
         return
@@ -276,16 +291,17 @@ def check_objectives_table(toml: dict[str, Any]) -> None:
         raise ObjectivesConfigError(f"{SECTION} must be a table, got {table!r}")
     registered = list_objectives()
     broken = broken_entry_points()
+    section_hints = typing.get_type_hints(objectives_section(), include_extras=True)
     for key, value in table.items():
         if key == "geometry" and isinstance(value, dict):
-            allowed = [f.name for f in dataclasses.fields(GeometryOptions)]
-            for option in value:
-                if option not in allowed:
-                    raise ObjectivesConfigError(
-                        f"unknown option {SECTION}.geometry.{option}; allowed: {', '.join(allowed)}"
-                    )
+            _check_table(f"{SECTION}.geometry", value, GeometryOptions)
             continue
         if key in RESERVED_NAMES:
+            expected = _type_error(value, section_hints[key])
+            if expected and key != "stack":  # resolve_stack names a bad stack with its value
+                raise ObjectivesConfigError(
+                    f"{SECTION}.{key} = {value!r} is not allowed; expected {expected}"
+                )
             continue
         if key in broken:
             raise ObjectivesConfigError(f"[{SECTION}.{key}]: {broken[key]}")
@@ -298,17 +314,12 @@ def check_objectives_table(toml: dict[str, Any]) -> None:
             raise ObjectivesConfigError(
                 f"{SECTION}.{key} must be a table of options, got {value!r}"
             )
-        allowed = [f.name for f in dataclasses.fields(registered[key].Options)]
-        for option in value:
-            if option not in allowed:
-                raise ObjectivesConfigError(
-                    f"unknown option {SECTION}.{key}.{option}; allowed: {', '.join(allowed)}"
-                )
+        _check_table(f"{SECTION}.{key}", value, registered[key].Options)
 
 
 def objectives_from_table(table: dict[str, Any]) -> Any:
     """The ``[objectives]`` table of a TOML file as the section dataclass (the hosts
-    without TOML job configs load it this way). Keys are checked here; types and values
+    without TOML job configs load it this way). Keys and types are checked here; values
     when the stack is resolved, with the same messages as on the TOML host."""
     check_objectives_table({SECTION: table})
     values: dict[str, Any] = {}
@@ -319,7 +330,7 @@ def objectives_from_table(table: dict[str, Any]) -> Any:
             values[key] = get_objective(key).Options(**value)
         else:
             values[key] = value
-    return Objectives(**values)
+    return objectives_section()(**values)
 
 
 def read_toml(path: str, flag: str) -> dict[str, Any]:

@@ -1,11 +1,14 @@
 """Name -> objective class, for built-ins and for objectives in other packages.
 
-Built-ins register with ``@register_objective("name")``. Other packages declare an entry
-point in the group ``titan_objectives``; they are discovered once, on first use. An entry
-point that fails to load only breaks its own name: asking for it raises the load error,
-while every other objective stays usable.
+Built-ins are listed in ``BUILTINS`` the way a plugin lists itself in its entry points
+(``module:Class``), so that they never import the registry. Other packages declare an
+entry point in the group ``titan_objectives``, or register from their own code with
+``@register_objective("name")``. Both are discovered once, on first use. An entry point that
+fails to load only breaks its own name: asking for it raises the load error, while every
+other objective stays usable.
 """
 
+import importlib
 import importlib.metadata
 import keyword
 import logging
@@ -13,6 +16,14 @@ import logging
 from titan_objectives.objective import Objective
 
 ENTRY_POINT_GROUP = "titan_objectives"
+
+# Name -> ``module:Class``, loaded with the entry points.
+BUILTINS = {
+    "mtp": "titan_objectives.objectives.mtp:MultiTokenPrediction",
+    "nitp": "titan_objectives.objectives.nitp:NextImplicitTokenPrediction",
+    "ntp": "titan_objectives.objectives.ntp:NextTokenPrediction",
+    "top": "titan_objectives.objectives.top:TokenOrderPrediction",
+}
 
 logger = logging.getLogger(__name__)
 
@@ -89,9 +100,16 @@ def _load_entry_points() -> None:
             logger.warning("titan_objectives: %s", error)
 
 
-def _ensure_loaded() -> None:
-    import titan_objectives.objectives  # noqa: F401  (registers the built-ins)
+def _load_builtins() -> None:
+    for name, target in BUILTINS.items():
+        if name not in _objectives:
+            module, _, attribute = target.partition(":")
+            cls = getattr(importlib.import_module(module), attribute)
+            add_objective(name, cls, f"module {module}")
 
+
+def _ensure_loaded() -> None:
+    _load_builtins()
     _load_entry_points()
 
 

@@ -1,4 +1,4 @@
-"""Built-in objectives. Importing this package registers them."""
+"""Built-in objectives (``registry.BUILTINS`` names them)."""
 
 from titan_objectives.objectives.mtp import MTPOptions, MultiTokenPrediction
 from titan_objectives.objectives.nitp import NextImplicitTokenPrediction, NITPOptions

@@ -42,7 +42,6 @@ from titan_objectives.objective import (
     Requirements,
     SharedModules,
 )
-from titan_objectives.registry import register_objective
 from titan_objectives.sequence import SequenceShards, shift_left
 
 MTPVariant = Literal["deepseek", "parallel"]
@@ -105,7 +104,6 @@ class ParallelHead(nn.Module):
         self.norm = nn.RMSNorm(model.dim, eps=model.norm_eps)
 
 
-@register_objective("mtp")
 class MultiTokenPrediction(Objective):
     """Multi-token prediction: DeepSeek-V3's sequential modules or parallel heads, each a
     block of the model's own kind, through the model's shared output head."""

@@ -38,7 +38,6 @@ from titan_objectives.objective import (
     OptionError,
     Requirements,
 )
-from titan_objectives.registry import register_objective
 
 ProjectorKind = Literal["swiglu", "linear", "none"]
 DistanceKind = Literal["cosine", "smooth_l1", "mse"]
@@ -111,7 +110,6 @@ def nitp_distance(
     return F.mse_loss(prediction, target, reduction="none").mean(-1)
 
 
-@register_objective("nitp")
 class NextImplicitTokenPrediction(Objective):
     """Next Implicit Token Prediction: pull P(h_t) towards the stop-gradient output of a
     shallow block at t+1 (arXiv 2605.24956)."""

@@ -15,7 +15,6 @@ from titan_objectives.objective import (
     ObjectiveOutput,
     Requirements,
 )
-from titan_objectives.registry import register_objective
 
 
 @dataclass
@@ -25,7 +24,6 @@ class NTPOptions(CrossEntropyOptions, ObjectiveOptions):
         self.validate_cross_entropy()
 
 
-@register_objective("ntp")
 class NextTokenPrediction(Objective):
     """Cross-entropy of the next token, from the logits or from the final hidden state."""
 

@@ -40,7 +40,6 @@ from titan_objectives.objective import (
     OptionError,
     Requirements,
 )
-from titan_objectives.registry import register_objective
 
 HeadInit = Literal["normal", "output"]
 
@@ -102,7 +101,6 @@ def top_targets(
     return torch.where(first, ids, 0), probs
 
 
-@register_objective("top")
 class TokenOrderPrediction(Objective):
     """Token Order Prediction: a second unembedding ranks the next W tokens by how soon
     each comes (ListNet loss; Zuhri et al. 2025)."""

@@ -135,33 +135,28 @@ def without_objectives(wrapper: Stateful) -> Stateful:
     return ModelWithoutObjectives()
 
 
-def install(checkpointer: Any) -> None:
-    """Add both behaviours to a torchtitan ``CheckpointManager`` (0.2.2 and 0.3.0 alike
-    have no hooks for them, and the same two methods: they are wrapped on the instance).
-    Model-only saves at the last step (``last_save_model_only``, ``export_dtype``, the HF
-    export) leave the objective modules out; seed checkpoints (step 0) keep them, since
-    training starts from them."""
-    dcp_load = checkpointer.dcp_load
-    save_last_step = checkpointer._save_last_step
+class ObjectiveCheckpointing:
+    """Mixin for a torchtitan ``CheckpointManager`` (0.2.2 and 0.3.0 have the same two
+    methods and no hooks for this). Loads fit a checkpoint to the current stack first;
+    model-only saves at the last step (``last_save_model_only``, ``export_dtype``, the HF
+    export) leave the objective modules out, while seed checkpoints (step 0) keep them,
+    since training starts from them."""
 
-    def load(state_dict, checkpoint_id, from_hf, from_quantized):
+    def dcp_load(self, state_dict, checkpoint_id, from_hf, from_quantized):
         if from_hf:
             # A Hugging Face checkpoint is the plain model: the objectives keep their
             # initialization (the state-dict adapters know only the model's keys).
             state_dict = {k: v for k, v in state_dict.items() if objective_of(k) is None}
         else:
             state_dict = reconcile(state_dict, checkpoint_id)
-        return dcp_load(state_dict, checkpoint_id, from_hf, from_quantized)
+        return super().dcp_load(state_dict, checkpoint_id, from_hf, from_quantized)
 
-    def save_last(curr_step: int) -> None:
-        if not checkpointer.last_save_model_only or curr_step == 0:
-            return save_last_step(curr_step)
-        full = checkpointer.states[MODEL]
-        checkpointer.states[MODEL] = without_objectives(full)
+    def _save_last_step(self, curr_step: int) -> None:
+        if not self.last_save_model_only or curr_step == 0:
+            return super()._save_last_step(curr_step)
+        full = self.states[MODEL]
+        self.states[MODEL] = without_objectives(full)
         try:
-            save_last_step(curr_step)
+            super()._save_last_step(curr_step)
         finally:
-            checkpointer.states[MODEL] = full
-
-    checkpointer.dcp_load = load
-    checkpointer._save_last_step = save_last
+            self.states[MODEL] = full

@@ -2,67 +2,71 @@
 
 Both torchtitan releases keep the settings these read under the same names
 (``parallelism.*``, ``training.seq_len``), so the checks and their messages are shared;
-each host adds what only it has. Objectives are built on the meta device to read their
-declarations, so a stack that cannot be built fails here, before any allocation.
+each host adds what only it has. The stack is built here, once, on the meta device: a
+stack that cannot be built fails before any allocation, and the trainer uses it.
 """
 
-import dataclasses
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from titan_objectives.config import SECTION, ObjectivesConfigError
+from titan_objectives.config import SECTION, ObjectivesConfigError, StackEntry, resolve_stack
 from titan_objectives.objective import ModelInfo, ObjectiveOptions, Requirements
-from titan_objectives.registry import get_objective
+from titan_objectives.stack import ObjectiveStack, settings
 
 logger = logging.getLogger(__name__)
 
 
-def settings(options: ObjectiveOptions) -> str:
-    """The options a user set (those that differ from the defaults), for messages."""
-    defaults = type(options)()
-    changed = [
-        f"{f.name} = {getattr(options, f.name)!r}"
-        for f in dataclasses.fields(options)
-        if getattr(options, f.name) != getattr(defaults, f.name)
-    ]
-    return f" ({', '.join(changed)})" if changed else ""
+@contextlib.contextmanager
+def _building_on_meta(dtype: torch.dtype) -> Iterator[None]:
+    """Modules made inside are on the meta device, in ``dtype``: as the hosts build the
+    model itself."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
-def declarations(
-    options: dict[str, ObjectiveOptions], info: ModelInfo, model: str
-) -> dict[str, Requirements]:
-    """Build each objective on the meta device, as the trainer will (blocks of the model's
-    kind included, nothing allocated), and read what it declares. ``model`` names the
-    model for messages."""
-    needs = {}
-    for objective, opts in options.items():
-        try:
-            with torch.device("meta"):
-                needs[objective] = get_objective(objective)(opts, info).requirements()
-        except Exception as error:  # noqa: BLE001 - any failure means it cannot be built
-            raise ObjectivesConfigError(
-                f"{SECTION}.stack has {objective!r}{settings(opts)}, which cannot be built "
-                f"for {model}: {type(error).__name__}: {str(error)[:300]}; remove it from "
-                "the stack"
-            ) from None
-    return needs
+def build_checked_stack(
+    section: Any,
+    job_config: Any,
+    info: ModelInfo,
+    model_name: str,
+    dtype: torch.dtype,
+    stack_class: type[ObjectiveStack] = ObjectiveStack,
+) -> ObjectiveStack:
+    """The stack a config names, resolved, built once on the meta device (``info.shared``
+    not yet bound to a model) and checked against the job's parallelism: the trainer
+    attaches this very module to the model. ``model_name`` names the model in messages."""
+    entries = resolve_stack(section, info)
+    with _building_on_meta(dtype):
+        stack = stack_class.build(entries, info, model_name)
+    needs = stack.declarations()
+    warn_if_nothing_reads_the_head(needs)
+    check_parallelism(job_config, stack.options(), needs, entries)
+    return stack
 
 
-def warn_if_nothing_reads_the_head(
-    options: dict[str, ObjectiveOptions], needs: dict[str, Requirements]
-) -> None:
+def warn_if_nothing_reads_the_head(needs: dict[str, Requirements]) -> None:
     if not any(need.logits or need.output_weight for need in needs.values()):
         logger.warning(
-            f"{SECTION}.stack = {list(options)!r}: no objective reads the output head (its "
+            f"{SECTION}.stack = {list(needs)!r}: no objective reads the output head (its "
             "logits or its weight), so the model will not be trained to predict tokens; "
             "add ntp"
         )
 
 
 def check_parallelism(
-    job_config: Any, options: dict[str, ObjectiveOptions], needs: dict[str, Requirements]
+    job_config: Any,
+    options: dict[str, ObjectiveOptions],
+    needs: dict[str, Requirements],
+    entries: dict[str, StackEntry],
 ) -> None:
     parallelism = job_config.parallelism
     stack = f"{SECTION}.stack = {list(options)!r}"
@@ -90,7 +94,7 @@ def check_parallelism(
             f"sequence, and {read_ahead}; use FSDP or TP instead"
         )
     if parallelism.tensor_parallel_degree > 1:
-        check_tensor_parallel(job_config, options, needs)
+        check_tensor_parallel(job_config, options, needs, entries)
     head_readers = [name for name, need in needs.items() if need.output_weight]
     if head_readers and parallelism.fsdp_reshard_after_forward == "always":
         raise ObjectivesConfigError(
@@ -101,11 +105,14 @@ def check_parallelism(
 
 
 def check_tensor_parallel(
-    job_config: Any, options: dict[str, ObjectiveOptions], needs: dict[str, Requirements]
+    job_config: Any,
+    options: dict[str, ObjectiveOptions],
+    needs: dict[str, Requirements],
+    entries: dict[str, StackEntry],
 ) -> None:
     degree = job_config.parallelism.tensor_parallel_degree
     tp = f"parallelism.tensor_parallel_degree = {degree}"
-    unsupported = [name for name in options if not get_objective(name).sequence_parallel]
+    unsupported = [name for name, entry in entries.items() if not entry.cls.sequence_parallel]
     if unsupported:
         raise ObjectivesConfigError(
             f"{SECTION}.stack has {', '.join(unsupported)}, which cannot run with {tp}: the "

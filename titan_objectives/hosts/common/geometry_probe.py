@@ -25,6 +25,7 @@ from titan_objectives.metrics import (
     mean_pairwise_cosine,
     random_pair_cosine,
 )
+from titan_objectives.objective import IGNORE_INDEX, Requirements
 from titan_objectives.sequence import SequenceShards
 
 logger = logging.getLogger(__name__)
@@ -117,36 +118,87 @@ class GeometryProbe:
         return dict(zip(values, numbers, strict=True))
 
 
-def build_probe(
-    options: Any,
-    declared_layers: frozenset[int],
-    width: int,
-    parallel_dims: Any,
-    mesh: DeviceMesh | None,
-    sequence: SequenceShards,
-) -> GeometryProbe:
-    """The probe a trainer measures with: ``options`` is ``[objectives.geometry]``,
-    ``parallel_dims`` the host's (both releases name the data-parallel mesh ``batch``)."""
-    if parallel_dims.dp_enabled:
-        batch_mesh = parallel_dims.get_mesh("batch")
-        dp_size, dp_rank = batch_mesh.size(), batch_mesh.get_local_rank()
-    else:
-        dp_size, dp_rank = 1, 0
-    return GeometryProbe(
-        layers=options.resolved_layers(declared_layers),
-        max_tokens=max(options.max_tokens, width),
-        pairs=options.pairs,
-        mesh=mesh,
-        dp_rank=dp_rank,
-        dp_size=dp_size,
-        sequence=sequence,
-    )
+class GeometryHook:
+    """The run's geometry measurements (``[objectives.geometry]``): a sample of a training
+    step's forward every ``freq`` steps, logged after the step, and one of each validation
+    pass, logged with it. Without a probe (geometry off) every call does nothing."""
 
+    def __init__(self, probe: GeometryProbe | None, freq: int):
+        self.probe, self.freq = probe, freq
+        self._due = False
+        self._sampled = False
 
-def log_measurement(probe: GeometryProbe, step: int, metrics_logger: Any) -> None:
-    """Measure a training step's sample: ``geometry/<layer>/<metric>`` to TensorBoard (the
-    host's metrics logger), the final hidden states' values to the console."""
-    values = {f"geometry/{k}": v for k, v in probe.measure(seed=step).items()}
-    metrics_logger.log(values, step)
-    final = "  ".join(f"{k.split('/')[2]}: {v:.4g}" for k, v in values.items() if "/final/" in k)
-    logger.info(f"step: {step:2}  geometry of the final hidden states  {final}")
+    @classmethod
+    def build(
+        cls,
+        options: Any,
+        declared_layers: frozenset[int],
+        width: int,
+        parallel_dims: Any,
+        mesh: DeviceMesh | None,
+        sequence: SequenceShards,
+        validation: bool,
+    ) -> "GeometryHook":
+        """``options`` is ``[objectives.geometry]``, ``parallel_dims`` the host's (both
+        releases name the data-parallel mesh ``batch``)."""
+        if not options.freq and not validation:
+            return cls(None, 0)
+        if parallel_dims.dp_enabled:
+            batch_mesh = parallel_dims.get_mesh("batch")
+            dp_size, dp_rank = batch_mesh.size(), batch_mesh.get_local_rank()
+        else:
+            dp_size, dp_rank = 1, 0
+        probe = GeometryProbe(
+            layers=options.resolved_layers(declared_layers),
+            max_tokens=max(options.max_tokens, width),
+            pairs=options.pairs,
+            mesh=mesh,
+            dp_rank=dp_rank,
+            dp_size=dp_size,
+            sequence=sequence,
+        )
+        return cls(probe, options.freq)
+
+    def requirements(self) -> Requirements:
+        """The hidden states the measurements read."""
+        if self.probe is None:
+            return Requirements()
+        return Requirements(final_hidden=True, layers=frozenset(self.probe.keys[1:]))
+
+    def start_step(self, step: int) -> None:
+        self._step = step
+        self._due = self.probe is not None and bool(self.freq) and step % self.freq == 0
+        self._sampled = False
+
+    def sample_training(self, captured: Any, labels: torch.Tensor) -> None:
+        """The first micro-batch of a measured step."""
+        if self._due and not self._sampled:
+            self.probe.take_sample(captured.hidden, seed=self._step, valid=labels != IGNORE_INDEX)
+            self._sampled = True
+
+    def log_training(self, step: int, metrics_logger: Any) -> None:
+        """``geometry/<layer>/<metric>`` to TensorBoard (the host's metrics logger), the
+        final hidden states' values to the console."""
+        if not self._due:
+            return
+        values = {f"geometry/{k}": v for k, v in self.probe.measure(seed=step).items()}
+        metrics_logger.log(values, step)
+        final = "  ".join(
+            f"{k.split('/')[2]}: {v:.4g}" for k, v in values.items() if "/final/" in k
+        )
+        logger.info(f"step: {step:2}  geometry of the final hidden states  {final}")
+
+    def start_validation(self) -> None:
+        self._validation_sampled = False
+
+    def sample_validation(self, captured: Any, labels: torch.Tensor, step: int) -> None:
+        """The first batch of a validation pass."""
+        if self.probe is not None and not self._validation_sampled:
+            self.probe.take_sample(captured.hidden, seed=step, valid=labels != IGNORE_INDEX)
+            self._validation_sampled = True
+
+    def validation_values(self, step: int) -> dict[str, float]:
+        if self.probe is None:
+            return {}
+        measured = self.probe.measure(seed=step)
+        return {f"validation/geometry/{k}": v for k, v in measured.items()}

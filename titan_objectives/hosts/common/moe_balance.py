@@ -21,11 +21,8 @@ from torch.distributed.tensor import DTensor
 class BufferNames:
     """Where a router keeps its bias and its token counts."""
 
-    bias: str = "expert_bias"  # torchtitan 0.2.2
-    counts: str = "tokens_per_expert"
-
-
-TORCHTITAN_0_3 = BufferNames("expert_bias_E", "tokens_per_expert_E")
+    bias: str
+    counts: str
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -43,7 +40,7 @@ def objective_routers(objectives: nn.Module, names: BufferNames) -> list[nn.Modu
 
 @torch.no_grad()
 def update_expert_bias(
-    routers: list[nn.Module], meshes: list[DeviceMesh], names: BufferNames = BufferNames()
+    routers: list[nn.Module], meshes: list[DeviceMesh], names: BufferNames
 ) -> None:
     """``meshes``: the groups over which torchtitan sums the token counts (the
     data-parallel ranks, and on 0.3 the TP group too under expert parallelism)."""
@@ -57,7 +54,7 @@ def update_expert_bias(
 
 
 def install(
-    optimizers, objectives: nn.Module, meshes: list[DeviceMesh], names: BufferNames = BufferNames()
+    optimizers, objectives: nn.Module, meshes: list[DeviceMesh], names: BufferNames
 ) -> bool:
     """Register the update on ``optimizers`` if objectives own MoE routers."""
     routers = objective_routers(objectives, names)

@@ -51,12 +51,12 @@ class NonFiniteGuard:
         self._first_bad_step = torch.zeros((), dtype=torch.int64, device=device)
         self._step = 0
         self._step_skipped = torch.zeros((), dtype=torch.bool)
-        apply_step = optimizers.step
-
-        def guarded_step(*args: Any, **kwargs: Any) -> Any:
-            return self._guarded_step(apply_step, *args, **kwargs)
-
-        optimizers.step = guarded_step
+        if not isinstance(optimizers, GuardedOptimizers):
+            raise TypeError(
+                f"{type(optimizers).__name__} is not a GuardedOptimizers: the host extends "
+                "its optimizers container with it (see its seams module)"
+            )
+        optimizers.nonfinite_guard = self
 
     def start_step(self, step: int) -> None:
         self._step = step
@@ -71,7 +71,7 @@ class NonFiniteGuard:
         """One micro-batch's loss sums, in ``names`` order."""
         self._flags |= ~torch.isfinite(torch.stack([loss.detach() for loss in loss_sums]))
 
-    def _guarded_step(self, apply_step: Any, *args: Any, **kwargs: Any) -> Any:
+    def guarded_step(self, apply_step: Any, *args: Any, **kwargs: Any) -> Any:
         flags = self._flags
         if self.mesh is not None:
             flags = funcol.all_reduce(flags.to(torch.float32), "max", self.mesh).bool()
@@ -116,3 +116,15 @@ class NonFiniteGuard:
             f"{self._step}. Set [objectives] nonfinite = 'skip' (or --objectives.nonfinite "
             "skip) to skip such steps and go on"
         )
+
+
+class GuardedOptimizers:
+    """Mixin for a torchtitan optimizers container: once a ``NonFiniteGuard`` is set, its
+    step goes through the guard."""
+
+    nonfinite_guard: NonFiniteGuard | None = None
+
+    def step(self, *args: Any, **kwargs: Any) -> Any:
+        if self.nonfinite_guard is None:
+            return super().step(*args, **kwargs)
+        return self.nonfinite_guard.guarded_step(super().step, *args, **kwargs)

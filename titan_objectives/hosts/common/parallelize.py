@@ -2,21 +2,87 @@
 FSDP2 unit (and compile, and tensor-parallel plan), kept out of the model's root unit."""
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import parallelize_module
 
 from titan_objectives.stack import ObjectiveStack
 
+
+@dataclass
+class ObjectiveParallelism:
+    """How a job parallelizes the model, in the terms the objectives need (each host
+    reads it from its own config)."""
+
+    fsdp_mesh: DeviceMesh | None
+    """The data-parallel shard mesh (with the replicate mesh under HSDP); None: no FSDP."""
+    tp_mesh: DeviceMesh | None
+    loss_parallel: bool
+    """Under TP: the model's logits stay vocabulary-sharded (torch's ``loss_parallel``)."""
+    activation_checkpoint: bool
+    compile_backend: str | None
+    """``loss`` in ``compile.components``: the objectives are compiled with this backend."""
+    compile_in_place: bool
+    """Compile keeps the module (and its state_dict keys), as the host compiles its blocks."""
+    training: Any
+    """The host's training config (mixed precision and CPU offload: the same names)."""
+    reshard_after_forward: str
+
+
+def parallelize_with_objectives(
+    model: nn.Module,
+    stack: ObjectiveStack,
+    shared: Any,
+    parallelize_model: Callable[[nn.Module], nn.Module],
+    plan: ObjectiveParallelism,
+) -> nn.Module:
+    """The host's parallelization of ``model`` (``parallelize_model``), then the stack's,
+    attached as ``model.objectives``.
+
+    Blocks of the model's own kind that objectives own (MTP's) are lent to ``layers``
+    while the host parallelizes, so they get the trunk blocks' tensor-parallel plan,
+    activation checkpointing, compile and FSDP2 unit; the rest of each objective then gets
+    its own plan, AC, compile and FSDP2 unit. Keep ``model.objectives`` away from the
+    host's root ``fully_shard`` (attach it after) unless the host needs it inside.
+    """
+    blocks = owned_blocks(stack, type(model.layers[str(len(model.layers) - 1)]))
+    first_lent = len(model.layers)
+    for i, (parent, attribute) in enumerate(blocks):
+        model.layers[str(first_lent + i)] = getattr(parent, attribute)
+    model = parallelize_model(model)
+    for i, (parent, attribute) in enumerate(blocks):
+        key = str(first_lent + i)
+        setattr(parent, attribute, model.layers[key])  # as wrapped: AC, compile, FSDP
+        del model.layers[key]
+    if blocks:
+        logger.info(f"Parallelized {len(blocks)} objective block(s) like the model's own")
+    if plan.activation_checkpoint:
+        for objective in stack.objectives().values():
+            objective.checkpoint_activations()
+        logger.info("Objectives recompute their activations in backward, like the blocks")
+    if plan.tp_mesh is not None:
+        tensor_parallelize_objectives(stack, plan.tp_mesh)
+        shared.use_tensor_parallel(plan.tp_mesh, plan.loss_parallel)
+    if plan.compile_backend is not None:
+        compile_objectives(stack, plan.compile_backend, plan.compile_in_place)
+    if plan.fsdp_mesh is not None:
+        shard_objectives(stack, plan.fsdp_mesh, plan.training, plan.reshard_after_forward)
+    model.objectives = stack
+    return model
+
+
 logger = logging.getLogger(__name__)
 
 
-def compile_objectives(stack: ObjectiveStack, backend: str, in_place: bool = False) -> None:
+def compile_objectives(stack: ObjectiveStack, backend: str, in_place: bool) -> None:
     """Each objective compiled on its own; ``in_place`` keeps the module (and its
     state_dict keys), else it is replaced by the compiled wrapper."""
     # Static shapes: training and validation batches each get their own graph. A dynamic

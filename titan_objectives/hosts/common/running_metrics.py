@@ -20,7 +20,9 @@ PREFIX = "objectives"
 logger = logging.getLogger(__name__)
 
 
-def summed_over_ranks(sums: dict[str, torch.Tensor], mesh: DeviceMesh | None) -> dict[str, float]:
+def summed_over_ranks(
+    sums: dict[Any, torch.Tensor], mesh: DeviceMesh | None
+) -> dict[Any, float]:
     """Scalars on the device, summed over ``mesh`` in one all-reduce and read at once."""
     keys = list(sums)
     vector = torch.stack([sums[k] for k in keys])
@@ -29,26 +31,32 @@ def summed_over_ranks(sums: dict[str, torch.Tensor], mesh: DeviceMesh | None) ->
     return dict(zip(keys, vector.tolist(), strict=True))
 
 
+def _accumulate(sums: dict[Any, torch.Tensor], key: Any, value: torch.Tensor) -> None:
+    value = value.detach().float()
+    sums[key] = sums[key] + value if key in sums else value
+
+
 class ObjectiveMetrics:
-    """Running sums of one optimizer step (over its gradient-accumulation micro-batches)."""
+    """Running sums of one optimizer step (over its gradient-accumulation micro-batches),
+    keyed by (objective, metric); a metric's key holds its (total, count)."""
 
-    def __init__(self, weights: dict[str, float]):
+    LOSS = "loss"
+
+    def __init__(self) -> None:
+        self.weights: dict[str, float] = {}
+        self._sums: dict[tuple[str, str, int], torch.Tensor] = {}
+
+    def reset(self, weights: dict[str, float]) -> None:
+        """A new step, whose objectives carry ``weights``."""
         self.weights = weights
-        self._sums: dict[str, torch.Tensor] = {}
-
-    def reset(self) -> None:
         self._sums = {}
-
-    def _add(self, key: str, value: torch.Tensor) -> None:
-        value = value.detach().float()
-        self._sums[key] = self._sums[key] + value if key in self._sums else value
 
     def add(self, output: StackOutput, global_valid_tokens: torch.Tensor) -> None:
         for name, out in output.outputs.items():
-            self._add(f"{name}/loss", out.loss_sum / global_valid_tokens)
+            _accumulate(self._sums, (name, self.LOSS, 0), out.loss_sum / global_valid_tokens)
             for metric, mean in out.metrics.items():
-                self._add(f"{name}/{metric}:total", mean.total)
-                self._add(f"{name}/{metric}:count", mean.count)
+                _accumulate(self._sums, (name, metric, 0), mean.total)
+                _accumulate(self._sums, (name, metric, 1), mean.count)
 
     def reduce(self, mesh: DeviceMesh | None) -> dict[str, float]:
         """Global values of this step, keyed for TensorBoard. Reads the device once."""
@@ -58,14 +66,14 @@ class ObjectiveMetrics:
         logged: dict[str, float] = {}
         total = 0.0
         for name, weight in self.weights.items():
-            loss = values[f"{name}/loss"]
+            loss = values[(name, self.LOSS, 0)]
             logged[f"{PREFIX}/{name}/loss"] = loss
             logged[f"{PREFIX}/{name}/weight"] = weight
             total += weight * loss
-        for key, value in values.items():
-            if key.endswith(":total"):
-                base = key.removesuffix(":total")
-                logged[f"{PREFIX}/{base}"] = value / max(values[f"{base}:count"], 1.0)
+        for (name, metric, part), value in values.items():
+            if metric != self.LOSS and part == 0:
+                count = values[(name, metric, 1)]
+                logged[f"{PREFIX}/{name}/{metric}"] = value / max(count, 1.0)
         logged[f"{PREFIX}/total/loss"] = total
         return logged
 
@@ -75,13 +83,13 @@ class ValidationTotals:
     on the device, reduced over the data-parallel ranks once at the end."""
 
     def __init__(self) -> None:
-        self._sums: dict[str, torch.Tensor] = {}
+        self._sums: dict[tuple[str, str], torch.Tensor] = {}
 
     def add(self, output: StackOutput, labels: torch.Tensor) -> None:
-        tokens = (labels != IGNORE_INDEX).sum().float()
+        tokens = (labels != IGNORE_INDEX).sum()
         for name, out in output.outputs.items():
-            for key, value in ((f"{name}/loss", out.loss_sum), (f"{name}/tokens", tokens)):
-                self._sums[key] = self._sums.get(key, 0) + value.float()
+            _accumulate(self._sums, (name, "loss"), out.loss_sum)
+            _accumulate(self._sums, (name, "tokens"), tokens)
 
     def reduce(self, mesh: DeviceMesh | None) -> dict[str, float]:
         """``validation/objectives/<name>/loss`` of the pass (reads the device once)."""
@@ -89,10 +97,9 @@ class ValidationTotals:
             return {}
         totals = summed_over_ranks(self._sums, mesh)
         return {
-            f"validation/{PREFIX}/{key.removesuffix('/loss')}/loss": value
-            / max(totals[key.replace("/loss", "/tokens")], 1.0)
-            for key, value in totals.items()
-            if key.endswith("/loss")
+            f"validation/{PREFIX}/{name}/loss": value / max(totals[(name, "tokens")], 1.0)
+            for (name, part), value in totals.items()
+            if part == "loss"
         }
 
 
@@ -116,3 +123,14 @@ def log_step(
             if key.endswith("/loss") and not key.startswith(f"{PREFIX}/total/")
         )
         logger.info(f"{color.green}step: {step:2}  objectives  {losses}{color.reset}")
+
+
+class ObjectiveMetricsLogging:
+    """Mixin for a torchtitan ``MetricsProcessor``: once ``objective_values`` is set (the
+    runtime's reduced metrics), ``log`` adds them to TensorBoard and the console."""
+
+    objective_values: Callable[[], dict[str, float]] | None = None
+
+    def log(self, step: int, *args: Any, **kwargs: Any) -> None:
+        values = self.objective_values() if self.objective_values is not None else {}
+        log_step(super().log, values, self.color, step, *args, **kwargs)

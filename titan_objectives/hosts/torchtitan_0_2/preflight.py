@@ -2,84 +2,50 @@
 with a message that names the key, the value and what is allowed."""
 
 import copy
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from torchtitan.config import TORCH_DTYPE_MAP
 from torchtitan.protocols.train_spec import get_train_spec
 
 from titan_objectives.config import (
     SECTION,
-    GeometryOptions,
     ObjectivesConfigError,
     check_objectives_table,
     read_toml,
-    resolve_stack,
 )
-from titan_objectives.hosts.common.checks import (
-    check_parallelism,
-    declarations,
-    warn_if_nothing_reads_the_head,
-)
+from titan_objectives.hosts.common.argv import flag_value
+from titan_objectives.hosts.common.checks import build_checked_stack
 from titan_objectives.hosts.common.corpus import DATASET_NAME, corpus_files
-from titan_objectives.hosts.torchtitan_0_2.model_adapter import DecoderAdapter, get_model_adapter
-from titan_objectives.objective import ModelInfo, ObjectiveOptions, Requirements
+from titan_objectives.hosts.common.runtime import CheckedConfig
+from titan_objectives.hosts.torchtitan_0_2.model_adapter import (
+    DecoderSharedModules,
+    model_family,
+    model_info,
+)
 
-
-@dataclass
-class CheckedConfig:
-    adapter: DecoderAdapter
-    model_info: ModelInfo
-    options: dict[str, ObjectiveOptions]
-    needs: dict[str, Requirements]
-    """What each objective declares (see ``Requirements``), built on the meta device."""
-    nonfinite: str
-    geometry: GeometryOptions
-
-
-def config_file_from_argv(argv: list[str]) -> str | None:
-    """The TOML path on a torchtitan command line (``--job.config_file``), if any."""
-    for i, arg in enumerate(argv):
-        key, _, value = arg.partition("=")
-        if key in ("--job.config_file", "--job.config-file"):
-            return value or (argv[i + 1] if i + 1 < len(argv) else None)
-    return None
+CONFIG_FILE_FLAGS = ("--job.config_file", "--job.config-file")
 
 
 def check_toml_file(argv: list[str]) -> None:
-    path = config_file_from_argv(argv)
-    if path is None:
-        return
-    check_objectives_table(read_toml(path, "--job.config_file"))
+    """The ``[objectives]`` table of the TOML the command line names, before torchtitan
+    reads it (which checks neither keys by name nor types)."""
+    path = flag_value(argv, CONFIG_FILE_FLAGS)
+    if path is not None:
+        check_objectives_table(read_toml(path, CONFIG_FILE_FLAGS[0]))
 
 
-def _model_info(job_config: Any) -> tuple[DecoderAdapter, ModelInfo]:
+def _model_args(job_config: Any) -> Any:
+    """The model's arguments, as the Trainer makes them before building the model."""
     name, flavor = job_config.model.name, job_config.model.flavor
-    try:
-        adapter = get_model_adapter(name)
-    except ValueError as error:
-        raise ObjectivesConfigError(str(error)) from None
     flavors = get_train_spec(name).model_args
     if flavor not in flavors:
         raise ObjectivesConfigError(
             f"model.flavor = {flavor!r} is not a {name} flavor; available: {', '.join(flavors)}"
         )
-    return adapter, adapter.model_info(flavors[flavor], job_config.training.seq_len)
-
-
-def declared_requirements(
-    job_config: Any, adapter: DecoderAdapter, options: dict[str, ObjectiveOptions]
-) -> dict[str, Requirements]:
-    """Build each objective on the meta device, as the trainer will (blocks of the model's
-    kind included, nothing allocated), and read what it declares. An objective that
-    cannot be built for this model fails here, not after the data is loaded."""
-    name, flavor = job_config.model.name, job_config.model.flavor
-    model_args = copy.deepcopy(get_train_spec(name).model_args[flavor])
-    model_args.update_from_config(job_config)  # as the Trainer does before building
-    info = adapter.model_info(
-        model_args, job_config.training.seq_len, shared=adapter.shared_modules(model_args)
-    )
-    return declarations(options, info, f"model.name = {name!r} (flavor {flavor!r})")
+    model_args = copy.deepcopy(flavors[flavor])
+    model_args.update_from_config(job_config)
+    return model_args
 
 
 def _check_paths(job_config: Any) -> None:
@@ -110,24 +76,24 @@ def _check_paths(job_config: Any) -> None:
                 raise ObjectivesConfigError(f"{section}.dataset_path: {error}") from None
 
 
-def check_job_config(job_config: Any) -> CheckedConfig:
-    """Everything the objectives need from a parsed job config, validated."""
+def check_config(job_config: Any) -> CheckedConfig:
+    """Everything the objectives need from a parsed job config, validated; the stack is
+    built here, once."""
     if not hasattr(job_config, SECTION):
         raise ObjectivesConfigError(
             "the job config has no [objectives] section: set [job] custom_config_module = "
             '"titan_objectives.config" in the TOML (or --job.custom_config_module)'
         )
-    adapter, model_info = _model_info(job_config)
-    options = resolve_stack(job_config.objectives, model_info)
-    needs = declared_requirements(job_config, adapter, options)
-    warn_if_nothing_reads_the_head(options, needs)
-    check_parallelism(job_config, options, needs)
+    name, flavor = job_config.model.name, job_config.model.flavor
+    family = model_family(name)
+    model_args = _model_args(job_config)
+    shared = DecoderSharedModules(model_args, family)
+    info = model_info(model_args, job_config.training.seq_len, shared)
+    stack = build_checked_stack(
+        job_config.objectives, job_config, info, f"model.name = {name!r} (flavor {flavor!r})",
+        TORCH_DTYPE_MAP[job_config.training.dtype],
+    )  # fmt: skip
     _check_paths(job_config)
     return CheckedConfig(
-        adapter,
-        model_info,
-        options,
-        needs,
-        job_config.objectives.nonfinite,
-        job_config.objectives.geometry,
+        info, stack, shared, job_config.objectives.nonfinite, job_config.objectives.geometry
     )

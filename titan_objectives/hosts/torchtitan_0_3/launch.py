@@ -16,23 +16,6 @@ from titan_objectives.hosts.torchtitan_0_3.runtime import cpu
 TOML_FLAG = "--objectives.toml"
 
 
-def _pop_toml_flag(args: list[str]) -> tuple[list[str], str | None]:
-    rest, path = [], None
-    i = 0
-    while i < len(args):
-        key, eq, value = args[i].partition("=")
-        if key == TOML_FLAG:
-            if not eq:
-                if i + 1 >= len(args):
-                    raise ValueError(f"{TOML_FLAG} needs a file")
-                value, i = args[i + 1], i + 1
-            path = value
-        else:
-            rest.append(args[i])
-        i += 1
-    return rest, path
-
-
 def objectives_table(path: str) -> dict[str, Any]:
     """The ``[objectives]`` table of a TOML file (empty if it has none)."""
     from titan_objectives.config import SECTION, ObjectivesConfigError, read_toml
@@ -48,10 +31,12 @@ def parse_config(args: list[str]) -> Any:
     from torchtitan.config.manager import ConfigManager
 
     from titan_objectives.config import objectives_from_table
+    from titan_objectives.hosts.common.argv import flag_value, without_flag
     from titan_objectives.hosts.torchtitan_0_3.config_registry import with_objectives
     from titan_objectives.hosts.torchtitan_0_3.trainer import ObjectiveTrainer
 
-    args, toml_path = _pop_toml_flag(args)
+    toml_path = flag_value(args, (TOML_FLAG,))
+    args = without_flag(args, (TOML_FLAG,))
     section = objectives_from_table(objectives_table(toml_path)) if toml_path else None
 
     class ObjectiveConfigManager(ConfigManager):

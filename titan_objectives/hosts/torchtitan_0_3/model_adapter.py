@@ -15,6 +15,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 from torchtitan.models.common.decoder import Decoder
+from torchtitan.protocols.module import Module as TitanModule
 
 from titan_objectives.hosts.common.capture import (
     documents_starting_at,
@@ -23,6 +24,17 @@ from titan_objectives.hosts.common.capture import (
 )
 from titan_objectives.hosts.common.parallelize import vocabulary_sharded_logits
 from titan_objectives.objective import ModelInfo
+from titan_objectives.stack import ObjectiveStack
+
+
+class HostedObjectiveStack(ObjectiveStack, TitanModule):
+    """The stack as a torchtitan 0.3 module, so that ``model.init_weights`` initializes
+    it: torchtitan's ``init_states`` reaches the blocks of the model's kind it holds
+    first, then ``_init_self_parameters`` runs the objectives' own ``init_weights``
+    (which initializes those blocks again, the way the objective wants)."""
+
+    def _init_self_parameters(self) -> None:
+        self.init_weights()
 
 
 class DecoderLayout:
@@ -39,18 +51,22 @@ class DecoderLayout:
 
 
 class DecoderSharedModules:
-    """``SharedModules`` of a torchtitan 0.3 ``Decoder``, looked up on the live model at
-    each call (so they see the parameters as parallelization left them). Without a model
-    (objectives built on the meta device for the config checks) only ``new_block`` works."""
+    """``SharedModules`` of a torchtitan 0.3 ``Decoder``, made with the stack before the
+    model exists (then only ``new_block`` works) and bound to it once it does: looked up
+    on the live model at each call, so they see the parameters as parallelization left
+    them."""
 
-    def __init__(self, model: nn.Module | None, model_config: Decoder.Config):
-        self._model = model
+    def __init__(self, model_config: Decoder.Config):
+        self._model: nn.Module | None = None
         self._model_config = model_config
         self._tp_mesh: DeviceMesh | None = None
 
-    def use_tensor_parallel(self, tp_mesh: DeviceMesh) -> None:
+    def bind(self, model: nn.Module) -> None:
+        self._model = model
+
+    def use_tensor_parallel(self, tp_mesh: DeviceMesh, loss_parallel: bool) -> None:
         """The head is vocabulary-sharded and hidden states are sequence shards; torchtitan
-        0.3 always computes the loss on vocabulary-sharded logits (loss parallel)."""
+        0.3 computes the loss on vocabulary-sharded logits (``loss_parallel`` is True)."""
         self._tp_mesh = tp_mesh
 
     def _live_model(self) -> nn.Module:
@@ -94,7 +110,7 @@ def _run_block(
 
 
 def model_info(
-    model_config: Decoder.Config, seq_len: int, shared: DecoderSharedModules | None = None
+    model_config: Decoder.Config, seq_len: int, shared: DecoderSharedModules | None
 ) -> ModelInfo:
     return ModelInfo(
         dim=model_config.dim,

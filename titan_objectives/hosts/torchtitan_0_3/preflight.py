@@ -3,38 +3,24 @@ seconds, with a message that names the CLI flag, the value and what is allowed."
 
 import copy
 import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from torchtitan.config import TORCH_DTYPE_MAP
 from torchtitan.models.common.decoder import Decoder
 
-from titan_objectives.config import (
-    SECTION,
-    GeometryOptions,
-    ObjectivesConfigError,
-    resolve_stack,
-)
-from titan_objectives.hosts.common.checks import (
-    check_parallelism,
-    declarations,
-    warn_if_nothing_reads_the_head,
-)
+from titan_objectives.config import SECTION, ObjectivesConfigError
+from titan_objectives.hosts.common.checks import build_checked_stack
 from titan_objectives.hosts.common.corpus import DATASET_NAME, corpus_files
-from titan_objectives.hosts.torchtitan_0_3.model_adapter import DecoderSharedModules, model_info
-from titan_objectives.objective import ModelInfo, ObjectiveOptions, Requirements
+from titan_objectives.hosts.common.runtime import CheckedConfig
+from titan_objectives.hosts.torchtitan_0_3.model_adapter import (
+    DecoderSharedModules,
+    HostedObjectiveStack,
+    model_info,
+)
 
 
-@dataclass
-class CheckedConfig:
-    model_info: ModelInfo
-    options: dict[str, ObjectiveOptions]
-    needs: dict[str, Requirements]
-    nonfinite: str
-    geometry: GeometryOptions
-
-
-def _model_config(config: Any) -> Decoder.Config:
+def model_config_of(config: Any) -> Decoder.Config:
     spec = config.model_spec
     if spec is None:
         raise ObjectivesConfigError(
@@ -93,24 +79,25 @@ def _check_paths(config: Any) -> None:
 
 
 def check_config(config: Any) -> CheckedConfig:
-    """Everything the objectives need from a parsed config, validated."""
+    """Everything the objectives need from a parsed config, validated; the stack is built
+    here, once."""
     if not hasattr(config, SECTION):
         raise ObjectivesConfigError(
             "the config has no objectives section: build it with ObjectiveTrainer.Config or "
             "with_objectives(config) (titan_objectives.hosts.torchtitan_0_3)"
         )
-    model_config = _model_config(config)
-    seq_len = config.training.seq_len
-    info = model_info(model_config, seq_len)
-    options = resolve_stack(config.objectives, info)
+    model_config = model_config_of(config)
+    shared = DecoderSharedModules(model_config)
+    info = model_info(model_config, config.training.seq_len, shared)
     spec = config.model_spec
-    needs = declarations(
-        options,
-        model_info(model_config, seq_len, DecoderSharedModules(None, model_config)),
+    stack = build_checked_stack(
+        config.objectives,
+        config,
+        info,
         f"--module {spec.name} (flavor {spec.flavor!r})",
+        TORCH_DTYPE_MAP[config.training.dtype],
+        HostedObjectiveStack,
     )
-    warn_if_nothing_reads_the_head(options, needs)
-    check_parallelism(config, options, needs)
     _check_runtime(config)
     _check_paths(config)
     if config.checkpoint.create_seed_checkpoint and not config.checkpoint.enable:
@@ -119,8 +106,8 @@ def check_config(config: Any) -> CheckedConfig:
         )
     return CheckedConfig(
         info,
-        options,
-        needs,
+        stack,
+        shared,
         config.objectives.nonfinite,
         dataclasses.replace(config.objectives.geometry),
     )

@@ -1,39 +1,91 @@
-"""The torchtitan release this host is written against, and every private part of
-torchtitan and torch it touches (a test checks that each still exists and is used where
-listed, so an upgrade that moves one fails there, by name)."""
+"""The torchtitan release this host is written against, every private part of torchtitan
+and torch it touches (a test checks that each still exists and is used where listed, so an
+upgrade that moves one fails there, by name), and the objects it extends in place."""
 
+from typing import Any
+
+from titan_objectives.hosts.common.extend import extend
+from titan_objectives.hosts.common.nonfinite import GuardedOptimizers
 from titan_objectives.hosts.common.version import require_torchtitan
 
 SUPPORTED_TORCHTITAN = "0.3.0"
 
 # (module, attribute path, our module that uses it, why)
 PRIVATE_SEAMS: tuple[tuple[str, str, str, str], ...] = (
-    ("torchtitan.components.checkpointer", "CheckpointManager._save_last_step",
-     "../common/checkpoint_state",
-     "leave the objectives' modules out of the model-only save at the last step"),
-    ("torchtitan.components.checkpointer", "CheckpointManager.dcp_load",
-     "../common/checkpoint_state", "fit a checkpoint to the current stack before DCP reads it"),
-    ("torchtitan.models.common.decoder", "Decoder._skip_lm_head", "trainer",
-     "the model returns its final hidden states when no objective reads the logits"),
-    ("torchtitan.trainer", "Trainer._forward_backward_body", "trainer",
-     "overridden: one forward, the objective stack's loss, one backward"),
-    ("torchtitan.protocols.module", "Module._init_self_parameters", "trainer",
-     "the stack's own init_weights runs inside the model's init_states"),
-    ("torchtitan.models.common.attention", "FlexAttention.compiled_flex_attn", "runtime/cpu",
-     "replaced by dense-mask SDPA on CPU (FlexAttention has no CPU backward)"),
-    ("torchtitan.tools.utils", "device_type", "../common/cpu_patches",
-     "bound at import from torch._utils: must say cpu without an accelerator"),
-    ("torch._utils", "_get_available_device_type", "../common/cpu_patches",
-     "answers cpu while torchtitan.tools.utils is first imported"),
-    ("torch._utils", "_get_device_module", "../common/cpu_patches",
-     "a CPU device module with the memory statistics torchtitan's metrics read"),
-    ("torch.distributed.fsdp._fully_shard._fsdp_collectives", "_get_gradient_divide_factors",
-     "../common/cpu_patches", "force SUM reductions: gloo has no PREMUL_SUM"),
-)  # fmt: skip
+    (
+        "torchtitan.components.checkpointer",
+        "CheckpointManager._save_last_step",
+        "../common/checkpoint_state",
+        "leave the objectives' modules out of the model-only save at the last step",
+    ),
+    (
+        "torchtitan.components.checkpointer",
+        "CheckpointManager.dcp_load",
+        "../common/checkpoint_state",
+        "fit a checkpoint to the current stack before DCP reads it",
+    ),
+    (
+        "torchtitan.models.common.decoder",
+        "Decoder._skip_lm_head",
+        "trainer",
+        "the model returns its final hidden states when no objective reads the logits",
+    ),
+    (
+        "torchtitan.trainer",
+        "Trainer._forward_backward_body",
+        "trainer",
+        "overridden: one forward, the objective stack's loss, one backward",
+    ),
+    (
+        "torchtitan.protocols.module",
+        "Module._init_self_parameters",
+        "model_adapter",
+        "the stack's own init_weights runs inside the model's init_states",
+    ),
+    (
+        "torchtitan.models.common.attention",
+        "FlexAttention.compiled_flex_attn",
+        "runtime/cpu",
+        "replaced by dense-mask SDPA on CPU (FlexAttention has no CPU backward)",
+    ),
+    (
+        "torchtitan.tools.utils",
+        "device_type",
+        "../common/cpu_patches",
+        "bound at import from torch._utils: must say cpu without an accelerator",
+    ),
+    (
+        "torch._utils",
+        "_get_available_device_type",
+        "../common/cpu_patches",
+        "answers cpu while torchtitan.tools.utils is first imported",
+    ),
+    (
+        "torch._utils",
+        "_get_device_module",
+        "../common/cpu_patches",
+        "a CPU device module with the memory statistics torchtitan's metrics read",
+    ),
+    (
+        "torch.distributed.fsdp._fully_shard._fsdp_collectives",
+        "_get_gradient_divide_factors",
+        "../common/cpu_patches",
+        "force SUM reductions: gloo has no PREMUL_SUM",
+    ),
+)
+
+
+def extend_trainer_objects(trainer: Any) -> None:
+    """The objects torchtitan 0.3 builds that the host cannot reach through a config
+    class, given their mixins here, in one place: the optimizers container (its config
+    class differs per optimizer family), whose step the non-finite guard decides."""
+    extend(trainer.optimizers, GuardedOptimizers)
 
 
 def check_torchtitan_version() -> None:
     require_torchtitan(
-        SUPPORTED_TORCHTITAN, __package__, "Python configs",
+        SUPPORTED_TORCHTITAN,
+        __package__,
+        "Python configs",
         "TORCHTITAN=0.3 ./scripts/setup.sh makes its own environment (.venv-tt03)",
-    )  # fmt: skip
+    )

@@ -1,0 +1,171 @@
+"""The objectives' part of a training run, written once for every host.
+
+A host's trainer hands its step to ``ObjectiveRuntime``: capture the hidden states the
+stack needs during the model's forward, give them to the stack, divide the weighted sum by
+the global valid-token count as torchtitan does, run backward, then keep the metrics and
+the non-finite flags on the device. What a host provides is named in ``Host``.
+"""
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from titan_objectives.config import GeometryOptions
+from titan_objectives.hosts.common.capture import DocumentsOf, HiddenStateTap, ModelLayout
+from titan_objectives.hosts.common.geometry_probe import GeometryHook
+from titan_objectives.hosts.common.nonfinite import NonFiniteGuard
+from titan_objectives.hosts.common.running_metrics import ObjectiveMetrics, ValidationTotals
+from titan_objectives.objective import ModelInfo, SharedModules
+from titan_objectives.sequence import SequenceShards
+from titan_objectives.stack import ObjectiveStack, StackOutput
+
+
+class HostSharedModules(SharedModules, Protocol):
+    """A host's ``SharedModules``: made before the model exists (the stack is built then),
+    bound to the live model once it does, told when tensor parallelism splits it."""
+
+    def bind(self, model: nn.Module) -> None: ...
+
+    def use_tensor_parallel(self, tp_mesh: DeviceMesh, loss_parallel: bool) -> None: ...
+
+
+@dataclass
+class CheckedConfig:
+    """What a host's ``check_config`` hands to its trainer, validated."""
+
+    model_info: ModelInfo
+    stack: ObjectiveStack
+    """The stacked objectives, built once on the meta device in the model's dtype; the
+    trainer attaches this very module to the model."""
+    shared: HostSharedModules
+    nonfinite: str
+    geometry: GeometryOptions
+
+
+class Host(Protocol):
+    """What differs between torchtitan releases, as the runtime asks for it. Each host's
+    trainer implements it; both releases name ``parallel_dims`` and its meshes alike."""
+
+    parallel_dims: Any
+    device: torch.device
+
+    def model_layout(self) -> ModelLayout:
+        """Where the model keeps its embeddings, blocks, final norm and output head."""
+        ...
+
+    def documents_of(self) -> DocumentsOf:
+        """How a forward's packed documents are found from the model's arguments."""
+        ...
+
+
+def loss_mesh(parallel_dims: Any) -> DeviceMesh | None:
+    """The ranks whose losses add up to the global one (data and context parallel)."""
+    return parallel_dims.get_optional_mesh("loss") if parallel_dims.dp_cp_enabled else None
+
+
+class ObjectiveRuntime:
+    """The stack's training step, metrics, geometry, non-finite guard and validation
+    scoring, for one model (``model``: the model part that holds ``model.objectives``)."""
+
+    def __init__(
+        self,
+        host: Host,
+        checked: CheckedConfig,
+        model: nn.Module,
+        optimizers: Any,
+        validation: bool,
+    ):
+        dims = host.parallel_dims
+        self.stack = checked.stack
+        self.needs = self.stack.requirements()
+        self.loss_mesh = loss_mesh(dims)
+        # torchtitan's tensor parallelism is sequence parallel: objectives get shards.
+        self.sequence = SequenceShards(dims.get_mesh("tp") if dims.tp_enabled else None)
+        self.metrics = ObjectiveMetrics()
+        self.geometry = GeometryHook.build(
+            checked.geometry, self.needs.geometry_layers, checked.model_info.dim, dims,
+            self.loss_mesh, self.sequence, validation,
+        )  # fmt: skip
+        self.hidden_states = HiddenStateTap(
+            model, host.model_layout(), self.needs | self.geometry.requirements(),
+            host.documents_of(),
+        )  # fmt: skip
+        self.nonfinite: NonFiniteGuard | None = None
+        if checked.nonfinite != "off":
+            self.nonfinite = NonFiniteGuard(
+                list(self.stack), checked.nonfinite, optimizers, self.loss_mesh, host.device
+            )
+
+    def start_step(self, step: int) -> None:
+        """Before a training step's first micro-batch."""
+        if self.nonfinite is not None:
+            self.nonfinite.start_step(step)
+        self.geometry.start_step(step)
+        self.stack.set_step(step)
+        self.metrics.reset(self.stack.weights())
+
+    def forward_backward(
+        self,
+        run_model: Callable[[], torch.Tensor],
+        labels: torch.Tensor,
+        global_valid_tokens: torch.Tensor,
+        autocast: contextlib.AbstractContextManager | None = None,
+        backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
+    ) -> torch.Tensor:
+        """One micro-batch: ``run_model()`` is the model's forward (its logits, or its
+        final hidden states when nothing reads the logits); returns the loss torchtitan
+        reports (this rank's weighted sum / global valid tokens)."""
+        with autocast or contextlib.nullcontext():
+            with self.hidden_states.capture() as captured:
+                pred = run_model()
+            self.geometry.sample_training(captured, labels)
+            output = self.score(captured, pred, labels)
+            loss = output.weighted_loss_sum / global_valid_tokens
+        # Free the logits and hidden states before backward, as torchtitan does.
+        del pred, captured
+        backward(loss)
+        self.metrics.add(output, global_valid_tokens)
+        if self.nonfinite is not None:
+            self.nonfinite.record([out.loss_sum for out in output.outputs.values()])
+        return loss
+
+    def score(self, captured: Any, pred: torch.Tensor, labels: torch.Tensor) -> StackOutput:
+        """The stack on one forward's capture; training and validation alike."""
+        logits = pred if self.needs.logits else None
+        return self.stack(captured.features(labels, logits, self.sequence))
+
+    def end_step(self, step: int, logs_now: bool, metrics_logger: Any) -> None:
+        """After the optimizer step: the geometry of a measured step to ``metrics_logger``
+        and, on logging steps, the non-finite report (which reads the device)."""
+        self.geometry.log_training(step, metrics_logger)
+        if self.nonfinite is not None and logs_now:
+            self.nonfinite.report()
+
+    def reduced_metrics(self) -> dict[str, float]:
+        """This step's objective values over all ranks (``ObjectiveMetricsLogging``)."""
+        return self.metrics.reduce(self.loss_mesh)
+
+    @contextlib.contextmanager
+    def validation(self, step: int, metrics_logger: Any, keep_logits: bool = False):
+        """Around a torchtitan validation pass: yields a function that scores one batch
+        (``score(pred, labels) -> StackOutput``) from the forward just run; logs every
+        objective's validation loss and the geometry afterwards."""
+        totals = ValidationTotals()
+        self.geometry.start_validation()
+        with torch.no_grad(), self.hidden_states.capture(keep_logits=keep_logits) as captured:
+
+            def score(pred: torch.Tensor, labels: torch.Tensor) -> StackOutput:
+                self.geometry.sample_validation(captured, labels, step)
+                output = self.score(captured, pred, labels)
+                totals.add(output, labels)
+                return output
+
+            yield score
+        logged = totals.reduce(self.loss_mesh)
+        logged.update(self.geometry.validation_values(step))
+        metrics_logger.log(logged, step)

@@ -1,0 +1,48 @@
+"""``titan-objectives validate|describe CONFIG.toml [--section.key value ...]`` on
+torchtitan 0.2.2: the job config parsed and checked as training does, nothing allocated."""
+
+import copy
+from typing import Any
+
+from titan_objectives.config import ObjectivesConfigError
+from titan_objectives.hosts.common.describe import ModelCost
+from titan_objectives.hosts.common.runtime import CheckedConfig
+from titan_objectives.hosts.torchtitan_0_2.runtime import cpu as cpu_runtime
+
+USAGE = "CONFIG.toml [--section.key value ...]"
+
+
+def checked_config(args: list[str]) -> tuple[CheckedConfig, ModelCost]:
+    """The checked config of a command line and the model's cost (torchtitan's count,
+    from the model built on the meta device)."""
+    cpu_runtime.activate()
+    import torch
+    from torchtitan.config import ConfigManager
+    from torchtitan.protocols.train_spec import get_train_spec
+
+    from titan_objectives.hosts.torchtitan_0_2.preflight import check_config, check_toml_file
+    from titan_objectives.hosts.torchtitan_0_2.runtime.extensions import register_extensions
+
+    if not args or args[0].startswith("-"):
+        raise ObjectivesConfigError(f"expected the job config first: {USAGE}")
+    register_extensions()
+    argv = ["--job.config_file", *args]
+    check_toml_file(argv)
+    try:
+        job_config = ConfigManager().parse_args(argv)
+    except ValueError as error:  # torchtitan's unknown-key error, for other sections
+        raise ObjectivesConfigError(str(error).splitlines()[0]) from None
+    checked = check_config(job_config)
+    spec = get_train_spec(job_config.model.name)
+    model_args = copy.deepcopy(spec.model_args[job_config.model.flavor])
+    model_args.update_from_config(job_config)
+    with torch.device("meta"):
+        model = spec.model_cls(model_args)
+    seq_len = job_config.training.seq_len
+    params, flops = model_args.get_nparams_and_flops(model, seq_len)
+    label = f"{job_config.model.name} {job_config.model.flavor}"
+    return checked, ModelCost(label, params, flops, seq_len)
+
+
+def config_name(args: list[str]) -> Any:
+    return args[0]
