@@ -87,16 +87,13 @@ def median_after(values: dict[int, float], warmup: int) -> float:
 
 def flops_overhead(args: list[str]) -> float:
     """Extra training FLOPs of the stack over the model's, from the shapes."""
-    from torchtitan.config import ConfigManager
-
-    from titan_objectives.cli import objective_costs
-    from titan_objectives.hosts.torchtitan_0_2.preflight import check_job_config
+    from titan_objectives.hosts.torchtitan_0_2.cli import checked_config
 
     # Options the stack leaves unused (the TOML's [objectives.nitp]) are expected here.
     logging.getLogger("titan_objectives.config").setLevel(logging.ERROR)
-    config = ConfigManager().parse_args([*CONFIG, *args])
-    _, model_flops, extra = objective_costs(config, check_job_config(config))
-    return sum(flops for _, flops in extra.values()) / model_flops
+    checked, model = checked_config([*CONFIG, *args])
+    extra = sum(objective.flops_per_token() for objective in checked.stack.objectives().values())
+    return extra / model.flops_per_token
 
 
 def main() -> None:

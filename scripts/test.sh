@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the test suites of both torchtitan hosts, each in its own environment (set up
-# first if needed): tests/ on torchtitan 0.2.2 (.venv), tests_tt03/ on torchtitan 0.3.0
+# first if needed): tests/core (no torchtitan) in both, with tests/hosts/torchtitan_0_2 on
+# torchtitan 0.2.2 (.venv) and tests/hosts/torchtitan_0_3 on torchtitan 0.3.0
 # (.venv-tt03). TORCHTITAN=0.2 or 0.3 runs one of them. Extra args go to pytest.
 # Tests run in TEST_WORKERS processes (pytest-xdist; default: the CPU count, at most 4):
 # most of a test's time is a training subprocess starting up, which another test's
@@ -30,7 +31,8 @@ fi
 for host in $HOSTS; do
   if [ "$host" = 0.2 ]; then
     TORCHTITAN=0.2 "$ROOT/scripts/setup.sh"
-    "$ROOT/.venv/bin/python" -m pytest tests -n "$WORKERS" --dist loadgroup "$@"
+    "$ROOT/.venv/bin/python" -m pytest tests/core tests/hosts/torchtitan_0_2 \
+      -n "$WORKERS" --dist loadgroup "$@"
   else
     if [ -n "$SETUP_03_LOG" ]; then
       status=0
@@ -41,6 +43,7 @@ for host in $HOSTS; do
     else
       TORCHTITAN=0.3 "$ROOT/scripts/setup.sh"
     fi
-    "$ROOT/.venv-tt03/bin/python" -m pytest tests_tt03 -n "$WORKERS" --dist loadgroup "$@"
+    "$ROOT/.venv-tt03/bin/python" -m pytest tests/core tests/hosts/torchtitan_0_3 \
+      -n "$WORKERS" --dist loadgroup "$@"
   fi
 done

@@ -1,23 +1,10 @@
-import sys
-from pathlib import Path
+"""Shared by every suite: tests/core (no torchtitan, run under both hosts' environments)
+and each host's tests/hosts/<host>, whose own conftest switches its CPU runtime on."""
 
 import pytest
 
-# torchtitan fixes its device type at import: the CPU runtime must come first.
-from titan_objectives.hosts.torchtitan_0_2.runtime import cpu as cpu_runtime
-
-cpu_runtime.activate()
-
-from titan_objectives.hosts.torchtitan_0_2.runtime.extensions import register_extensions  # noqa: E402
-
-register_extensions()
-
-from titan_objectives import registry  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).parent))
-
-from helpers import long_tests_first  # noqa: E402
+from tests.helpers import ROOT, long_tests_first
+from titan_objectives import registry
 
 
 def pytest_collection_modifyitems(items: list) -> None:

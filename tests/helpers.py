@@ -5,7 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from titan_objectives.config import StackEntry
+from titan_objectives.objective import ModelInfo, ObjectiveOptions
+from titan_objectives.registry import get_objective
 from titan_objectives.report import load_scalars as scalars  # noqa: F401 (tests import it here)
+from titan_objectives.stack import ObjectiveStack
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG_CONFIG = ROOT / "toml_configs" / "llama3_debug_nitp.toml"
@@ -26,6 +30,14 @@ TINY = [
     "--debug.seed",
     "42",
 ]
+
+
+def stack_of(
+    options: dict[str, ObjectiveOptions], model: ModelInfo, stack_class: type = ObjectiveStack
+) -> ObjectiveStack:
+    """The stack of these objectives (by registered name), built on the current device."""
+    entries = {name: StackEntry(get_objective(name), opts) for name, opts in options.items()}
+    return stack_class.build(entries, model, "the test model")
 
 
 def long_tests_first(items: list) -> None:

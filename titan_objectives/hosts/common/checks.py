@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from titan_objectives.config import SECTION, ObjectivesConfigError, StackEntry, resolve_stack
-from titan_objectives.objective import ModelInfo, ObjectiveOptions, Requirements
+from titan_objectives.config import SECTION, ObjectivesConfigError, resolve_stack
+from titan_objectives.objective import ModelInfo, Requirements
 from titan_objectives.stack import ObjectiveStack, settings
 
 logger = logging.getLogger(__name__)
@@ -47,9 +47,8 @@ def build_checked_stack(
     entries = resolve_stack(section, info)
     with _building_on_meta(dtype):
         stack = stack_class.build(entries, info, model_name)
-    needs = stack.declarations()
-    warn_if_nothing_reads_the_head(needs)
-    check_parallelism(job_config, stack.options(), needs, entries)
+    warn_if_nothing_reads_the_head(stack.declarations())
+    check_parallelism(job_config, stack)
     return stack
 
 
@@ -62,21 +61,18 @@ def warn_if_nothing_reads_the_head(needs: dict[str, Requirements]) -> None:
         )
 
 
-def check_parallelism(
-    job_config: Any,
-    options: dict[str, ObjectiveOptions],
-    needs: dict[str, Requirements],
-    entries: dict[str, StackEntry],
-) -> None:
+def check_parallelism(job_config: Any, stack: ObjectiveStack) -> None:
+    """The job's parallelism against what the stacked objectives declare."""
+    options, needs = stack.options(), stack.declarations()
     parallelism = job_config.parallelism
-    stack = f"{SECTION}.stack = {list(options)!r}"
+    named = f"{SECTION}.stack = {list(options)!r}"
     # torchtitan's own loss path, which every parallelism supports. The one decision on a
     # built-in's name: it is a statement about torchtitan's step, not about an objective.
     plain_ntp = list(options) == ["ntp"] and options["ntp"] == type(options["ntp"])()
 
     if parallelism.pipeline_parallel_degree > 1 and not plain_ntp:
         raise ObjectivesConfigError(
-            f"{stack} with parallelism.pipeline_parallel_degree = "
+            f"{named} with parallelism.pipeline_parallel_degree = "
             f"{parallelism.pipeline_parallel_degree}: only a plain ntp stack (default options) "
             "runs under pipeline parallelism (the loss is computed inside torchtitan's "
             "schedule on the last stage, which does not see other stages' hidden states); "
@@ -89,12 +85,12 @@ def check_parallelism(
             for name in shifting
         )
         raise ObjectivesConfigError(
-            f"{stack} with parallelism.context_parallel_degree = "
+            f"{named} with parallelism.context_parallel_degree = "
             f"{parallelism.context_parallel_degree}: context parallelism reorders the "
             f"sequence, and {read_ahead}; use FSDP or TP instead"
         )
     if parallelism.tensor_parallel_degree > 1:
-        check_tensor_parallel(job_config, options, needs, entries)
+        check_tensor_parallel(job_config, stack)
     head_readers = [name for name, need in needs.items() if need.output_weight]
     if head_readers and parallelism.fsdp_reshard_after_forward == "always":
         raise ObjectivesConfigError(
@@ -104,15 +100,13 @@ def check_parallelism(
         )
 
 
-def check_tensor_parallel(
-    job_config: Any,
-    options: dict[str, ObjectiveOptions],
-    needs: dict[str, Requirements],
-    entries: dict[str, StackEntry],
-) -> None:
+def check_tensor_parallel(job_config: Any, stack: ObjectiveStack) -> None:
+    options, needs = stack.options(), stack.declarations()
     degree = job_config.parallelism.tensor_parallel_degree
     tp = f"parallelism.tensor_parallel_degree = {degree}"
-    unsupported = [name for name, entry in entries.items() if not entry.cls.sequence_parallel]
+    unsupported = [
+        name for name, objective in stack.objectives().items() if not objective.sequence_parallel
+    ]
     if unsupported:
         raise ObjectivesConfigError(
             f"{SECTION}.stack has {', '.join(unsupported)}, which cannot run with {tp}: the "

@@ -1,5 +1,5 @@
-"""Local text corpora in torchtitan's dataset registry (``register_datasets``; the same
-registry in torchtitan 0.2.2 and 0.3.0).
+"""Local text corpora for torchtitan's dataset registry (``local_text_dataset``; each
+host's ``register_extensions`` adds it, the same registry in torchtitan 0.2.2 and 0.3.0).
 
 ``--training.dataset local_text --training.dataset_path PATH`` (0.2.2; on 0.3:
 ``--dataloader.dataset`` / ``--dataloader.dataset_path``) reads a ``.txt`` file
@@ -76,12 +76,7 @@ def text_of(sample: dict[str, Any]) -> str:
     return sample["text"]
 
 
-def register_datasets() -> None:
-    """Add ``local_text`` to torchtitan's registry (imported here: this module is plain
-    until a host calls it, after its CPU runtime)."""
-    from torchtitan.hf_datasets import DatasetConfig
-    from torchtitan.hf_datasets.text_datasets import DATASETS
-
-    DATASETS[DATASET_NAME] = DatasetConfig(
-        path=str(DEFAULT_TRAIN_PATH), loader=load_local_text, sample_processor=text_of
-    )
+def local_text_dataset() -> dict[str, Any]:
+    """``local_text``'s entry in torchtitan's dataset registry: the keyword arguments of
+    its ``DatasetConfig`` (the same in both releases; each host registers it)."""
+    return {"path": str(DEFAULT_TRAIN_PATH), "loader": load_local_text, "sample_processor": text_of}

@@ -13,6 +13,7 @@ import os
 import resource
 import sys
 import types
+from collections.abc import Callable
 
 import torch
 
@@ -68,17 +69,17 @@ def needed(runtime: str) -> bool:
     return True
 
 
-def import_torchtitan_with_cpu_device() -> None:
+def import_torchtitan_with_cpu_device(import_tools_utils: Callable[[], types.ModuleType]) -> None:
     """torchtitan binds ``device_type`` and ``device_module`` from ``torch._utils`` when
     ``torchtitan.tools.utils`` is first imported, and falls back to ``cuda``. Answer
-    ``cpu`` (and a CPU device module) for that one import; torch itself is left as it was."""
+    ``cpu`` (and a CPU device module) while the host imports it
+    (``import_tools_utils``); torch itself is left as it was."""
     original_type = torch._utils._get_available_device_type
     original_module = torch._utils._get_device_module
     torch._utils._get_available_device_type = lambda: "cpu"
     torch._utils._get_device_module = lambda device_type: _CPUDeviceModule()
     try:
-        import torchtitan  # noqa: F401
-        import torchtitan.tools.utils as titan_utils
+        titan_utils = import_tools_utils()
     finally:
         torch._utils._get_available_device_type = original_type
         torch._utils._get_device_module = original_module

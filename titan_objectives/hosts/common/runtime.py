@@ -20,7 +20,7 @@ from titan_objectives.hosts.common.capture import DocumentsOf, HiddenStateTap, M
 from titan_objectives.hosts.common.geometry_probe import GeometryHook
 from titan_objectives.hosts.common.nonfinite import NonFiniteGuard
 from titan_objectives.hosts.common.running_metrics import ObjectiveMetrics, ValidationTotals
-from titan_objectives.objective import ModelInfo, SharedModules
+from titan_objectives.objective import ModelInfo, ObjectiveOptions, SharedModules
 from titan_objectives.sequence import SequenceShards
 from titan_objectives.stack import ObjectiveStack, StackOutput
 
@@ -45,6 +45,11 @@ class CheckedConfig:
     shared: HostSharedModules
     nonfinite: str
     geometry: GeometryOptions
+
+    @property
+    def options(self) -> dict[str, ObjectiveOptions]:
+        """Each stacked objective's checked options, in stack order."""
+        return self.stack.options()
 
 
 class Host(Protocol):

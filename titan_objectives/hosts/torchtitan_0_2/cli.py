@@ -2,14 +2,25 @@
 torchtitan 0.2.2: the job config parsed and checked as training does, nothing allocated."""
 
 import copy
-from typing import Any
 
 from titan_objectives.config import ObjectivesConfigError
+from titan_objectives.hosts.common.argv import flag_value
 from titan_objectives.hosts.common.describe import ModelCost
 from titan_objectives.hosts.common.runtime import CheckedConfig
 from titan_objectives.hosts.torchtitan_0_2.runtime import cpu as cpu_runtime
 
 USAGE = "CONFIG.toml [--section.key value ...]"
+
+
+def _argv(args: list[str]) -> list[str]:
+    """torchtitan's command line: the config file first, or named by its flag."""
+    from titan_objectives.hosts.torchtitan_0_2.preflight import CONFIG_FILE_FLAGS
+
+    if flag_value(args, CONFIG_FILE_FLAGS) is not None:
+        return args
+    if not args or args[0].startswith("-"):
+        raise ObjectivesConfigError(f"expected the job config first: {USAGE}")
+    return ["--job.config_file", *args]
 
 
 def checked_config(args: list[str]) -> tuple[CheckedConfig, ModelCost]:
@@ -23,10 +34,8 @@ def checked_config(args: list[str]) -> tuple[CheckedConfig, ModelCost]:
     from titan_objectives.hosts.torchtitan_0_2.preflight import check_config, check_toml_file
     from titan_objectives.hosts.torchtitan_0_2.runtime.extensions import register_extensions
 
-    if not args or args[0].startswith("-"):
-        raise ObjectivesConfigError(f"expected the job config first: {USAGE}")
     register_extensions()
-    argv = ["--job.config_file", *args]
+    argv = _argv(args)
     check_toml_file(argv)
     try:
         job_config = ConfigManager().parse_args(argv)
@@ -44,5 +53,7 @@ def checked_config(args: list[str]) -> tuple[CheckedConfig, ModelCost]:
     return checked, ModelCost(label, params, flops, seq_len)
 
 
-def config_name(args: list[str]) -> Any:
-    return args[0]
+def config_name(args: list[str]) -> str:
+    from titan_objectives.hosts.torchtitan_0_2.preflight import CONFIG_FILE_FLAGS
+
+    return flag_value(_argv(args), CONFIG_FILE_FLAGS)

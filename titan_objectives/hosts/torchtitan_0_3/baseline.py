@@ -9,9 +9,9 @@ def main() -> None:
     cpu.activate()
     import torchtitan.train
 
-    from titan_objectives.hosts.common.corpus import register_datasets
+    from titan_objectives.hosts.torchtitan_0_3.runtime.extensions import register_extensions
 
-    register_datasets()
+    register_extensions()
     torchtitan.train.main()
     cpu.exit_after_training()
 

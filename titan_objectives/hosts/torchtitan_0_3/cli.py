@@ -16,13 +16,13 @@ def checked_config(args: list[str]) -> tuple[CheckedConfig, ModelCost]:
     cpu.activate()
     import torch
 
-    from titan_objectives.hosts.common.corpus import register_datasets
     from titan_objectives.hosts.torchtitan_0_3.launch import parse_config
     from titan_objectives.hosts.torchtitan_0_3.preflight import check_config, model_config_of
+    from titan_objectives.hosts.torchtitan_0_3.runtime.extensions import register_extensions
 
     if flag_value(args, ("--module",)) is None or flag_value(args, ("--config",)) is None:
         raise ObjectivesConfigError(f"expected --module and --config: {USAGE}")
-    register_datasets()
+    register_extensions()
     config = parse_config(args)
     checked = check_config(config)
     spec = config.model_spec

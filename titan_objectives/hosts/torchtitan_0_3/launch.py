@@ -58,11 +58,11 @@ def main(argv: list[str] | None = None) -> None:
     from torchtitan.tools.logging import init_logger
 
     from titan_objectives.config import ObjectivesConfigError, exit_on_config_error
-    from titan_objectives.hosts.common.corpus import register_datasets
     from titan_objectives.hosts.common.nonfinite import NonFiniteLossError
+    from titan_objectives.hosts.torchtitan_0_3.runtime.extensions import register_extensions
 
     init_logger()
-    register_datasets()
+    register_extensions()
     trainer = None
     try:
         config = parse_config(sys.argv[1:] if argv is None else argv)

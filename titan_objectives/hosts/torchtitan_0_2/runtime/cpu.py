@@ -16,10 +16,6 @@ from titan_objectives.hosts.common import cpu_patches
 _active = False
 
 
-def is_active() -> bool:
-    return _active
-
-
 def activate() -> bool:
     """Apply the CPU patches if there is no CUDA device. Returns whether they are active."""
     global _active
@@ -28,7 +24,7 @@ def activate() -> bool:
     if not cpu_patches.needed(__name__):
         return False
     _install_moe_kernels_without_triton()
-    cpu_patches.import_torchtitan_with_cpu_device()
+    cpu_patches.import_torchtitan_with_cpu_device(_import_tools_utils)
     cpu_patches.force_sum_reductions_in_fsdp()
     cpu_patches.histc_of_integers()
     _active = True
@@ -46,6 +42,12 @@ def _install_moe_kernels_without_triton() -> None:
     module.generate_permute_indices = moe_permute.generate_permute_indices
     module.__all__ = ["generate_permute_indices"]
     sys.modules[module.__name__] = module
+
+
+def _import_tools_utils() -> types.ModuleType:
+    import torchtitan.tools.utils
+
+    return torchtitan.tools.utils
 
 
 def exit_after_training() -> None:

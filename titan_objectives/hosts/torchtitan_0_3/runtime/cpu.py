@@ -9,6 +9,7 @@ lacks: without it, that call does nothing. ``activate()`` applies them before to
 is imported, and does nothing when CUDA is available.
 """
 
+import types
 from datetime import timedelta
 from typing import Any
 
@@ -27,7 +28,7 @@ def activate() -> bool:
         return True
     if not cpu_patches.needed(__name__):
         return False
-    cpu_patches.import_torchtitan_with_cpu_device()
+    cpu_patches.import_torchtitan_with_cpu_device(_import_tools_utils)
     cpu_patches.force_sum_reductions_in_fsdp()
     cpu_patches.histc_of_integers()
     _attention_with_dense_masks()
@@ -72,6 +73,12 @@ def _attention_with_dense_masks() -> None:
     from torchtitan.models.common.attention import FlexAttention
 
     FlexAttention.compiled_flex_attn = staticmethod(dense_flex_attention)
+
+
+def _import_tools_utils() -> types.ModuleType:
+    import torchtitan.tools.utils
+
+    return torchtitan.tools.utils
 
 
 def exit_after_training() -> None:

@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ROOT
 
+from tests.helpers import ROOT
 from titan_objectives.hosts.torchtitan_0_2.seams import PRIVATE_SEAMS, SUPPORTED_TORCHTITAN
 
 

@@ -10,7 +10,8 @@ import time
 
 import pytest
 import torch
-from helpers import DEBUG_CONFIG, ROOT, TINY, scalars, train
+
+from tests.helpers import DEBUG_CONFIG, ROOT, TINY, scalars, train
 
 pytestmark = pytest.mark.slow
 
@@ -101,8 +102,7 @@ def test_export_has_no_objective_modules_and_gives_the_same_logits(tmp_path):
     from torchtitan.models.llama3 import Transformer, llama3_args
     from torchtitan.models.llama3.model.state_dict_adapter import Llama3StateDictAdapter
 
-    from titan_objectives.hosts.torchtitan_0_2.model_adapter import get_model_adapter
-    from titan_objectives.hosts.torchtitan_0_2.spec import model_class_with_objectives
+    from tests.hosts.torchtitan_0_2.building import llama3_with_objectives
     from titan_objectives.objectives import MTPOptions, NITPOptions, NTPOptions, TOPOptions
 
     steps = ("--training.steps", "3")
@@ -119,8 +119,7 @@ def test_export_has_no_objective_modules_and_gives_the_same_logits(tmp_path):
         "ntp": NTPOptions(), "nitp": NITPOptions(), "mtp": MTPOptions(depth=2),
         "top": TOPOptions(window=16),
     }  # fmt: skip
-    cls = model_class_with_objectives(Transformer, get_model_adapter("llama3"), options)
-    trained = cls(args)
+    trained = llama3_with_objectives(args, options)
     with torch.no_grad():
         trained.init_weights()
     trained = load_into(trained, tmp_path / "full" / "ckpt" / "step-3")

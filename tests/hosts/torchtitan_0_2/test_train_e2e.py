@@ -8,8 +8,9 @@ import sys
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from helpers import ROOT, TINY, pip_install, scalars, train
 from torch.distributed.checkpoint import FileSystemReader
+
+from tests.helpers import ROOT, TINY, pip_install, scalars, train
 
 pytestmark = pytest.mark.slow
 
@@ -208,7 +209,7 @@ def test_parallel_mtp_with_recomputed_heads_and_step_schedule(tmp_path):
 
 @pytest.fixture(scope="module")
 def nan_plugin(tmp_path_factory):
-    from test_registry import PLUGIN
+    from tests.hosts.torchtitan_0_2.test_registry import PLUGIN
 
     return pip_install(PLUGIN, tmp_path_factory.mktemp("nan_site"))
 

@@ -1,8 +1,8 @@
 """Geometry and per-objective validation in real CPU runs, and the comparison report."""
 
 import pytest
-from helpers import ROOT, scalars, train
 
+from tests.helpers import ROOT, scalars, train
 from titan_objectives.report import compare_runs, load_scalars
 
 # One test process trains the shared runs (``--dist loadgroup`` keeps the module together).

@@ -5,9 +5,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import DEBUG_CONFIG, ROOT, needs_pytorch_kernel
-from test_config import write_config
 
+from tests.helpers import DEBUG_CONFIG, ROOT, needs_pytorch_kernel
+from tests.hosts.torchtitan_0_2.test_config import write_config
 from titan_objectives import cli
 from titan_objectives.registry import list_objectives
 

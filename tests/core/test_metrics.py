@@ -20,7 +20,8 @@ def micro_batch(ntp, nitp, cos_total, cos_count):
 
 
 def test_sums_over_micro_batches_then_normalizes():
-    metrics = ObjectiveMetrics({"ntp": 1.0, "nitp": 0.5})
+    metrics = ObjectiveMetrics()
+    metrics.reset({"ntp": 1.0, "nitp": 0.5})
     tokens = torch.tensor(10.0)
     metrics.add(micro_batch(30.0, 4.0, 3.0, 4), tokens)
     metrics.add(micro_batch(20.0, 6.0, 1.0, 6), tokens)
@@ -30,5 +31,5 @@ def test_sums_over_micro_batches_then_normalizes():
     assert logged["objectives/nitp/cosine"] == pytest.approx(0.4)  # 4 / 10, not mean of means
     assert logged["objectives/nitp/weight"] == 0.5
     assert logged["objectives/total/loss"] == pytest.approx(5.5)
-    metrics.reset()
+    metrics.reset({"ntp": 1.0})
     assert metrics.reduce(mesh=None) == {}

@@ -4,7 +4,8 @@ import math
 from pathlib import Path
 
 import pytest
-from helpers import scalars, train
+
+from tests.helpers import scalars, train
 
 pytestmark = pytest.mark.slow
 

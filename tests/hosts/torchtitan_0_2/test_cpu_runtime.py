@@ -1,14 +1,12 @@
 import pytest
 import torch
 
-from titan_objectives.hosts.torchtitan_0_2.runtime import cpu as cpu_runtime
 from titan_objectives.hosts.torchtitan_0_2.runtime.moe_permute import generate_permute_indices
 
 
 def test_torchtitan_runs_on_cpu():
     import torchtitan.tools.utils as titan_utils
 
-    assert cpu_runtime.is_active()
     assert titan_utils.device_type == "cpu"
     assert titan_utils.device_module.current_device() == 0
     stats = titan_utils.device_module.memory_stats()

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from helpers import scalars, torchrun
 from torch.distributed.checkpoint import FileSystemReader
+
+from tests.helpers import scalars, torchrun
 
 pytestmark = pytest.mark.slow
 

@@ -5,13 +5,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from torchtitan.models.llama3 import Transformer, llama3_args
+from torchtitan.models.llama3 import llama3_args
 from torchtitan.models.llama3.model.model import TransformerBlock
 
+from tests.hosts.torchtitan_0_2.building import llama3_with_objectives
 from titan_objectives import Features
 from titan_objectives.hosts.common.capture import HiddenStateTap
-from titan_objectives.hosts.torchtitan_0_2.model_adapter import documents_of, get_model_adapter
-from titan_objectives.hosts.torchtitan_0_2.spec import model_class_with_objectives
+from titan_objectives.hosts.torchtitan_0_2.model_adapter import DecoderLayout, documents_of
 from titan_objectives.objectives import MTPOptions, NITPOptions, NTPOptions
 from titan_objectives.sequence import UNSHARDED
 
@@ -21,13 +21,12 @@ SEQ = 16
 def build(options, flavor="debugmodel", eos_id=None):
     args = copy.deepcopy(llama3_args[flavor])
     args.max_seq_len = SEQ
-    adapter = get_model_adapter("llama3")
     torch.manual_seed(0)
-    model = model_class_with_objectives(Transformer, adapter, options)(args)
+    model = llama3_with_objectives(args, options)
     with torch.no_grad():
         model.init_weights()
     tap = HiddenStateTap(
-        model, adapter, model.objectives.requirements(), documents_of(args, eos_id)
+        model, DecoderLayout(), model.objectives.requirements(), documents_of(args, eos_id)
     )
     tokens = torch.randint(0, args.vocab_size, (2, SEQ))
     labels = torch.roll(tokens, -1, dims=1)

@@ -4,7 +4,8 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ROOT
+
+from tests.helpers import ROOT
 
 pytestmark = pytest.mark.slow
 

@@ -8,8 +8,9 @@ import subprocess
 import sys
 
 import pytest
-from helpers import DEBUG_CONFIG, ROOT
-from test_registry import installed_plugin  # noqa: F401 (fixture)
+
+from tests.helpers import DEBUG_CONFIG, ROOT
+from tests.hosts.torchtitan_0_2.test_registry import installed_plugin  # noqa: F401 (fixture)
 
 # Run in a fresh process, as a user's job would: the [objectives] section is built from
 # the entry points installed when the config module is first imported.
@@ -17,15 +18,12 @@ CHECK_CONFIGS = """
 import json, sys
 from titan_objectives.hosts.torchtitan_0_2.runtime import cpu as cpu_runtime
 cpu_runtime.activate()
-from titan_objectives.cli import _parse_job_config
 from titan_objectives.config import ObjectivesConfigError
-from titan_objectives.hosts.torchtitan_0_2.runtime.extensions import register_extensions
-from titan_objectives.hosts.torchtitan_0_2.preflight import check_job_config
-register_extensions()
+from titan_objectives.hosts.torchtitan_0_2.cli import checked_config
 results = []
 for argv in json.loads(sys.argv[1]):
     try:
-        check_job_config(_parse_job_config(argv))
+        checked_config(argv)
         results.append("OK")
     except ObjectivesConfigError as error:
         results.append(str(error))
@@ -123,17 +121,19 @@ def test_top_reads_labels_ahead_but_hidden_states_in_place():
     sequence shard (its hidden states are read at t only)."""
     from types import SimpleNamespace
 
-    from titan_objectives import ModelInfo, Requirements, get_objective
+    from tests.helpers import stack_of
+    from titan_objectives import ModelInfo, Requirements
     from titan_objectives.hosts.common.checks import check_tensor_parallel
     from titan_objectives.objectives import TOPOptions
 
     info = ModelInfo(dim=8, n_layers=2, vocab_size=16, seq_len=1024)
-    needs = get_objective("top")(TOPOptions(window=1024), info).requirements()
+    stack = stack_of({"top": TOPOptions(window=1024)}, info)
+    needs = stack.requirements()
     assert needs.lookahead == 1024 and needs.shard_reach == 0
     job_config = SimpleNamespace(
         parallelism=SimpleNamespace(tensor_parallel_degree=8),
         training=SimpleNamespace(seq_len=1024),
     )
-    check_tensor_parallel(job_config, {"top": TOPOptions(window=1024)}, {"top": needs})
+    check_tensor_parallel(job_config, stack)
     merged = needs | Requirements(lookahead=2)  # with an objective that shifts by 2
     assert merged.lookahead == 1024 and merged.shard_reach == 2

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ROOT, pip_install, torchrun
 
+from tests.helpers import ROOT, pip_install, torchrun
 from titan_objectives.config import ObjectivesConfigError
 from titan_objectives.hosts.torchtitan_0_3.launch import parse_config
 from titan_objectives.hosts.torchtitan_0_3.preflight import check_config

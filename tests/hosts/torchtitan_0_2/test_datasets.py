@@ -9,8 +9,8 @@ from titan_objectives.hosts.common.corpus import (
     corpus_files,
     load_local_text,
     paragraph_chunks,
-    register_datasets,
 )
+from titan_objectives.hosts.torchtitan_0_2.runtime.extensions import register_extensions
 
 
 def test_paragraph_chunks_cut_only_at_blank_lines():
@@ -47,5 +47,5 @@ def test_bad_paths_are_explained(tmp_path, name, message):
 
 
 def test_registered_in_torchtitan():
-    register_datasets()
+    register_extensions()
     assert DATASETS["local_text"].path == str(DEFAULT_TRAIN_PATH)

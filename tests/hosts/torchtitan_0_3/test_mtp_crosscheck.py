@@ -8,6 +8,7 @@ from torchtitan.models.deepseek_v3 import model_registry
 from torchtitan.models.deepseek_v3.config_registry import deepseek_v3_debugmodel
 from torchtitan.models.deepseek_v3.mtp import MTPLoss, roll_mtp_sequence
 
+from tests.helpers import stack_of
 from titan_objectives.hosts.common.capture import HiddenStateTap
 from titan_objectives.hosts.torchtitan_0_3.model_adapter import (
     DecoderLayout,
@@ -17,7 +18,6 @@ from titan_objectives.hosts.torchtitan_0_3.model_adapter import (
 )
 from titan_objectives.objectives import MTPOptions, NTPOptions
 from titan_objectives.sequence import UNSHARDED
-from titan_objectives.stack import ObjectiveStack
 
 SEQ = 32
 
@@ -77,10 +77,10 @@ def test_deepseek_mtp_reproduces_torchtitan_0_3_mtp_loss(depth):
     trunk.load_state_dict(
         {k: v for k, v in theirs.state_dict().items() if not k.startswith("mtp_layers.")}
     )
-    shared = DecoderSharedModules(trunk, config)
-    ours = ObjectiveStack(
-        {"ntp": NTPOptions(), "mtp": MTPOptions(depth=depth)},
-        model_info(config, SEQ, shared),
+    shared = DecoderSharedModules(config)
+    shared.bind(trunk)
+    ours = stack_of(
+        {"ntp": NTPOptions(), "mtp": MTPOptions(depth=depth)}, model_info(config, SEQ, shared)
     )
     dim = config.dim
     for module, layer in zip(ours["mtp"].depths, theirs.mtp_layers, strict=True):

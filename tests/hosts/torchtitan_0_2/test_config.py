@@ -4,11 +4,11 @@ import logging
 import re
 
 import pytest
-from helpers import DEBUG_CONFIG, needs_pytorch_kernel, run_module
 from torchtitan.config import ConfigManager
 
+from tests.helpers import DEBUG_CONFIG, needs_pytorch_kernel, run_module
 from titan_objectives.config import ObjectivesConfigError
-from titan_objectives.hosts.torchtitan_0_2.preflight import check_job_config, check_toml_file
+from titan_objectives.hosts.torchtitan_0_2.preflight import check_config, check_toml_file
 from titan_objectives.objectives.nitp import NITPOptions
 
 OBJECTIVES_BLOCK = re.compile(r"\[objectives\].*?(?=\n\[profiling\])", re.S)
@@ -25,7 +25,7 @@ def parse(path, *overrides):
     """What the trainer does before building anything: parse, then check."""
     argv = ["--job.config_file", str(path), *overrides]
     check_toml_file(argv)
-    return check_job_config(ConfigManager().parse_args(argv))
+    return check_config(ConfigManager().parse_args(argv))
 
 
 def test_toml_stack_and_options(tmp_path):
@@ -46,7 +46,6 @@ def test_toml_stack_and_options(tmp_path):
     assert checked.options["nitp"] == NITPOptions(
         weight=1.0, target_layer=0, projector="linear", loss="smooth_l1"
     )
-    assert isinstance(checked.options["nitp"].weight, float)
     assert checked.model_info.n_layers == 6 and checked.model_info.dim == 256
 
 
@@ -357,7 +356,14 @@ def test_bundled_configs_validate(path):
 def test_tensor_parallel_refuses_objectives_that_do_not_declare_it(clean_registry):
     from types import SimpleNamespace
 
-    from titan_objectives import Objective, ObjectiveOptions, Requirements, register_objective
+    from tests.helpers import stack_of
+    from titan_objectives import (
+        ModelInfo,
+        Objective,
+        ObjectiveOptions,
+        Requirements,
+        register_objective,
+    )
     from titan_objectives.hosts.common.checks import check_tensor_parallel
     from titan_objectives.objectives import NTPOptions
 
@@ -370,7 +376,7 @@ def test_tensor_parallel_refuses_objectives_that_do_not_declare_it(clean_registr
         parallelism=SimpleNamespace(tensor_parallel_degree=2),
         training=SimpleNamespace(seq_len=256),
     )
-    needs = {"ntp": Requirements(logits=True), "logit_norm": Requirements(logits=True)}
+    model = ModelInfo(dim=8, n_layers=2, vocab_size=16, seq_len=256)
     with pytest.raises(
         ObjectivesConfigError,
         match=r"objectives\.stack has logit_norm, which cannot run with "
@@ -378,18 +384,18 @@ def test_tensor_parallel_refuses_objectives_that_do_not_declare_it(clean_registr
         r"sequence_parallel = True",
     ):
         options = {"ntp": NTPOptions(), "logit_norm": ObjectiveOptions()}
-        check_tensor_parallel(job_config, options, needs)
-    check_tensor_parallel(job_config, {"ntp": NTPOptions()}, {"ntp": needs["ntp"]})
+        check_tensor_parallel(job_config, stack_of(options, model))
+    check_tensor_parallel(job_config, stack_of({"ntp": NTPOptions()}, model))
 
 
 def test_an_objective_that_cannot_be_built_for_the_model_is_named(monkeypatch):
     from titan_objectives.hosts.torchtitan_0_2 import preflight
-    from titan_objectives.hosts.torchtitan_0_2.model_adapter import DecoderAdapter
+    from titan_objectives.hosts.torchtitan_0_2.model_adapter import ModelFamily
 
     # An adapter (e.g. for a new model family) whose block module has no TransformerBlock:
     # MTP cannot build its extra block. Found by building the stack on the meta device.
-    broken = DecoderAdapter("titan_objectives.objective")
-    monkeypatch.setattr(preflight, "get_model_adapter", lambda name: broken)
+    broken = ModelFamily("titan_objectives.objective")
+    monkeypatch.setattr(preflight, "model_family", lambda name: broken)
     with pytest.raises(
         ObjectivesConfigError,
         match=r"objectives\.stack has 'mtp' \(depth = 2\), which cannot be built for "

@@ -2,7 +2,8 @@
 under FSDP2 and TP 2 as on one process: ``test_parallelism_e2e``."""
 
 import pytest
-from helpers import scalars, train
+
+from tests.helpers import scalars, train
 
 pytestmark = pytest.mark.slow
 

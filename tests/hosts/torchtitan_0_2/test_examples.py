@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, pip_install, scalars, train
-from test_parallelism_e2e import (
+
+from tests.helpers import ROOT, pip_install, scalars, train
+from tests.hosts.torchtitan_0_2.test_parallelism_e2e import (
     PROBE,
     assert_same_gradients,
     assert_same_numbers,

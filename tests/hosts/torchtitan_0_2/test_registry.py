@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import DEBUG_CONFIG, pip_install, scalars, train
 
+from tests.helpers import DEBUG_CONFIG, ROOT, pip_install, scalars, train
 from titan_objectives import (
     ModelInfo,
     Objective,
@@ -18,7 +18,7 @@ from titan_objectives import (
 from titan_objectives.config import ObjectivesConfigError, resolve_stack
 from titan_objectives.registry import RegistryError
 
-PLUGIN = Path(__file__).parent / "plugin_fixture"
+PLUGIN = ROOT / "tests" / "plugin_fixture"
 
 
 @pytest.fixture(scope="session")

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import scalars, train
-from test_moe_e2e import expert_biases
 
+from tests.helpers import scalars, train
+from tests.hosts.torchtitan_0_2.test_moe_e2e import expert_biases
 from titan_objectives.losses import torch_has_linear_cross_entropy
 
 pytestmark = [pytest.mark.slow, pytest.mark.long]

@@ -5,8 +5,9 @@ test_parallelism_e2e.py)."""
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from helpers import scalars, train
 from torch.distributed.checkpoint import FileSystemReader
+
+from tests.helpers import scalars, train
 
 pytestmark = pytest.mark.slow
 
