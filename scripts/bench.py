@@ -37,44 +37,94 @@ STACKS = {
     "ntp+mtp": ("titan_objectives.train", ["--objectives.stack", "ntp,mtp"]),
     "ntp+mtp (chunked CE)": (
         "titan_objectives.train",
-        ["--objectives.stack", "ntp,mtp", "--objectives.ntp.chunk_size", "4096",
-         "--objectives.mtp.chunk_size", "4096"],
+        [
+            "--objectives.stack",
+            "ntp,mtp",
+            "--objectives.ntp.chunk_size",
+            "4096",
+            "--objectives.mtp.chunk_size",
+            "4096",
+        ],
     ),
     "ntp+nitp+mtp": ("titan_objectives.train", ["--objectives.stack", "ntp,nitp,mtp"]),
-}  # fmt: skip
+}
 
 SIZES = {
-    "125M": ["--model.flavor", "125M", "--training.seq_len", "1024",
-             "--training.local_batch_size", "32"],
-    "1B": ["--model.flavor", "1B", "--training.seq_len", "2048",
-           "--training.local_batch_size", "8"],
-}  # fmt: skip
+    "125M": [
+        "--model.flavor",
+        "125M",
+        "--training.seq_len",
+        "1024",
+        "--training.local_batch_size",
+        "32",
+    ],
+    "1B": [
+        "--model.flavor",
+        "1B",
+        "--training.seq_len",
+        "2048",
+        "--training.local_batch_size",
+        "8",
+    ],
+}
 GPU_COMMON = [
-    "--model.hf_assets_path", "assets/tokenizer-bpe16k", "--training.dataset", "local_text",
-    "--training.dataset_path", "data/gutenberg/train.jsonl.gz",
-    "--training.mixed_precision_param", "bfloat16", "--compile.enable",
-]  # fmt: skip
+    "--model.hf_assets_path",
+    "assets/tokenizer-bpe16k",
+    "--training.dataset",
+    "local_text",
+    "--training.dataset_path",
+    "data/gutenberg/train.jsonl.gz",
+    "--training.mixed_precision_param",
+    "bfloat16",
+    "--compile.enable",
+]
 TINY = [
-    "--model.flavor", "debugmodel", "--training.seq_len", "128", "--training.local_batch_size",
-    "4", "--training.mixed_precision_param", "float32", "--compile.no-enable",
-]  # fmt: skip
+    "--model.flavor",
+    "debugmodel",
+    "--training.seq_len",
+    "128",
+    "--training.local_batch_size",
+    "4",
+    "--training.mixed_precision_param",
+    "float32",
+    "--compile.no-enable",
+]
 
 
 CONFIG = [
-    "--job.config_file", str(ROOT / "toml_configs" / "llama3_125m_nitp.toml"),
-    "--validation.no-enable", "--objectives.geometry.freq", "0", "--debug.seed", "0",
-]  # fmt: skip
+    "--job.config_file",
+    str(ROOT / "toml_configs" / "llama3_125m_nitp.toml"),
+    "--validation.no-enable",
+    "--objectives.geometry.freq",
+    "0",
+    "--debug.seed",
+    "0",
+]
 
 
 def run(module: str, args: list[str], dump: Path, steps: int) -> dict[str, dict[int, float]]:
     from titan_objectives.report import load_scalars
 
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1",
-        "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0", "-m", module, *CONFIG,
-        "--job.dump_folder", str(dump), "--training.steps", str(steps),
-        "--metrics.log_freq", "1", *args,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=1",
+        "--rdzv_backend",
+        "c10d",
+        "--rdzv_endpoint",
+        "localhost:0",
+        "-m",
+        module,
+        *CONFIG,
+        "--job.dump_folder",
+        str(dump),
+        "--training.steps",
+        str(steps),
+        "--metrics.log_freq",
+        "1",
+        *args,
+    ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"{module} {' '.join(args)} failed:\n{result.stdout[-3000:]}")
@@ -103,9 +153,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument(
-        "--stacks", default=",".join(STACKS),
+        "--stacks",
+        default=",".join(STACKS),
         help=f"comma-separated rows to measure, ntp first (default: all: {','.join(STACKS)})",
-    )  # fmt: skip
+    )
     args = parser.parse_args()
     chosen = args.stacks.split(",")
     unknown = [name for name in chosen if name not in STACKS]
@@ -119,8 +170,13 @@ def main() -> None:
 
     register_extensions()
     if args.tiny:
-        size = ["--model.hf_assets_path", "assets/tokenizer-bpe2k-tiny",
-                "--training.dataset_path", "assets/tiny/train.txt", *TINY]  # fmt: skip
+        size = [
+            "--model.hf_assets_path",
+            "assets/tokenizer-bpe2k-tiny",
+            "--training.dataset_path",
+            "assets/tiny/train.txt",
+            *TINY,
+        ]
         steps, warmup = args.steps or 6, args.warmup or 2
     else:
         size, steps, warmup = [*GPU_COMMON, *SIZES[args.size]], args.steps or 60, args.warmup or 20
@@ -132,8 +188,10 @@ def main() -> None:
     print(
         f"# {label} on {device}, torch {torch.__version__}; medians of steps {warmup + 1}-{steps}"
     )
-    print("| stack | tokens/s | peak memory GiB | MFU % | time vs ntp | memory vs ntp "
-          "| FLOPs vs ntp |\n|---|---|---|---|---|---|---|")  # fmt: skip
+    print(
+        "| stack | tokens/s | peak memory GiB | MFU % | time vs ntp | memory vs ntp "
+        "| FLOPs vs ntp |\n|---|---|---|---|---|---|---|"
+    )
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in chosen:
@@ -147,9 +205,12 @@ def main() -> None:
             )
             tps, memory, mfu, flops = rows[name]
             base_tps, base_memory = rows.get("ntp", rows[name])[:2]
-            print(f"| {name} | {tps:,.0f} | {memory:.2f} | {mfu:.1f} | "
-                  f"{100 * (base_tps / tps - 1):+.1f}% | {100 * (memory / base_memory - 1):+.1f}% "
-                  f"| {100 * flops:+.1f}% |", flush=True)  # fmt: skip
+            print(
+                f"| {name} | {tps:,.0f} | {memory:.2f} | {mfu:.1f} | "
+                f"{100 * (base_tps / tps - 1):+.1f}% | {100 * (memory / base_memory - 1):+.1f}% "
+                f"| {100 * flops:+.1f}% |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -20,11 +20,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def step_times(dump: Path, args: list[str]) -> list[float]:
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1",
-        "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0",
-        "-m", "titan_objectives.train", "--job.dump_folder", str(dump),
-        "--metrics.log_freq", "1", *args,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=1",
+        "--rdzv_backend",
+        "c10d",
+        "--rdzv_endpoint",
+        "localhost:0",
+        "-m",
+        "titan_objectives.train",
+        "--job.dump_folder",
+        str(dump),
+        "--metrics.log_freq",
+        "1",
+        *args,
+    ]
     subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
     times = load_scalars(dump)["time_metrics/end_to_end(s)"]
     return [times[s] for s in sorted(times) if s > 5]  # after warm-up

@@ -127,15 +127,27 @@ def main() -> None:
     for vocab in args.vocab:
         for tokens in args.tokens:
             results = {
-                path: run_isolated(measure, path, vocab, args.hidden, tokens, args.chunk_size,
-                                   args.dtype, args.device, args.repeats)
+                path: run_isolated(
+                    measure,
+                    path,
+                    vocab,
+                    args.hidden,
+                    tokens,
+                    args.chunk_size,
+                    args.dtype,
+                    args.device,
+                    args.repeats,
+                )
                 for path in backends
-            }  # fmt: skip
+            }
             plain_time, plain_peak = results["plain"]
             for path, (seconds, peak) in results.items():
-                print(f"| {vocab:,} | {tokens:,} | {path} | {seconds * 1e3:,.0f} | "
-                      f"{seconds / plain_time:.2f} | {peak / 2**20:,.0f} | "
-                      f"{peak / plain_peak:.2f} |", flush=True)  # fmt: skip
+                print(
+                    f"| {vocab:,} | {tokens:,} | {path} | {seconds * 1e3:,.0f} | "
+                    f"{seconds / plain_time:.2f} | {peak / 2**20:,.0f} | "
+                    f"{peak / plain_peak:.2f} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

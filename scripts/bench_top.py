@@ -47,9 +47,14 @@ def measure(path, vocab, hidden_dim, batch, seq, window, chunk_size, device, rep
     weight = (0.02 * torch.randn(vocab, hidden_dim, device=device)).requires_grad_()
     labels = torch.randint(0, vocab, (batch, seq), device=device)
     fn = PATHS[path]
-    queue.put(time_and_peak(
-        lambda: fn(hidden, weight, labels, window, chunk_size), (hidden, weight), device, repeats
-    ))  # fmt: skip
+    queue.put(
+        time_and_peak(
+            lambda: fn(hidden, weight, labels, window, chunk_size),
+            (hidden, weight),
+            device,
+            repeats,
+        )
+    )
 
 
 def main() -> None:
@@ -72,14 +77,26 @@ def main() -> None:
     print("| path | ms | time vs dense | peak MiB | memory vs dense | loss |")
     print("|---|---|---|---|---|---|")
     results = {
-        path: run_isolated(measure, path, args.vocab, args.hidden, args.batch, args.seq,
-                           args.window, args.chunk_size, args.device, args.repeats)
+        path: run_isolated(
+            measure,
+            path,
+            args.vocab,
+            args.hidden,
+            args.batch,
+            args.seq,
+            args.window,
+            args.chunk_size,
+            args.device,
+            args.repeats,
+        )
         for path in ("dense", "sparse")
-    }  # fmt: skip
+    }
     dense_time, dense_peak, _ = results["dense"]
     for path, (seconds, peak, loss) in results.items():
-        print(f"| {path} | {seconds * 1e3:,.0f} | {seconds / dense_time:.2f} | "
-              f"{peak / 2**20:,.0f} | {peak / dense_peak:.2f} | {loss:.6g} |")  # fmt: skip
+        print(
+            f"| {path} | {seconds * 1e3:,.0f} | {seconds / dense_time:.2f} | "
+            f"{peak / 2**20:,.0f} | {peak / dense_peak:.2f} | {loss:.6g} |"
+        )
 
 
 if __name__ == "__main__":

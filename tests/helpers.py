@@ -56,20 +56,33 @@ def train(
 ) -> subprocess.CompletedProcess:
     """torchrun a torchtitan 0.2.2 training of a TOML config, at the TINY sizes."""
     return torchrun(
-        [module, "--job.config_file", str(config), "--job.dump_folder", str(dump_folder),
-         *TINY, *overrides],
+        [
+            module,
+            "--job.config_file",
+            str(config),
+            "--job.dump_folder",
+            str(dump_folder),
+            *TINY,
+            *overrides,
+        ],
         nproc=nproc,
         **torchrun_kwargs,
-    )  # fmt: skip
+    )
 
 
 # What torchrun gives its only worker. MASTER_PORT 0: rank 0's store binds a free port,
 # and no other rank needs to find it.
 ONE_WORKER = {
-    "RANK": "0", "LOCAL_RANK": "0", "GROUP_RANK": "0", "ROLE_RANK": "0",
-    "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "ROLE_WORLD_SIZE": "1",
-    "MASTER_ADDR": "localhost", "MASTER_PORT": "0",
-}  # fmt: skip
+    "RANK": "0",
+    "LOCAL_RANK": "0",
+    "GROUP_RANK": "0",
+    "ROLE_RANK": "0",
+    "WORLD_SIZE": "1",
+    "LOCAL_WORLD_SIZE": "1",
+    "ROLE_WORLD_SIZE": "1",
+    "MASTER_ADDR": "localhost",
+    "MASTER_PORT": "0",
+}
 
 
 def torchrun(
@@ -95,11 +108,23 @@ def torchrun(
         command = [sys.executable, "-m", *module_args]
     else:
         command = [
-            sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0",
-            "--local-ranks-filter", "0", "--role", "rank", "--tee", "3",
-            "-m", *module_args,
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            "--rdzv_backend",
+            "c10d",
+            "--rdzv_endpoint",
+            "localhost:0",
+            "--local-ranks-filter",
+            "0",
+            "--role",
+            "rank",
+            "--tee",
+            "3",
+            "-m",
+            *module_args,
+        ]
     result = subprocess.run(
         command,
         cwd=ROOT,
@@ -131,10 +156,21 @@ def pip_install(package: Path, target: Path) -> Path:
     """Install a package (and its entry points) with pip into a folder, as a user would
     with ``pip install``; return the folder, to put on ``sys.path`` / ``PYTHONPATH``."""
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-         "--disable-pip-version-check", "--target", str(target), str(package)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--disable-pip-version-check",
+            "--target",
+            str(target),
+            str(package),
+        ],
         check=True,
-    )  # fmt: skip
+    )
     return target
 
 

@@ -79,7 +79,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     compare.add_argument("runs", nargs="+", help="run folders holding TensorBoard event files")
     compare.add_argument("--out", required=True, help="folder for the PNGs and summary.md")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["validate"], ["describe"]) and not {"-h", "--help"} & set(argv[1:2]):
+        # Everything after the command is the host's command line, flags first on 0.3.
+        return check_command(argv[0], argv[1:])
+    args = parser.parse_args(argv)
 
     if args.command == "compare":
         from titan_objectives.report import compare_runs

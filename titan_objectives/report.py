@@ -1,5 +1,5 @@
 """Compare training runs from their TensorBoard event files: PNG plots and a Markdown
-table of final values (``titan-objectives compare`` and ``scripts/compare_runs.py``)."""
+table of final values (``titan-objectives compare``)."""
 
 from pathlib import Path
 

@@ -43,5 +43,5 @@ for stack in $STACKS; do
   ./scripts/run_train.sh "${common[@]}" --objectives.stack "$stack" --job.dump_folder "$run"
   runs+=("$run")
 done
-"${PYTHON:-.venv/bin/python}" scripts/compare_runs.py "${runs[@]}" --out "$OUT/report"
+"${PYTHON:-.venv/bin/python}" -m titan_objectives.cli compare "${runs[@]}" --out "$OUT/report"
 cat "$OUT/report/summary.md"

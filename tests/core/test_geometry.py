@@ -161,8 +161,9 @@ def test_a_probe_skips_what_a_batch_cannot_measure(caplog):
     from titan_objectives.hosts.common.geometry_probe import GeometryProbe
     from titan_objectives.sequence import UNSHARDED
 
-    probe = GeometryProbe([], max_tokens=64, pairs=16, mesh=None, dp_rank=0, dp_size=1,
-                          sequence=UNSHARDED)  # fmt: skip
+    probe = GeometryProbe(
+        [], max_tokens=64, pairs=16, mesh=None, dp_rank=0, dp_size=1, sequence=UNSHARDED
+    )
     valid = torch.zeros(4, 16, dtype=torch.bool)
     valid[0, 0] = True
     probe.take_sample({"final": torch.randn(4, 16, 8)}, seed=1, valid=valid)

@@ -50,8 +50,10 @@ def test_matches_plain_cross_entropy_fp32(backend, chunk_size):
     expected = value_and_grads(plain, hidden, weight, labels)
     got = value_and_grads(
         lambda h, w, y: linear_cross_entropy_sum(h, w, y, chunk_size, backend),
-        hidden, weight, labels,
-    )  # fmt: skip
+        hidden,
+        weight,
+        labels,
+    )
     torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=0)
     torch.testing.assert_close(got[1], expected[1], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(got[2], expected[2], rtol=1e-4, atol=1e-6)

@@ -72,9 +72,13 @@ def test_packed_documents_pair_no_positions_across_a_boundary():
     features.documents = torch.tensor([[0, 0, 1, 1, 1, 2, 2], [0, 0, 0, 0, 1, 1, 1]])
     out = objective(features)
     expected = reference_loss(
-        objective, features.final_hidden, features.layers[2], features.labels, "cosine",
+        objective,
+        features.final_hidden,
+        features.layers[2],
+        features.labels,
+        "cosine",
         features.documents,
-    )  # fmt: skip
+    )
     torch.testing.assert_close(out.loss_sum.double(), expected, rtol=1e-5, atol=1e-6)
     # 12 pairs in one document, less the two ignored labels (row 0 at 2, row 1 at 0).
     assert out.metrics["cosine"].count == BATCH * (SEQ - 1) - 3 - 2

@@ -31,8 +31,12 @@ def reference_loss(logits: torch.Tensor, weights: torch.Tensor, index: torch.Ten
     """A loss touching every helper, from torch's own functions."""
     lse = torch.logsumexp(logits, dim=-1)
     log_p = F.log_softmax(logits, dim=-1).masked_fill(torch.isinf(logits), 0.0)
-    return (lse.square() - (weights * log_p).sum(-1) + 0.5 * logits.gather(-1, index).sum(-1)
-            - log_p.gather(-1, index).sum(-1)).sum()  # fmt: skip
+    return (
+        lse.square()
+        - (weights * log_p).sum(-1)
+        + 0.5 * logits.gather(-1, index).sum(-1)
+        - log_p.gather(-1, index).sum(-1)
+    ).sum()
 
 
 def helper_loss(logits: torch.Tensor, weights: torch.Tensor, index: torch.Tensor):
@@ -41,9 +45,12 @@ def helper_loss(logits: torch.Tensor, weights: torch.Tensor, index: torch.Tensor
     lse = vocabulary.logsumexp(logits)
     log_p = vocabulary.log_softmax(logits)
     log_p = log_p.masked_fill(torch.isinf(log_p), 0.0)
-    return (lse.square() - vocabulary.vocabulary_sum(logits, weights * log_p)
-            + 0.5 * vocabulary.gather(logits, index).sum(-1)
-            - vocabulary.gather(logits, index, values=log_p).sum(-1)).sum()  # fmt: skip
+    return (
+        lse.square()
+        - vocabulary.vocabulary_sum(logits, weights * log_p)
+        + 0.5 * vocabulary.gather(logits, index).sum(-1)
+        - vocabulary.gather(logits, index, values=log_p).sum(-1)
+    ).sum()
 
 
 def test_whole_logits_are_torchs_formulas():

@@ -33,19 +33,22 @@ class CrossEntropyOptions:
             raise OptionError("chunk_size", self.chunk_size, "0 (off) or a number of tokens > 0")
         if self.ce_backend == "plain" and self.chunk_size:
             raise OptionError(
-                "ce_backend", self.ce_backend,
+                "ce_backend",
+                self.ce_backend,
                 f"'auto', 'torch' or 'chunked' with chunk_size = {self.chunk_size}; 'plain' "
                 "computes the full logits (chunk_size = 0)",
-            )  # fmt: skip
+            )
         if self.ce_backend in ("torch", "chunked") and not self.chunk_size:
             raise OptionError(
-                "ce_backend", self.ce_backend,
+                "ce_backend",
+                self.ce_backend,
                 "'auto' or 'plain' with chunk_size = 0; set chunk_size to a number of tokens "
                 f"to use {self.ce_backend!r}",
-            )  # fmt: skip
+            )
         if self.ce_backend == "torch" and not torch_has_linear_cross_entropy():
             raise OptionError(
-                "ce_backend", self.ce_backend,
+                "ce_backend",
+                self.ce_backend,
                 f"'auto' or 'chunked': torch {torch.__version__} has no "
                 "torch.nn.functional.linear_cross_entropy (PyTorch 2.13 and later)",
-            )  # fmt: skip
+            )

@@ -57,9 +57,7 @@ def _cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
 def _vocab_parallel_cross_entropy_sum(logits: DTensor, labels: torch.Tensor) -> torch.Tensor:
     """CE of vocabulary-sharded logits, inside the caller's ``loss_parallel`` context.
     Kept out of torch.compile: a compiled graph does not see that context and computes a
-    wrong loss (torchtitan 0.2.2 with ``compile.components = ["loss"]`` and TP: 13.99
-    instead of 8.15 on its debug model). Returns a plain tensor, to add to the other
-    objectives' terms."""
+    wrong loss. Returns a plain tensor, to add to the other objectives' terms."""
     return _cross_entropy_sum(logits, labels).full_tensor()
 
 
@@ -119,8 +117,9 @@ def _chunk_function(on_gpu: bool, split: bool):
 
 class _LinearSparseCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, target_ids, target_probs, chunk_size, with_grads, mesh,
-                first_row):  # fmt: skip
+    def forward(
+        ctx, hidden, weight, target_ids, target_probs, chunk_size, with_grads, mesh, first_row
+    ):
         chunk_step = _chunk_function(hidden.is_cuda, mesh is not None)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if with_grads else None
@@ -132,9 +131,14 @@ class _LinearSparseCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             end = min(start + chunk_size, hidden.shape[0])
             chunk_loss, chunk_grad_hidden, chunk_grad_weight = chunk_step(
-                hidden[start:end], weight, target_ids[start:end], target_probs[start:end],
-                with_grads, mesh, first_row,
-            )  # fmt: skip
+                hidden[start:end],
+                weight,
+                target_ids[start:end],
+                target_probs[start:end],
+                with_grads,
+                mesh,
+                first_row,
+            )
             loss += chunk_loss
             if with_grads:
                 grad_hidden[start:end] = chunk_grad_hidden

@@ -53,8 +53,16 @@ def test_objectives_added_and_removed_across_a_resume(tmp_path):
 
 
 def test_changed_objective_options_are_named(tmp_path):
-    train(tmp_path, "--objectives.stack", "ntp,nitp", "--objectives.nitp.projector", "linear",
-          *FULL, "--training.steps", "2")  # fmt: skip
+    train(
+        tmp_path,
+        "--objectives.stack",
+        "ntp,nitp",
+        "--objectives.nitp.projector",
+        "linear",
+        *FULL,
+        "--training.steps",
+        "2",
+    )
     result = train(
         tmp_path, "--objectives.stack", "ntp,nitp", *FULL, "--training.steps", "3", check=False
     )
@@ -107,8 +115,14 @@ def test_export_has_no_objective_modules_and_gives_the_same_logits(tmp_path):
 
     steps = ("--training.steps", "3")
     # With TOP too: its head is a [vocab, dim] unembedding that must not ship.
-    stack = ("--objectives.stack", "ntp,nitp,mtp,top", "--objectives.mtp.depth", "2",
-             "--objectives.top.window", "16")  # fmt: skip
+    stack = (
+        "--objectives.stack",
+        "ntp,nitp,mtp,top",
+        "--objectives.mtp.depth",
+        "2",
+        "--objectives.top.window",
+        "16",
+    )
     train(tmp_path / "full", *stack, *FULL, *steps)
     train(tmp_path / "export", *stack, *CHECKPOINT, *steps)
     train(tmp_path / "hf", *stack, *CHECKPOINT, "--checkpoint.last_save_in_hf", *steps)
@@ -116,9 +130,11 @@ def test_export_has_no_objective_modules_and_gives_the_same_logits(tmp_path):
 
     args = llama3_args["debugmodel"]
     options = {
-        "ntp": NTPOptions(), "nitp": NITPOptions(), "mtp": MTPOptions(depth=2),
+        "ntp": NTPOptions(),
+        "nitp": NITPOptions(),
+        "mtp": MTPOptions(depth=2),
         "top": TOPOptions(window=16),
-    }  # fmt: skip
+    }
     trained = llama3_with_objectives(args, options)
     with torch.no_grad():
         trained.init_weights()
@@ -184,14 +200,31 @@ def rank_pids(rank: int) -> list[int]:
 def test_a_killed_rank_resumes_from_the_last_complete_checkpoint(tmp_path):
     args = (*FULL, "--checkpoint.interval", "2", "--training.steps", "8")
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-        "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0", "--role", "rank",
-        "--tee", "3", "-m", "titan_objectives.train", "--job.config_file", str(DEBUG_CONFIG),
-        "--job.dump_folder", str(tmp_path), *TINY, *args,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--rdzv_backend",
+        "c10d",
+        "--rdzv_endpoint",
+        "localhost:0",
+        "--role",
+        "rank",
+        "--tee",
+        "3",
+        "-m",
+        "titan_objectives.train",
+        "--job.config_file",
+        str(DEBUG_CONFIG),
+        "--job.dump_folder",
+        str(tmp_path),
+        *TINY,
+        *args,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT)  # fmt: skip
+    first = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     step4 = tmp_path / "ckpt" / "step-4" / ".metadata"
     deadline = time.time() + 300
     while not step4.exists() and time.time() < deadline and first.poll() is None:
@@ -206,9 +239,10 @@ def test_a_killed_rank_resumes_from_the_last_complete_checkpoint(tmp_path):
     (tmp_path / "ckpt" / "step-99" / "__0_0.distcp").write_bytes(b"partial")
 
     complete = max(
-        int(p.name.split("-")[1]) for p in (tmp_path / "ckpt").glob("step-*")
+        int(p.name.split("-")[1])
+        for p in (tmp_path / "ckpt").glob("step-*")
         if (p / ".metadata").exists()
-    )  # fmt: skip
+    )
     second = train(tmp_path, *args, nproc=2)
     assert (
         f"step-{complete}" in second.stdout

@@ -56,9 +56,11 @@ def test_validate_reports_extra_parameters_and_flops_against_torchtitans_count()
     from torchtitan.models.llama3 import Transformer, llama3_args
 
     result = run(
-        "validate", str(CONFIGS / "llama3_8b_nitp.toml"),
-        "--model.hf_assets_path", "assets/tokenizer-bpe2k-tiny",
-    )  # fmt: skip
+        "validate",
+        str(CONFIGS / "llama3_8b_nitp.toml"),
+        "--model.hf_assets_path",
+        "assets/tokenizer-bpe2k-tiny",
+    )
     assert result.returncode == 0, result.stderr
     args = llama3_args["8B"]
     with torch.device("meta"):
@@ -70,6 +72,15 @@ def test_validate_reports_extra_parameters_and_flops_against_torchtitans_count()
     assert f"{100 * 72 * d * d / model_flops:.2f}%" in nitp_row
     assert f"{model_flops / 1e6:,.1f} MFLOPs per token" in result.stdout
     assert result.stdout.rstrip().endswith("llama3_8b_nitp.toml: OK")
+
+
+def test_describe_prints_the_table_alone_and_takes_overrides():
+    result = run("describe", str(DEBUG_CONFIG), "--objectives.stack", "ntp,top")
+    assert result.returncode == 0, result.stderr
+    assert "stack: ntp + top" in result.stdout and "model: llama3 debugmodel" in result.stdout
+    assert ": OK" not in result.stdout
+    result = run("describe", "--objectives.stack", "ntp")
+    assert result.returncode == 2 and "expected the job config first" in result.stderr
 
 
 def test_validate_fails_with_the_key():

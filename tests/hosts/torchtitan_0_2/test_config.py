@@ -52,9 +52,16 @@ def test_toml_stack_and_options(tmp_path):
 def test_cli_overrides_in_torchtitan_style(tmp_path):
     path = write_config(tmp_path, '[objectives]\nstack = ["ntp"]')
     checked = parse(
-        path, "--objectives.stack", "ntp,nitp", "--objectives.nitp.weight", "0.8",
-        "--objectives.nitp.target_layer", "3", "--objectives.nitp.loss", "mse",
-    )  # fmt: skip
+        path,
+        "--objectives.stack",
+        "ntp,nitp",
+        "--objectives.nitp.weight",
+        "0.8",
+        "--objectives.nitp.target_layer",
+        "3",
+        "--objectives.nitp.loss",
+        "mse",
+    )
     assert list(checked.options) == ["ntp", "nitp"]
     assert checked.options["nitp"] == NITPOptions(weight=0.8, target_layer=3, loss="mse")
 
@@ -331,9 +338,12 @@ def test_trainer_rejects_unknown_toml_option_before_torchtitan(tmp_path):
 
 def test_unknown_cli_flag_is_rejected_by_the_parser():
     result = run_module(
-        "titan_objectives.train", "--job.config_file", str(DEBUG_CONFIG),
-        "--objectives.nitp.wieght", "0.5",
-    )  # fmt: skip
+        "titan_objectives.train",
+        "--job.config_file",
+        str(DEBUG_CONFIG),
+        "--objectives.nitp.wieght",
+        "0.5",
+    )
     assert result.returncode != 0
     assert "--objectives.nitp.wieght" in result.stdout
 
@@ -343,10 +353,14 @@ def test_bundled_configs_validate(path):
     # Real-size configs name a tokenizer and corpora the user downloads; the bundled ones
     # stand in for them here.
     checked = parse(
-        path, "--model.hf_assets_path", "assets/tokenizer-bpe2k-tiny",
-        "--training.dataset_path", "assets/tiny/train.txt",
-        "--validation.dataset_path", "assets/tiny/val.txt",
-    )  # fmt: skip
+        path,
+        "--model.hf_assets_path",
+        "assets/tokenizer-bpe2k-tiny",
+        "--training.dataset_path",
+        "assets/tiny/train.txt",
+        "--validation.dataset_path",
+        "assets/tiny/val.txt",
+    )
     assert checked.options["ntp"].weight == 1.0
     if path.name == "llama3_8b_nitp.toml":
         assert checked.model_info.n_layers == 32

@@ -32,11 +32,14 @@ print("RESULTS " + json.dumps(results))
 
 PARALLEL_CASES = {
     "tensor_parallel_shard_too_short": [
-        "--parallelism.tensor_parallel_degree", "2", "--training.seq_len", "4",
+        "--parallelism.tensor_parallel_degree",
+        "2",
+        "--training.seq_len",
+        "4",
     ],
     "reshard_after_forward_always": ["--parallelism.fsdp_reshard_after_forward", "always"],
     "context_parallel": ["--parallelism.context_parallel_degree", "2"],
-}  # fmt: skip
+}
 
 
 def check_configs(plugin_site, argvs: list[list[str]]) -> list[str]:
@@ -44,8 +47,12 @@ def check_configs(plugin_site, argvs: list[list[str]]) -> list[str]:
     env = dict(os.environ, PYTHONPATH=str(plugin_site))
     result = subprocess.run(
         [sys.executable, "-c", CHECK_CONFIGS, json.dumps(argvs)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     line = [x for x in result.stdout.splitlines() if x.startswith("RESULTS ")]
     assert line, result.stdout[-3000:] + result.stderr[-3000:]
     return json.loads(line[0].removeprefix("RESULTS "))

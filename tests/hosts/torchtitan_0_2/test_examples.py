@@ -48,9 +48,13 @@ def test_z_loss_formula(z_loss_site, monkeypatch):
 @pytest.mark.slow
 def test_z_loss_trains_through_its_entry_point(tmp_path, z_loss_site):
     result = train(
-        tmp_path, "--objectives.stack", "ntp,z_loss", "--objectives.z_loss.coefficient", "1e-3",
+        tmp_path,
+        "--objectives.stack",
+        "ntp,z_loss",
+        "--objectives.z_loss.coefficient",
+        "1e-3",
         extra_pythonpath=str(z_loss_site),
-    )  # fmt: skip
+    )
     assert "z_loss:" in result.stdout
     tb = scalars(tmp_path)
     log_z = tb["objectives/z_loss/log_z"]
@@ -67,15 +71,22 @@ def test_z_loss_under_tensor_parallel_matches_one_process(tmp_path, z_loss_site,
     ``titan_objectives.vocabulary``: losses, grad norm and whole gradients (step 1, before
     clipping) equal the single-process ones, loss parallel on and off."""
     common = (
-        "--objectives.stack", "ntp,z_loss", "--objectives.z_loss.coefficient", "0.05",
-        "--training.dataset_path", str(twin_corpus), "--training.steps", "3",
-    )  # fmt: skip
+        "--objectives.stack",
+        "ntp,z_loss",
+        "--objectives.z_loss.coefficient",
+        "0.05",
+        "--training.dataset_path",
+        str(twin_corpus),
+        "--training.steps",
+        "3",
+    )
     tp = ("--parallelism.tensor_parallel_degree", "2")
     logged = run_from_one_seed(
-        tmp_path, common,
+        tmp_path,
+        common,
         {"tp": (2, tp), "tp_no_loss_parallel": (2, (*tp, "--parallelism.disable_loss_parallel"))},
         **{**PROBE, "extra_pythonpath": os.pathsep.join([str(z_loss_site), TESTS])},
-    )  # fmt: skip
+    )
     tags = ("objectives/ntp/loss", "objectives/z_loss/loss", "objectives/z_loss/log_z", "grad_norm")
     assert_same_numbers(logged, tags, steps=3)
     # The z-loss is no rounding error here: 0.05 * log(Z)^2 is about half the ntp loss.

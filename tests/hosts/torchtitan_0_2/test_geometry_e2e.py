@@ -2,18 +2,29 @@
 
 import pytest
 
-from tests.helpers import ROOT, scalars, train
+from tests.helpers import scalars, train
 from titan_objectives.report import compare_runs, load_scalars
 
 # One test process trains the shared runs (``--dist loadgroup`` keeps the module together).
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("geometry_runs")]
 
 GEOMETRY = (
-    "--objectives.geometry.freq", "2", "--objectives.geometry.max_tokens", "256",
-    "--validation.enable", "--validation.freq", "4", "--validation.steps", "2",
-    "--validation.seq_len", "64", "--validation.local_batch_size", "4",
-    "--training.steps", "4",
-)  # fmt: skip
+    "--objectives.geometry.freq",
+    "2",
+    "--objectives.geometry.max_tokens",
+    "256",
+    "--validation.enable",
+    "--validation.freq",
+    "4",
+    "--validation.steps",
+    "2",
+    "--validation.seq_len",
+    "64",
+    "--validation.local_batch_size",
+    "4",
+    "--training.steps",
+    "4",
+)
 
 
 @pytest.fixture(scope="module")
@@ -69,21 +80,3 @@ def test_compare_runs_writes_plots_and_table(runs, tmp_path):
     final_ntp = load_scalars(runs / "nitp")["objectives/ntp/loss"][4]
     assert "| objectives/ntp/loss | " in table and f"{final_ntp:.4f} (step 4)" in table
     assert "| geometry/layer_2/effective_rank |  | " in table  # absent in the ntp run
-
-
-def test_compare_script_and_command(runs, tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    for command in (
-        [sys.executable, str(ROOT / "scripts" / "compare_runs.py")],
-        [str(Path(sys.executable).parent / "titan-objectives"), "compare"],
-    ):
-        out = tmp_path / command[-1].replace("/", "_")
-        result = subprocess.run(
-            [*command, str(runs / "ntp"), str(runs / "nitp"), "--out", str(out)],
-            capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-        assert result.returncode == 0, result.stderr
-        assert (out / "losses.png").is_file() and (out / "summary.md").is_file()

@@ -11,8 +11,14 @@ from tests.helpers import scalars, train
 
 pytestmark = pytest.mark.slow
 
-STACK = ("--objectives.stack", "ntp,nitp,mtp,top", "--objectives.ntp.chunk_size", "64",
-         "--objectives.top.window", "16")  # fmt: skip
+STACK = (
+    "--objectives.stack",
+    "ntp,nitp,mtp,top",
+    "--objectives.ntp.chunk_size",
+    "64",
+    "--objectives.top.window",
+    "16",
+)
 SMALL = ("--training.seq_len", "32", "--training.local_batch_size", "2")
 FULL = (
     "--checkpoint.enable",
@@ -49,9 +55,19 @@ def test_moe_models_train_the_full_stack(
     tmp_path, model, flavor, mtp_is_moe, balanced, nproc, parallelism
 ):
     result = train(
-        tmp_path, *STACK, *SMALL, *FULL, "--model.name", model, "--model.flavor", flavor,
-        "--training.steps", "2", *parallelism, nproc=nproc,
-    )  # fmt: skip
+        tmp_path,
+        *STACK,
+        *SMALL,
+        *FULL,
+        "--model.name",
+        model,
+        "--model.flavor",
+        flavor,
+        "--training.steps",
+        "2",
+        *parallelism,
+        nproc=nproc,
+    )
     if parallelism:
         assert f"{'ep' if parallelism == EXPERT_PARALLEL else 'tp'}=2" in result.stdout
     tb = scalars(tmp_path)

@@ -86,19 +86,42 @@ def test_chunked_losses_under_tp_and_fsdp_match_single_process(tmp_path, twin_co
     (loss parallel) chunks heads split over the vocabulary, plain and with compiled
     objectives and activation checkpointing; FSDP2 runs each cross-entropy backend."""
     common = (
-        "--objectives.stack", "ntp,mtp,top", "--objectives.mtp.depth", "2",
-        "--objectives.ntp.chunk_size", "48", "--objectives.mtp.chunk_size", "40",
-        "--objectives.top.window", "16", "--objectives.top.chunk_size", "48",
-        "--training.dataset_path", str(twin_corpus), "--training.steps", "3",
-    )  # fmt: skip
-    backend = lambda name: ("--objectives.ntp.ce_backend", name,  # noqa: E731
-                            "--objectives.mtp.ce_backend", name)  # fmt: skip
+        "--objectives.stack",
+        "ntp,mtp,top",
+        "--objectives.mtp.depth",
+        "2",
+        "--objectives.ntp.chunk_size",
+        "48",
+        "--objectives.mtp.chunk_size",
+        "40",
+        "--objectives.top.window",
+        "16",
+        "--objectives.top.chunk_size",
+        "48",
+        "--training.dataset_path",
+        str(twin_corpus),
+        "--training.steps",
+        "3",
+    )
+
+    def backend(name: str) -> tuple[str, ...]:
+        return ("--objectives.ntp.ce_backend", name, "--objectives.mtp.ce_backend", name)
+
     runs = {
         "tp": (2, TP),
-        "tp_compiled_loss_ac": (2, (*TP, "--compile.enable", "--compile.components", "loss",
-                                    "--activation_checkpoint.mode", "selective")),
+        "tp_compiled_loss_ac": (
+            2,
+            (
+                *TP,
+                "--compile.enable",
+                "--compile.components",
+                "loss",
+                "--activation_checkpoint.mode",
+                "selective",
+            ),
+        ),
         "fsdp_chunked": (2, backend("chunked")),
-    }  # fmt: skip
+    }
     if torch_has_linear_cross_entropy():  # torch 2.13+
         runs["fsdp_torch"] = (2, backend("torch"))
     logged = run_from_one_seed(tmp_path, common, runs, **PROBE)
@@ -106,39 +129,85 @@ def test_chunked_losses_under_tp_and_fsdp_match_single_process(tmp_path, twin_co
         "Compiling objectives with torch.compile: ntp, mtp, top"
         in logged["tp_compiled_loss_ac"]["stdout"]
     )
-    tags = ("objectives/ntp/loss", "objectives/mtp/depth_1", "objectives/mtp/depth_2",
-            "objectives/top/loss", "grad_norm")  # fmt: skip
+    tags = (
+        "objectives/ntp/loss",
+        "objectives/mtp/depth_1",
+        "objectives/mtp/depth_2",
+        "objectives/top/loss",
+        "grad_norm",
+    )
     assert_same_numbers(logged, tags, steps=3)
     assert_same_gradients(tmp_path, list(runs))
 
 
 def test_llama3_full_stack_under_tp_2d_ddp_and_hsdp_matches_single_process(tmp_path, twin_corpus):
     common = (
-        "--objectives.stack", "ntp,nitp,mtp", "--objectives.mtp.depth", "2",
-        "--training.dataset_path", str(twin_corpus), "--training.steps", "3",
-        "--objectives.geometry.freq", "1", "--validation.enable", "--validation.freq", "3",
-        "--validation.steps", "1", "--validation.seq_len", "64",
-    )  # fmt: skip
-    logged = run_from_one_seed(tmp_path, common, {
-        # torchtitan's own compiled loss is wrong under loss parallel; ours is not.
-        "tp_compiled_loss_ac": (
-            2, (*TP, "--compile.enable", "--compile.components", "loss",
-                "--activation_checkpoint.mode", "selective"),
-        ),
-        "tp_no_loss_parallel": (2, (*TP, "--parallelism.disable_loss_parallel")),
-        "fsdp": (2, ()),
-        "fsdp_x_tp": (4, (*TP, "--parallelism.data_parallel_shard_degree", "2")),
-        "ddp": (2, ("--parallelism.data_parallel_replicate_degree", "2",
-                    "--parallelism.data_parallel_shard_degree", "1")),
-        "hsdp": (4, ("--parallelism.data_parallel_replicate_degree", "2",
-                     "--parallelism.data_parallel_shard_degree", "2")),
-    })  # fmt: skip
+        "--objectives.stack",
+        "ntp,nitp,mtp",
+        "--objectives.mtp.depth",
+        "2",
+        "--training.dataset_path",
+        str(twin_corpus),
+        "--training.steps",
+        "3",
+        "--objectives.geometry.freq",
+        "1",
+        "--validation.enable",
+        "--validation.freq",
+        "3",
+        "--validation.steps",
+        "1",
+        "--validation.seq_len",
+        "64",
+    )
+    logged = run_from_one_seed(
+        tmp_path,
+        common,
+        {
+            # torchtitan's own compiled loss is wrong under loss parallel; ours is not.
+            "tp_compiled_loss_ac": (
+                2,
+                (
+                    *TP,
+                    "--compile.enable",
+                    "--compile.components",
+                    "loss",
+                    "--activation_checkpoint.mode",
+                    "selective",
+                ),
+            ),
+            "tp_no_loss_parallel": (2, (*TP, "--parallelism.disable_loss_parallel")),
+            "fsdp": (2, ()),
+            "fsdp_x_tp": (4, (*TP, "--parallelism.data_parallel_shard_degree", "2")),
+            "ddp": (
+                2,
+                (
+                    "--parallelism.data_parallel_replicate_degree",
+                    "2",
+                    "--parallelism.data_parallel_shard_degree",
+                    "1",
+                ),
+            ),
+            "hsdp": (
+                4,
+                (
+                    "--parallelism.data_parallel_replicate_degree",
+                    "2",
+                    "--parallelism.data_parallel_shard_degree",
+                    "2",
+                ),
+            ),
+        },
+    )
     assert "Applied DDP to the model" in logged["ddp"]["stdout"]
     assert "Applied HSDP to the model" in logged["hsdp"]["stdout"]
     tags = (
-        "objectives/ntp/loss", "objectives/nitp/loss", "objectives/mtp/depth_1",
-        "objectives/mtp/depth_2", "grad_norm",
-    )  # fmt: skip
+        "objectives/ntp/loss",
+        "objectives/nitp/loss",
+        "objectives/mtp/depth_1",
+        "objectives/mtp/depth_2",
+        "grad_norm",
+    )
     # torchtitan 0.2.2's DDP averages gradients over the 2 ranks on top of its own
     # token-count normalization (plain torchtitan does the same): grad norms are halved,
     # and Adam's updates, hence the losses, are unchanged.
@@ -162,22 +231,36 @@ def test_llama3_full_stack_under_tp_2d_ddp_and_hsdp_matches_single_process(tmp_p
     for name, run in tensor_parallel_only.items():
         for tag in validation:
             assert run[tag][3] == pytest.approx(logged["one"][tag][3], rel=1e-4, abs=1e-4), (
-                name, tag,
-            )  # fmt: skip
+                name,
+                tag,
+            )
 
 
 def test_deepseek_v3_tensor_and_expert_parallel_match_single_process(tmp_path, twin_corpus):
     common = (
-        "--objectives.stack", "ntp,nitp,mtp", "--training.seq_len", "32",
-        "--training.local_batch_size", "2", "--model.name", "deepseek_v3",
-        "--training.dataset_path", str(twin_corpus), "--training.steps", "3",
+        "--objectives.stack",
+        "ntp,nitp,mtp",
+        "--training.seq_len",
+        "32",
+        "--training.local_batch_size",
+        "2",
+        "--model.name",
+        "deepseek_v3",
+        "--training.dataset_path",
+        str(twin_corpus),
+        "--training.steps",
+        "3",
         "--checkpoint.no-last_save_model_only",  # keep the objectives' state at the end
-    )  # fmt: skip
-    logged = run_from_one_seed(tmp_path, common, {
-        "fsdp": (2, ()),
-        "tp": (2, TP),
-        "ep": (2, ("--parallelism.expert_parallel_degree", "2")),
-    })  # fmt: skip
+    )
+    logged = run_from_one_seed(
+        tmp_path,
+        common,
+        {
+            "fsdp": (2, ()),
+            "tp": (2, TP),
+            "ep": (2, ("--parallelism.expert_parallel_degree", "2")),
+        },
+    )
     tags = ("objectives/ntp/loss", "objectives/nitp/loss", "objectives/mtp/loss", "grad_norm")
     assert_same_numbers(logged, tags, steps=3)
     # The MTP block's router is balanced like the trunk's. Under TP, torchtitan 0.2.2's
@@ -197,8 +280,14 @@ def test_deepseek_v3_tensor_and_expert_parallel_match_single_process(tmp_path, t
 def test_pipeline_parallel_plain_ntp_is_torchtitans_own_run(tmp_path):
     """Under PP a plain ntp stack is torchtitan's training step, bit for bit (including
     torchtitan 0.2.2's PP gradient scaling, upstream issue #2972)."""
-    pp = ("--objectives.stack", "ntp", "--training.steps", "3",
-          "--parallelism.pipeline_parallel_degree", "2")  # fmt: skip
+    pp = (
+        "--objectives.stack",
+        "ntp",
+        "--training.steps",
+        "3",
+        "--parallelism.pipeline_parallel_degree",
+        "2",
+    )
     ours = train(tmp_path / "ours", *pp, nproc=2)
     assert "Pipeline parallel with a plain ntp stack" in ours.stdout
     train(tmp_path / "plain", *pp, nproc=2, module="titan_objectives.hosts.torchtitan_0_2.baseline")

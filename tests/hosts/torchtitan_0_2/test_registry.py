@@ -107,11 +107,14 @@ def test_entry_points_are_discovered(clean_registry, installed_plugin, monkeypat
 @pytest.mark.parametrize(
     ("name", "message"),
     [
-        ("broken_import", "entry point 'tiny_plugin.missing_module:Anything' of tiny-plugin "
-                          "failed to import: ModuleNotFoundError"),
+        (
+            "broken_import",
+            "entry point 'tiny_plugin.missing_module:Anything' of tiny-plugin "
+            "failed to import: ModuleNotFoundError",
+        ),
         ("not_an_objective", "entry point 'tiny_plugin:NotAnObjective' of tiny-plugin is "),
     ],
-)  # fmt: skip
+)
 def test_a_broken_entry_point_in_the_stack_is_named(
     clean_registry, installed_plugin, monkeypatch, name, message
 ):
@@ -132,9 +135,12 @@ def test_entry_point_objective_trains_from_a_toml_stack(tmp_path, installed_plug
     )
     config.write_text(text)
     result = train(
-        tmp_path / "out", "--objectives.hidden_rms.weight", "0.05",
-        config=config, extra_pythonpath=str(installed_plugin),
-    )  # fmt: skip
+        tmp_path / "out",
+        "--objectives.hidden_rms.weight",
+        "0.05",
+        config=config,
+        extra_pythonpath=str(installed_plugin),
+    )
     assert "hidden_rms:" in result.stdout
     tb = scalars(tmp_path / "out")
     assert list(tb["objectives/hidden_rms/weight"].values()) == pytest.approx([0.05] * 5)

@@ -10,9 +10,16 @@ pytestmark = pytest.mark.slow
 
 def test_ntp_top_trains_on_the_main_jobs_data_with_both_losses_falling(tmp_path):
     result = train(
-        tmp_path, "--objectives.stack", "ntp,top", "--objectives.top.window", "32",
-        "--training.steps", "12", "--lr_scheduler.warmup_steps", "3",
-    )  # fmt: skip
+        tmp_path,
+        "--objectives.stack",
+        "ntp,top",
+        "--objectives.top.window",
+        "32",
+        "--training.steps",
+        "12",
+        "--lr_scheduler.warmup_steps",
+        "3",
+    )
     assert "top:" in result.stdout
     tb = scalars(tmp_path)
     for name in ("ntp", "top"):

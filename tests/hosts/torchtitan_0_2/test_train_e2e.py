@@ -81,19 +81,35 @@ def test_ntp_nitp_single_process_with_checkpoint(tmp_path):
 
 
 FULL_STACK = (
-    "--objectives.stack", "ntp,nitp,mtp", "--objectives.mtp.depth", "2",
-    "--objectives.ntp.chunk_size", "48", "--objectives.mtp.chunk_size", "48",
-)  # fmt: skip
-STACK_TAGS = ("objectives/ntp/loss", "objectives/nitp/loss", "objectives/mtp/depth_1",
-              "objectives/mtp/depth_2")  # fmt: skip
+    "--objectives.stack",
+    "ntp,nitp,mtp",
+    "--objectives.mtp.depth",
+    "2",
+    "--objectives.ntp.chunk_size",
+    "48",
+    "--objectives.mtp.chunk_size",
+    "48",
+)
+STACK_TAGS = (
+    "objectives/ntp/loss",
+    "objectives/nitp/loss",
+    "objectives/mtp/depth_1",
+    "objectives/mtp/depth_2",
+)
 
 
 def test_full_stack_activation_checkpointing(tmp_path):
     train(tmp_path / "plain", *FULL_STACK, "--training.steps", "3")
     plain_tb = scalars(tmp_path / "plain")
     for mode in ("selective", "full"):
-        ac = train(tmp_path / mode, *FULL_STACK, "--activation_checkpoint.mode", mode,
-                   "--training.steps", "3")  # fmt: skip
+        ac = train(
+            tmp_path / mode,
+            *FULL_STACK,
+            "--activation_checkpoint.mode",
+            mode,
+            "--training.steps",
+            "3",
+        )
         assert f"Applied {mode} activation checkpointing" in ac.stdout
         assert "Objectives recompute their activations in backward" in ac.stdout
         # Recomputation (the MTP blocks' included) changes no number.
@@ -119,10 +135,20 @@ def test_run_train_script(tmp_path, ngpu):
     """The launcher, as a user runs it: default CONFIG_FILE, extra args passed through."""
     env = dict(os.environ, NGPU=str(ngpu), PYTHON=sys.executable, OMP_NUM_THREADS="1")
     result = subprocess.run(
-        [str(ROOT / "scripts" / "run_train.sh"), "--job.dump_folder", str(tmp_path), *TINY,
-         "--training.steps", "2"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            str(ROOT / "scripts" / "run_train.sh"),
+            "--job.dump_folder",
+            str(tmp_path),
+            *TINY,
+            "--training.steps",
+            "2",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-4000:]
     assert f"dp_shard={ngpu}" in result.stdout
     if ngpu == 2:
@@ -137,29 +163,52 @@ def test_run_train_script_trains_the_config_named_as_an_argument(tmp_path):
     env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1", NGPU="1")
     named = "toml_configs/llama3_debug_stack.toml"  # ntp + nitp + mtp; the default has no mtp
     result = subprocess.run(
-        [script, f"--job.config_file={named}", "--job.dump_folder", str(tmp_path), *TINY,
-         "--training.steps", "1"],
-        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            script,
+            f"--job.config_file={named}",
+            "--job.dump_folder",
+            str(tmp_path),
+            *TINY,
+            "--training.steps",
+            "1",
+        ],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         timeout=600,
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stdout[-4000:]
     assert "objectives/mtp/loss" in scalars(tmp_path)
     both = subprocess.run(
         [script, "--job.config_file", named],
         env=dict(env, CONFIG_FILE="toml_configs/llama3_debug_ntp.toml"),
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert both.returncode == 2
     assert "name two different configs; give one" in both.stderr
     # The same file spelled two ways is one config (a launcher that exits 0 stands in).
     same = subprocess.run(
         [script, "--job.config_file", named],
         env=dict(env, CONFIG_FILE=f"./{named}", PYTHON="/bin/true"),
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert same.returncode == 0, same.stderr
-    empty = subprocess.run([script, "--job.config_file="], env=env, cwd=ROOT,
-                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    empty = subprocess.run(
+        [script, "--job.config_file="],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert empty.returncode == 2 and "--job.config_file= needs a path" in empty.stderr
 
 
@@ -196,11 +245,23 @@ def test_full_stack_compiled(tmp_path, nproc):
 
 def test_parallel_mtp_with_recomputed_heads_and_step_schedule(tmp_path):
     train(
-        tmp_path, "--objectives.stack", "ntp,mtp", "--objectives.mtp.variant", "parallel",
-        "--objectives.mtp.depth", "2", "--objectives.mtp.recompute_heads",
-        "--objectives.mtp.schedule", "step", "--objectives.mtp.switch_step", "3",
-        "--objectives.mtp.weight_after", "0.1", "--training.steps", "4",
-    )  # fmt: skip
+        tmp_path,
+        "--objectives.stack",
+        "ntp,mtp",
+        "--objectives.mtp.variant",
+        "parallel",
+        "--objectives.mtp.depth",
+        "2",
+        "--objectives.mtp.recompute_heads",
+        "--objectives.mtp.schedule",
+        "step",
+        "--objectives.mtp.switch_step",
+        "3",
+        "--objectives.mtp.weight_after",
+        "0.1",
+        "--training.steps",
+        "4",
+    )
     tb = scalars(tmp_path)
     assert [tb["objectives/mtp/weight"][s] for s in (1, 2, 3, 4)] == pytest.approx(
         [0.3, 0.3, 0.1, 0.1]
@@ -216,9 +277,14 @@ def nan_plugin(tmp_path_factory):
 
 def test_a_nan_loss_stops_training_naming_objective_and_step(tmp_path, nan_plugin):
     result = train(
-        tmp_path, "--objectives.stack", "ntp,nan_probe", "--objectives.nan_probe.weight", "0.5",
-        extra_pythonpath=str(nan_plugin), check=False,
-    )  # fmt: skip
+        tmp_path,
+        "--objectives.stack",
+        "ntp,nan_probe",
+        "--objectives.nan_probe.weight",
+        "0.5",
+        extra_pythonpath=str(nan_plugin),
+        check=False,
+    )
     assert result.returncode == 3, result.stdout[-3000:]
     assert "step 1: the loss of nan_probe is not finite (NaN or inf)" in result.stdout
     assert "the optimizer did not apply it, and training stopped at step 1" in result.stdout
@@ -226,9 +292,15 @@ def test_a_nan_loss_stops_training_naming_objective_and_step(tmp_path, nan_plugi
 
 def test_nan_steps_can_be_skipped(tmp_path, nan_plugin):
     result = train(
-        tmp_path, "--objectives.stack", "ntp,nan_probe", "--objectives.nonfinite", "skip",
-        "--training.steps", "3", extra_pythonpath=str(nan_plugin),
-    )  # fmt: skip
+        tmp_path,
+        "--objectives.stack",
+        "ntp,nan_probe",
+        "--objectives.nonfinite",
+        "skip",
+        "--training.steps",
+        "3",
+        extra_pythonpath=str(nan_plugin),
+    )
     for step in (1, 2, 3):
         assert f"step {step}: the loss of nan_probe is not finite" in result.stdout
     assert result.stdout.count("the optimizer skipped those steps") == 3
@@ -240,11 +312,25 @@ def test_a_nan_step_is_skipped_on_the_device_and_reported_at_the_next_log_step(
     """Fused AdamW skips the step itself (no host read on steps that are not logged): the
     NaN at step 3 is reported after step 4's metrics, and Adam counted 3 steps, not 4."""
     result = train(
-        tmp_path, "--objectives.stack", "ntp,nan_probe", "--objectives.nan_probe.at_call", "3",
-        "--objectives.nonfinite", "skip", "--training.steps", "4", "--metrics.log_freq", "2",
-        "--checkpoint.enable", "--checkpoint.folder", "ckpt", "--checkpoint.interval", "4",
-        "--checkpoint.no-last_save_model_only", extra_pythonpath=str(nan_plugin),
-    )  # fmt: skip
+        tmp_path,
+        "--objectives.stack",
+        "ntp,nan_probe",
+        "--objectives.nan_probe.at_call",
+        "3",
+        "--objectives.nonfinite",
+        "skip",
+        "--training.steps",
+        "4",
+        "--metrics.log_freq",
+        "2",
+        "--checkpoint.enable",
+        "--checkpoint.folder",
+        "ckpt",
+        "--checkpoint.interval",
+        "4",
+        "--checkpoint.no-last_save_model_only",
+        extra_pythonpath=str(nan_plugin),
+    )
     warning = "step 3: the loss of nan_probe is not finite (NaN or inf); the optimizer skipped"
     assert result.stdout.count(warning) == 1
     assert result.stdout.index(warning) > result.stdout.index("step:  4")

@@ -38,13 +38,15 @@ def test_torchtitan_still_stops_on_a_non_finite_loss_with_the_message_we_catch()
 def test_objectives_flags_and_the_toml_table_reach_the_config(tmp_path):
     toml = tmp_path / "objectives.toml"
     toml.write_text('[objectives]\nstack = ["ntp", "nitp"]\n[objectives.nitp]\nweight = 0.5\n')
-    config = parse_config([*OURS, "--objectives.toml", str(toml),
-                           "--objectives.nitp.target_layer", "3"])  # fmt: skip
+    config = parse_config(
+        [*OURS, "--objectives.toml", str(toml), "--objectives.nitp.target_layer", "3"]
+    )
     assert config.objectives.stack == ["ntp", "nitp"]
     assert (config.objectives.nitp.weight, config.objectives.nitp.target_layer) == (0.5, 3)
     # torchtitan's own config functions are wrapped
-    wrapped = parse_config(["--module", "llama3", "--config", "llama3_debugmodel",
-                            "--objectives.stack", "ntp,mtp"])  # fmt: skip
+    wrapped = parse_config(
+        ["--module", "llama3", "--config", "llama3_debugmodel", "--objectives.stack", "ntp,mtp"]
+    )
     assert wrapped.objectives.stack == ["ntp", "mtp"]
     assert wrapped.parallelism.spmd_backend == "partial_dtensor"
 
@@ -53,12 +55,14 @@ def test_objectives_flags_and_the_toml_table_reach_the_config(tmp_path):
     ("args", "message"),
     [
         (["--objectives.stack", "ntp,nitpp"], "objectives.stack: unknown objective 'nitpp'"),
-        (["--objectives.nitp.target_layer", "9", "--objectives.stack", "ntp,nitp"],
-         "objectives.nitp.target_layer = 9"),
+        (
+            ["--objectives.nitp.target_layer", "9", "--objectives.stack", "ntp,nitp"],
+            "objectives.nitp.target_layer = 9",
+        ),
         (["--parallelism.spmd_backend", "spmd_types"], "parallelism.spmd_backend = 'spmd_types'"),
         (["--checkpoint.create_seed_checkpoint"], "pass --checkpoint.enable"),
     ],
-)  # fmt: skip
+)
 def test_bad_config_is_named_before_anything_is_built(args, message):
     with pytest.raises(ObjectivesConfigError, match=re.escape(message)):
         check_config(parse_config([*OURS, *args]))
@@ -67,8 +71,11 @@ def test_bad_config_is_named_before_anything_is_built(args, message):
 def test_the_command_line_exits_2_with_the_message_before_building():
     result = subprocess.run(
         [sys.executable, "-m", "titan_objectives.train", *OURS, "--objectives.toml", "no.toml"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     assert "config error: --objectives.toml 'no.toml' does not exist" in result.stderr
     assert "Building llama3" not in result.stdout + result.stderr
@@ -85,15 +92,31 @@ def test_a_plugins_nan_loss_stops_or_is_skipped(tmp_path, nan_plugin):
     loss stops training naming it and the step, or, with nonfinite = 'skip', each such
     step is skipped and training goes on."""
     common = [
-        "titan_objectives.train", *OURS, "--objectives.stack", "ntp,nan_probe",
-        "--training.seq_len", "64", "--training.local_batch_size", "2",
-        "--metrics.log_freq", "1",
-    ]  # fmt: skip
-    stop = torchrun([*common, "--dump_folder", str(tmp_path / "a")],
-                    extra_pythonpath=str(nan_plugin), check=False)  # fmt: skip
+        "titan_objectives.train",
+        *OURS,
+        "--objectives.stack",
+        "ntp,nan_probe",
+        "--training.seq_len",
+        "64",
+        "--training.local_batch_size",
+        "2",
+        "--metrics.log_freq",
+        "1",
+    ]
+    stop = torchrun(
+        [*common, "--dump_folder", str(tmp_path / "a")],
+        extra_pythonpath=str(nan_plugin),
+        check=False,
+    )
     assert stop.returncode == 3, stop.stdout[-3000:]
     assert "step 1: the loss of nan_probe is not finite (NaN or inf)" in stop.stdout
-    skip_args = ["--dump_folder", str(tmp_path / "b"), "--training.steps", "3",
-                 "--objectives.nonfinite", "skip"]  # fmt: skip
+    skip_args = [
+        "--dump_folder",
+        str(tmp_path / "b"),
+        "--training.steps",
+        "3",
+        "--objectives.nonfinite",
+        "skip",
+    ]
     skip = torchrun([*common, *skip_args], extra_pythonpath=str(nan_plugin))
     assert skip.stdout.count("the optimizer skipped those steps") == 3

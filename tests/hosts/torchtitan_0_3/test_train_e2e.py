@@ -16,10 +16,19 @@ pytestmark = pytest.mark.slow
 
 HOST = ["titan_objectives.train", "--module", "titan_objectives.hosts.torchtitan_0_3"]
 TINY = [
-    "--training.seq_len", "64", "--training.local_batch_size", "4",
-    "--lr_scheduler.warmup_steps", "2", "--metrics.log_freq", "1",
-    "--metrics.enable_tensorboard", "--metrics.disable_color_printing", "--debug.seed", "42",
-]  # fmt: skip
+    "--training.seq_len",
+    "64",
+    "--training.local_batch_size",
+    "4",
+    "--lr_scheduler.warmup_steps",
+    "2",
+    "--metrics.log_freq",
+    "1",
+    "--metrics.enable_tensorboard",
+    "--metrics.disable_color_printing",
+    "--debug.seed",
+    "42",
+]
 
 
 def train(folder: Path, config: str, *overrides: str, nproc: int = 1, module=HOST):
@@ -39,11 +48,23 @@ def test_main_job_trains_validates_measures_checkpoints_and_exports(tmp_path):
     values reach TensorBoard; checkpoints hold the objectives' modules, the model-only save
     at the last step does not; a run resumed from step 5 continues exactly."""
     run = (
-        "llama3_debug_nitp", "--training.steps", "10", "--objectives.geometry.freq", "5",
-        "--objectives.geometry.max_tokens", "256", "--validator.enable",
-        "--validator.freq", "10", "--validator.steps", "2", "--checkpoint.enable",
-        "--checkpoint.interval", "5", "--checkpoint.last_save_model_only",
-    )  # fmt: skip
+        "llama3_debug_nitp",
+        "--training.steps",
+        "10",
+        "--objectives.geometry.freq",
+        "5",
+        "--objectives.geometry.max_tokens",
+        "256",
+        "--validator.enable",
+        "--validator.freq",
+        "10",
+        "--validator.steps",
+        "2",
+        "--checkpoint.enable",
+        "--checkpoint.interval",
+        "5",
+        "--checkpoint.last_save_model_only",
+    )
     result = train(tmp_path / "a", *run)
     assert "objectives  ntp:" in result.stdout
     logged = scalars(tmp_path / "a")
@@ -51,8 +72,11 @@ def test_main_job_trains_validates_measures_checkpoints_and_exports(tmp_path):
         losses = logged[f"objectives/{name}/loss"]
         assert losses[10] < 0.97 * losses[1], (name, losses)
         assert f"validation/objectives/{name}/loss" in logged
-    for tag in ("geometry/final/effective_rank", "geometry/layer_2/avg_cosine",
-                "validation/geometry/final/effective_rank"):  # fmt: skip
+    for tag in (
+        "geometry/final/effective_rank",
+        "geometry/layer_2/avg_cosine",
+        "validation/geometry/final/effective_rank",
+    ):
         assert tag in logged, sorted(logged)
 
     checkpoints = tmp_path / "a" / "checkpoint"
@@ -92,16 +116,36 @@ def test_stack_under_fsdp2_and_tp_matches_one_process(tmp_path, twin_corpus):
     compiled, and one process accumulating gradients over two micro-batches, log the
     losses and grad norm of one process; so does validation under TP."""
     common = (
-        "llama3_debug", "--objectives.stack", "ntp,nitp,mtp", "--objectives.mtp.depth", "2",
-        "--dataloader.dataset_path", str(twin_corpus), "--training.steps", "3",
-        "--checkpoint.enable", "--checkpoint.interval", "100", "--validator.enable",
-        "--validator.freq", "3", "--validator.steps", "1",
-    )  # fmt: skip
+        "llama3_debug",
+        "--objectives.stack",
+        "ntp,nitp,mtp",
+        "--objectives.mtp.depth",
+        "2",
+        "--dataloader.dataset_path",
+        str(twin_corpus),
+        "--training.steps",
+        "3",
+        "--checkpoint.enable",
+        "--checkpoint.interval",
+        "100",
+        "--validator.enable",
+        "--validator.freq",
+        "3",
+        "--validator.steps",
+        "1",
+    )
     train(tmp_path / "seed", *common, "--checkpoint.create_seed_checkpoint")
     seed = saved_keys(tmp_path / "seed" / "checkpoint" / "step-0")
     assert any(key.startswith("objectives.nitp.") for key in seed)
-    tp = ("--parallelism.tensor_parallel_degree", "2", "--parallelism.data_parallel_shard_degree",
-          "1", "--compile.enable", "--compile.components", "loss")  # fmt: skip
+    tp = (
+        "--parallelism.tensor_parallel_degree",
+        "2",
+        "--parallelism.data_parallel_shard_degree",
+        "1",
+        "--compile.enable",
+        "--compile.components",
+        "loss",
+    )
     logged, stdout = {}, {}
     accumulate = ("--training.local_batch_size", "2", "--training.global_batch_size", "4")
     runs = (("one", 1, ()), ("fsdp", 2, ()), ("tp", 2, tp), ("accumulate", 1, accumulate))
@@ -111,8 +155,13 @@ def test_stack_under_fsdp2_and_tp_matches_one_process(tmp_path, twin_corpus):
         assert "Objectives recompute their activations in backward" in stdout[name]
         logged[name] = scalars(tmp_path / name)
     assert "Compiling objectives" in stdout["tp"]
-    tags = ["objectives/ntp/loss", "objectives/nitp/loss", "objectives/mtp/depth_2",
-            "loss_metrics/global_avg_loss", "grad_norm"]  # fmt: skip
+    tags = [
+        "objectives/ntp/loss",
+        "objectives/nitp/loss",
+        "objectives/mtp/depth_2",
+        "loss_metrics/global_avg_loss",
+        "grad_norm",
+    ]
     validated = [*tags, "validation/objectives/nitp/loss"]
     for name, compared in (("fsdp", tags), ("tp", validated), ("accumulate", tags)):
         worst = max(
@@ -125,9 +174,12 @@ def test_stack_under_fsdp2_and_tp_matches_one_process(tmp_path, twin_corpus):
     # Gradients themselves, not only their norm: Adam's first moments after step 3 (the
     # embedding's takes MTP's gradient through the embedding outputs it reads).
     parameters = (
-        "tok_embeddings.weight", "layers.0.attention.qkv_linear.wqkv.weight", "norm.weight",
-        "lm_head.weight", "objectives.mtp.depths.0.projection.weight",
-    )  # fmt: skip
+        "tok_embeddings.weight",
+        "layers.0.attention.qkv_linear.wqkv.weight",
+        "norm.weight",
+        "lm_head.weight",
+        "objectives.mtp.depths.0.projection.weight",
+    )
     expected = first_moments(tmp_path / "one" / "checkpoint" / "step-3", parameters)
     for name in ("fsdp", "tp", "accumulate"):
         moments = first_moments(tmp_path / name / "checkpoint" / "step-3", parameters)
@@ -143,8 +195,11 @@ def test_ntp_alone_is_torchtitans_own_training(tmp_path):
     own Trainer on the same config (its cross-entropy loss), over 6 steps."""
     common = ("--training.steps", "6")
     train(tmp_path / "ours", "llama3_debug", *common)
-    plain = ["titan_objectives.hosts.torchtitan_0_3.baseline", "--module",
-             "titan_objectives.hosts.torchtitan_0_3"]  # fmt: skip
+    plain = [
+        "titan_objectives.hosts.torchtitan_0_3.baseline",
+        "--module",
+        "titan_objectives.hosts.torchtitan_0_3",
+    ]
     train(tmp_path / "plain", "llama3_debug_torchtitan", *common, module=plain)
     ours, theirs = scalars(tmp_path / "ours"), scalars(tmp_path / "plain")
     for tag in ("loss_metrics/global_avg_loss", "grad_norm"):
@@ -159,10 +214,21 @@ def test_moe_and_tied_models_train_the_whole_stack(tmp_path, config):
     MTP block of the model's own kind, on 2 processes (FSDP2). On deepseek_v3 the MTP
     block's router is balanced like the trunk's (its expert bias moves)."""
     train(
-        tmp_path, config, "--objectives.stack", "ntp,nitp,mtp,top", "--objectives.top.window",
-        "16", "--training.steps", "2", "--training.local_batch_size", "2",
-        "--checkpoint.enable", "--checkpoint.interval", "2", nproc=2,
-    )  # fmt: skip
+        tmp_path,
+        config,
+        "--objectives.stack",
+        "ntp,nitp,mtp,top",
+        "--objectives.top.window",
+        "16",
+        "--training.steps",
+        "2",
+        "--training.local_batch_size",
+        "2",
+        "--checkpoint.enable",
+        "--checkpoint.interval",
+        "2",
+        nproc=2,
+    )
     logged = scalars(tmp_path)
     for name in ("ntp", "nitp", "mtp", "top"):
         losses = logged[f"objectives/{name}/loss"]

@@ -33,6 +33,23 @@ class ModelLayout(Protocol):
     def output_head(self, model: nn.Module) -> nn.Module: ...
 
 
+@dataclass(frozen=True)
+class DecoderLayout:
+    """A torchtitan decoder LM's ``ModelLayout``: ``tok_embeddings -> layers["0".."n-1"]
+    -> norm -> <head>``, where the head's name differs between releases."""
+
+    head: str
+
+    def layer_module(self, model: nn.Module, layer: int) -> nn.Module:
+        return model.tok_embeddings if layer == 0 else model.layers[str(layer - 1)]
+
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        return model.norm
+
+    def output_head(self, model: nn.Module) -> nn.Module:
+        return getattr(model, self.head)
+
+
 def documents_ending_at(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
     """The document index of each position of packed ``[batch, seq]`` tokens when an
     EOS token ends its document (torchtitan 0.2.2's block-causal masks)."""
@@ -68,9 +85,8 @@ def sequence_shard(hidden: torch.Tensor) -> torch.Tensor:
 
     A shard still wrapped as an ``AsyncCollectiveTensor`` (the output of a collective not
     waited for yet, e.g. the vocabulary-parallel embedding's reduce-scatter) is copied
-    into a plain tensor: a compiled objective drops the gradient of such an input (torch
-    2.13 and 2.14; under TP, MTP's share of the embedding gradient was lost, on both hosts;
-    ACT inputs to compiled regions: pytorch/pytorch#179849)."""
+    into a plain tensor: a compiled objective drops the gradient of such an input
+    (pytorch/pytorch#179849)."""
     if isinstance(hidden, DTensor):
         if all(isinstance(p, Replicate) for p in hidden.placements):
             mesh = hidden.device_mesh

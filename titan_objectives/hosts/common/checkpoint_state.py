@@ -160,3 +160,18 @@ class ObjectiveCheckpointing:
             super()._save_last_step(curr_step)
         finally:
             self.states[MODEL] = full
+
+
+def checkpoint_seams(module: str) -> tuple[tuple[str, str, str, str], ...]:
+    """The private methods ``ObjectiveCheckpointing`` overrides, in a host's seams list
+    (``module``: where that release keeps its ``CheckpointManager``)."""
+    user = "../common/checkpoint_state"
+    return (
+        (
+            module,
+            "CheckpointManager._save_last_step",
+            user,
+            "leave the objectives' modules out of the model-only save at the last step",
+        ),
+        (module, "CheckpointManager.dcp_load", user, "fit a checkpoint to the stack first"),
+    )

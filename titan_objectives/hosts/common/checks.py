@@ -7,6 +7,7 @@ stack that cannot be built fails before any allocation, and the trainer uses it.
 """
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 
 from titan_objectives.config import SECTION, ObjectivesConfigError, resolve_stack
+from titan_objectives.hosts.common.runtime import CheckedConfig
 from titan_objectives.objective import ModelInfo, Requirements
 from titan_objectives.stack import ObjectiveStack, settings
 
@@ -33,23 +35,25 @@ def _building_on_meta(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def build_checked_stack(
-    section: Any,
+def check_objectives(
     job_config: Any,
     info: ModelInfo,
     model_name: str,
     dtype: torch.dtype,
     stack_class: type[ObjectiveStack] = ObjectiveStack,
-) -> ObjectiveStack:
-    """The stack a config names, resolved, built once on the meta device (``info.shared``
-    not yet bound to a model) and checked against the job's parallelism: the trainer
-    attaches this very module to the model. ``model_name`` names the model in messages."""
+) -> CheckedConfig:
+    """The job's objectives section, resolved against the model ``info`` describes: the
+    stack built once on the meta device (``info.shared`` not yet bound to a model) and
+    checked against the job's parallelism; the trainer attaches this very stack to the
+    model. ``model_name`` names the model in messages."""
+    section = job_config.objectives
     entries = resolve_stack(section, info)
     with _building_on_meta(dtype):
         stack = stack_class.build(entries, info, model_name)
     warn_if_nothing_reads_the_head(stack.declarations())
     check_parallelism(job_config, stack)
-    return stack
+    geometry = dataclasses.replace(section.geometry)
+    return CheckedConfig(info, stack, info.shared, section.nonfinite, geometry)
 
 
 def warn_if_nothing_reads_the_head(needs: dict[str, Requirements]) -> None:

@@ -132,3 +132,72 @@ def exit_now() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+class CPURuntime:
+    """A host's CPU runtime: ``before`` (what must precede torchtitan's import), the
+    patches both hosts need, then ``after``; applied once, before torchtitan is imported,
+    and not at all when CUDA is available. ``import_tools_utils`` imports the host's
+    ``torchtitan.tools.utils`` (this module imports no torchtitan)."""
+
+    def __init__(
+        self,
+        name: str,
+        import_tools_utils: Callable[[], types.ModuleType],
+        before: tuple[Callable[[], None], ...] = (),
+        after: tuple[Callable[[], None], ...] = (),
+    ):
+        self.name, self.import_tools_utils = name, import_tools_utils
+        self.before, self.after = before, after
+        self.active = False
+
+    def activate(self) -> bool:
+        """Apply the patches if there is no CUDA device. Returns whether they are active."""
+        if self.active:
+            return True
+        if not needed(self.name):
+            return False
+        for patch in self.before:
+            patch()
+        import_torchtitan_with_cpu_device(self.import_tools_utils)
+        force_sum_reductions_in_fsdp()
+        histc_of_integers()
+        for patch in self.after:
+            patch()
+        self.active = True
+        return True
+
+    def exit_after_training(self) -> None:
+        """End the process once training has finished (see ``exit_now``)."""
+        if self.active:
+            exit_now()
+
+
+# The private parts of torch and torchtitan these patches touch (each host's seams list
+# them: module, attribute path, user module relative to the host, why).
+CPU_SEAMS: tuple[tuple[str, str, str, str], ...] = (
+    (
+        "torchtitan.tools.utils",
+        "device_type",
+        "../common/cpu_patches",
+        "bound at import from torch._utils: must say cpu without an accelerator",
+    ),
+    (
+        "torch._utils",
+        "_get_available_device_type",
+        "../common/cpu_patches",
+        "answers cpu while torchtitan.tools.utils is first imported",
+    ),
+    (
+        "torch._utils",
+        "_get_device_module",
+        "../common/cpu_patches",
+        "a CPU device module with the memory statistics torchtitan's metrics read",
+    ),
+    (
+        "torch.distributed.fsdp._fully_shard._fsdp_collectives",
+        "_get_gradient_divide_factors",
+        "../common/cpu_patches",
+        "force SUM reductions: gloo has no PREMUL_SUM",
+    ),
+)

@@ -20,9 +20,7 @@ PREFIX = "objectives"
 logger = logging.getLogger(__name__)
 
 
-def summed_over_ranks(
-    sums: dict[Any, torch.Tensor], mesh: DeviceMesh | None
-) -> dict[Any, float]:
+def summed_over_ranks(sums: dict[Any, torch.Tensor], mesh: DeviceMesh | None) -> dict[Any, float]:
     """Scalars on the device, summed over ``mesh`` in one all-reduce and read at once."""
     keys = list(sums)
     vector = torch.stack([sums[k] for k in keys])

@@ -7,6 +7,7 @@ the non-finite flags on the device. What a host provides is named in ``Host``.
 """
 
 import contextlib
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -23,6 +24,8 @@ from titan_objectives.hosts.common.running_metrics import ObjectiveMetrics, Vali
 from titan_objectives.objective import ModelInfo, ObjectiveOptions, SharedModules
 from titan_objectives.sequence import SequenceShards
 from titan_objectives.stack import ObjectiveStack, StackOutput
+
+logger = logging.getLogger(__name__)
 
 
 class HostSharedModules(SharedModules, Protocol):
@@ -68,6 +71,19 @@ class Host(Protocol):
         ...
 
 
+def runs_torchtitans_own_step(pipeline_parallel_degree: int) -> bool:
+    """Under pipeline parallelism the checks let only a plain ntp stack through: it is
+    torchtitan's own loss, computed inside its pipeline schedule, so the host's trainer
+    runs torchtitan's step untouched."""
+    if pipeline_parallel_degree <= 1:
+        return False
+    logger.info(
+        "Pipeline parallel with a plain ntp stack: torchtitan's own training step "
+        "(no objectives/* metrics)"
+    )
+    return True
+
+
 def loss_mesh(parallel_dims: Any) -> DeviceMesh | None:
     """The ranks whose losses add up to the global one (data and context parallel)."""
     return parallel_dims.get_optional_mesh("loss") if parallel_dims.dp_cp_enabled else None
@@ -93,13 +109,20 @@ class ObjectiveRuntime:
         self.sequence = SequenceShards(dims.get_mesh("tp") if dims.tp_enabled else None)
         self.metrics = ObjectiveMetrics()
         self.geometry = GeometryHook.build(
-            checked.geometry, self.needs.geometry_layers, checked.model_info.dim, dims,
-            self.loss_mesh, self.sequence, validation,
-        )  # fmt: skip
+            checked.geometry,
+            self.needs.geometry_layers,
+            checked.model_info.dim,
+            dims,
+            self.loss_mesh,
+            self.sequence,
+            validation,
+        )
         self.hidden_states = HiddenStateTap(
-            model, host.model_layout(), self.needs | self.geometry.requirements(),
+            model,
+            host.model_layout(),
+            self.needs | self.geometry.requirements(),
             host.documents_of(),
-        )  # fmt: skip
+        )
         self.nonfinite: NonFiniteGuard | None = None
         if checked.nonfinite != "off":
             self.nonfinite = NonFiniteGuard(

@@ -17,22 +17,17 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from titan_objectives.config import ObjectivesConfigError
-from titan_objectives.hosts.common.capture import DocumentsOf, documents_ending_at, live_model
+from titan_objectives.hosts.common.capture import (
+    DecoderLayout,
+    DocumentsOf,
+    documents_ending_at,
+    live_model,
+)
 from titan_objectives.hosts.common.parallelize import vocabulary_sharded_logits
 from titan_objectives.objective import ModelInfo
 
-
-class DecoderLayout:
-    """Where a torchtitan 0.2.2 decoder keeps what the hidden-state hooks attach to."""
-
-    def layer_module(self, model: nn.Module, layer: int) -> nn.Module:
-        return model.tok_embeddings if layer == 0 else model.layers[str(layer - 1)]
-
-    def final_norm(self, model: nn.Module) -> nn.Module:
-        return model.norm
-
-    def output_head(self, model: nn.Module) -> nn.Module:
-        return model.output
+# Where the hidden-state hooks attach (the head is ``output`` in this release).
+LAYOUT = DecoderLayout(head="output")
 
 
 @dataclass(frozen=True)

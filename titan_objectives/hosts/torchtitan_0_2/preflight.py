@@ -15,7 +15,7 @@ from titan_objectives.config import (
     read_toml,
 )
 from titan_objectives.hosts.common.argv import flag_value
-from titan_objectives.hosts.common.checks import build_checked_stack
+from titan_objectives.hosts.common.checks import check_objectives
 from titan_objectives.hosts.common.corpus import DATASET_NAME, corpus_files
 from titan_objectives.hosts.common.runtime import CheckedConfig
 from titan_objectives.hosts.torchtitan_0_2.model_adapter import (
@@ -85,15 +85,14 @@ def check_config(job_config: Any) -> CheckedConfig:
             '"titan_objectives.config" in the TOML (or --job.custom_config_module)'
         )
     name, flavor = job_config.model.name, job_config.model.flavor
-    family = model_family(name)
+    family = model_family(name)  # before torchtitan imports a model it cannot serve
     model_args = _model_args(job_config)
     shared = DecoderSharedModules(model_args, family)
-    info = model_info(model_args, job_config.training.seq_len, shared)
-    stack = build_checked_stack(
-        job_config.objectives, job_config, info, f"model.name = {name!r} (flavor {flavor!r})",
+    checked = check_objectives(
+        job_config,
+        model_info(model_args, job_config.training.seq_len, shared),
+        f"model.name = {name!r} (flavor {flavor!r})",
         TORCH_DTYPE_MAP[job_config.training.dtype],
-    )  # fmt: skip
-    _check_paths(job_config)
-    return CheckedConfig(
-        info, stack, shared, job_config.objectives.nonfinite, job_config.objectives.geometry
     )
+    _check_paths(job_config)
+    return checked

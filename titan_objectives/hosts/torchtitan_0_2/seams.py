@@ -9,7 +9,8 @@ deep inside a training run.
 
 from typing import Any
 
-from titan_objectives.hosts.common.checkpoint_state import ObjectiveCheckpointing
+from titan_objectives.hosts.common.checkpoint_state import ObjectiveCheckpointing, checkpoint_seams
+from titan_objectives.hosts.common.cpu_patches import CPU_SEAMS
 from titan_objectives.hosts.common.extend import extend
 from titan_objectives.hosts.common.nonfinite import GuardedOptimizers
 from titan_objectives.hosts.common.version import require_torchtitan
@@ -18,47 +19,13 @@ SUPPORTED_TORCHTITAN = "0.2.2"
 
 # (module, attribute path, our module that uses it, why)
 PRIVATE_SEAMS: tuple[tuple[str, str, str, str], ...] = (
+    *CPU_SEAMS,
+    *checkpoint_seams("torchtitan.components.checkpoint"),
     (
         "torchtitan.protocols.train_spec",
         "_extra_train_specs",
         "trainer",
         "serve the wrapped TrainSpec under the model's own name while the Trainer builds",
-    ),
-    (
-        "torchtitan.components.checkpoint",
-        "CheckpointManager._save_last_step",
-        "../common/checkpoint_state",
-        "leave the objectives' modules out of the model-only save at the last step",
-    ),
-    (
-        "torchtitan.components.checkpoint",
-        "CheckpointManager.dcp_load",
-        "../common/checkpoint_state",
-        "fit a checkpoint to the current stack before DCP reads it",
-    ),
-    (
-        "torchtitan.tools.utils",
-        "device_type",
-        "../common/cpu_patches",
-        "bound at import from torch._utils: must say cpu without an accelerator",
-    ),
-    (
-        "torch._utils",
-        "_get_available_device_type",
-        "../common/cpu_patches",
-        "answers cpu while torchtitan.tools.utils is first imported",
-    ),
-    (
-        "torch._utils",
-        "_get_device_module",
-        "../common/cpu_patches",
-        "a CPU device module with the memory statistics torchtitan's metrics read",
-    ),
-    (
-        "torch.distributed.fsdp._fully_shard._fsdp_collectives",
-        "_get_gradient_divide_factors",
-        "../common/cpu_patches",
-        "force SUM reductions: gloo has no PREMUL_SUM",
     ),
     (
         "torchtitan.models.moe.utils",

@@ -7,13 +7,12 @@ from typing import Any
 import torch
 import torchtitan.protocols.train_spec as train_spec_module
 from torchtitan.components.optimizer import build_optimizers_with_moe_load_balancing
-from torchtitan.tools.logging import logger
 from torchtitan.train import Trainer
 
 from titan_objectives.hosts.common import moe_balance
-from titan_objectives.hosts.common.capture import DocumentsOf
-from titan_objectives.hosts.common.runtime import ObjectiveRuntime
-from titan_objectives.hosts.torchtitan_0_2.model_adapter import DecoderLayout, documents_of
+from titan_objectives.hosts.common.capture import DecoderLayout, DocumentsOf
+from titan_objectives.hosts.common.runtime import ObjectiveRuntime, runs_torchtitans_own_step
+from titan_objectives.hosts.torchtitan_0_2.model_adapter import LAYOUT, documents_of
 from titan_objectives.hosts.torchtitan_0_2.preflight import check_config
 from titan_objectives.hosts.torchtitan_0_2.seams import extend_trainer_objects
 from titan_objectives.hosts.torchtitan_0_2.spec import wrap_train_spec
@@ -24,9 +23,13 @@ ROUTER_BUFFERS = moe_balance.BufferNames("expert_bias", "tokens_per_expert")
 
 
 @contextmanager
-def _train_spec_override(name: str, spec: train_spec_module.TrainSpec) -> Iterator[None]:
-    """Serve ``spec`` for ``name`` while the Trainer builds itself. torchtitan looks at
-    user registrations before its own models, so the config keeps the model's real name."""
+def _train_spec_override(name: str, spec: train_spec_module.TrainSpec | None) -> Iterator[None]:
+    """Serve ``spec`` (if any) for ``name`` while the Trainer builds itself. torchtitan
+    looks at user registrations before its own models, so the config keeps the model's
+    real name."""
+    if spec is None:
+        yield
+        return
     registry = train_spec_module._extra_train_specs
     previous = registry.get(name)
     registry[name] = spec
@@ -44,20 +47,16 @@ class ObjectiveTrainer(Trainer):
 
     def __init__(self, job_config: Any):
         checked = check_config(job_config)
-        self.pipeline_passthrough = job_config.parallelism.pipeline_parallel_degree > 1
-        if self.pipeline_passthrough:
-            # The checks let only a plain ntp stack through: it is torchtitan's own loss,
-            # computed inside its pipeline schedule, so the Trainer runs untouched.
-            logger.info(
-                "Pipeline parallel with a plain ntp stack: torchtitan's own training step "
-                "(no objectives/* metrics)"
-            )
-            super().__init__(job_config)
-            return
+        degree = job_config.parallelism.pipeline_parallel_degree
+        self.pipeline_passthrough = runs_torchtitans_own_step(degree)
         name = job_config.model.name
-        spec = wrap_train_spec(train_spec_module.get_train_spec(name), checked)
+        spec = None
+        if not self.pipeline_passthrough:
+            spec = wrap_train_spec(train_spec_module.get_train_spec(name), checked)
         with _train_spec_override(name, spec):
             super().__init__(job_config)
+        if self.pipeline_passthrough:
+            return
 
         extend_trainer_objects(self)
         self.objectives = ObjectiveRuntime(
@@ -74,7 +73,7 @@ class ObjectiveTrainer(Trainer):
             )
 
     def model_layout(self) -> DecoderLayout:
-        return DecoderLayout()
+        return LAYOUT
 
     def documents_of(self) -> DocumentsOf:
         eos_id = self.tokenizer.eos_id if self.tokenizer else None

@@ -18,6 +18,7 @@ from torchtitan.models.common.decoder import Decoder
 from torchtitan.protocols.module import Module as TitanModule
 
 from titan_objectives.hosts.common.capture import (
+    DecoderLayout,
     documents_starting_at,
     live_model,
     sequence_shard,
@@ -37,17 +38,8 @@ class HostedObjectiveStack(ObjectiveStack, TitanModule):
         self.init_weights()
 
 
-class DecoderLayout:
-    """Where a ``Decoder`` keeps what the hidden-state hooks attach to."""
-
-    def layer_module(self, model: nn.Module, layer: int) -> nn.Module:
-        return model.tok_embeddings if layer == 0 else model.layers[str(layer - 1)]
-
-    def final_norm(self, model: nn.Module) -> nn.Module:
-        return model.norm
-
-    def output_head(self, model: nn.Module) -> nn.Module:
-        return model.lm_head
+# Where the hidden-state hooks attach (the head is ``lm_head`` in this release).
+LAYOUT = DecoderLayout(head="lm_head")
 
 
 class DecoderSharedModules:

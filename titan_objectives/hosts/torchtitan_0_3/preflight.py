@@ -2,7 +2,6 @@
 seconds, with a message that names the CLI flag, the value and what is allowed."""
 
 import copy
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +9,7 @@ from torchtitan.config import TORCH_DTYPE_MAP
 from torchtitan.models.common.decoder import Decoder
 
 from titan_objectives.config import SECTION, ObjectivesConfigError
-from titan_objectives.hosts.common.checks import build_checked_stack
+from titan_objectives.hosts.common.checks import check_objectives
 from titan_objectives.hosts.common.corpus import DATASET_NAME, corpus_files
 from titan_objectives.hosts.common.runtime import CheckedConfig
 from titan_objectives.hosts.torchtitan_0_3.model_adapter import (
@@ -87,13 +86,10 @@ def check_config(config: Any) -> CheckedConfig:
             "with_objectives(config) (titan_objectives.hosts.torchtitan_0_3)"
         )
     model_config = model_config_of(config)
-    shared = DecoderSharedModules(model_config)
-    info = model_info(model_config, config.training.seq_len, shared)
     spec = config.model_spec
-    stack = build_checked_stack(
-        config.objectives,
+    checked = check_objectives(
         config,
-        info,
+        model_info(model_config, config.training.seq_len, DecoderSharedModules(model_config)),
         f"--module {spec.name} (flavor {spec.flavor!r})",
         TORCH_DTYPE_MAP[config.training.dtype],
         HostedObjectiveStack,
@@ -104,10 +100,4 @@ def check_config(config: Any) -> CheckedConfig:
         raise ObjectivesConfigError(
             "checkpoint.create_seed_checkpoint needs checkpoint.enable: pass --checkpoint.enable"
         )
-    return CheckedConfig(
-        info,
-        stack,
-        shared,
-        config.objectives.nonfinite,
-        dataclasses.replace(config.objectives.geometry),
-    )
+    return checked

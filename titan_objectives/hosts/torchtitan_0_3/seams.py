@@ -4,6 +4,8 @@ upgrade that moves one fails there, by name), and the objects it extends in plac
 
 from typing import Any
 
+from titan_objectives.hosts.common.checkpoint_state import checkpoint_seams
+from titan_objectives.hosts.common.cpu_patches import CPU_SEAMS
 from titan_objectives.hosts.common.extend import extend
 from titan_objectives.hosts.common.nonfinite import GuardedOptimizers
 from titan_objectives.hosts.common.version import require_torchtitan
@@ -12,18 +14,8 @@ SUPPORTED_TORCHTITAN = "0.3.0"
 
 # (module, attribute path, our module that uses it, why)
 PRIVATE_SEAMS: tuple[tuple[str, str, str, str], ...] = (
-    (
-        "torchtitan.components.checkpointer",
-        "CheckpointManager._save_last_step",
-        "../common/checkpoint_state",
-        "leave the objectives' modules out of the model-only save at the last step",
-    ),
-    (
-        "torchtitan.components.checkpointer",
-        "CheckpointManager.dcp_load",
-        "../common/checkpoint_state",
-        "fit a checkpoint to the current stack before DCP reads it",
-    ),
+    *CPU_SEAMS,
+    *checkpoint_seams("torchtitan.components.checkpointer"),
     (
         "torchtitan.models.common.decoder",
         "Decoder._skip_lm_head",
@@ -47,30 +39,6 @@ PRIVATE_SEAMS: tuple[tuple[str, str, str, str], ...] = (
         "FlexAttention.compiled_flex_attn",
         "runtime/cpu",
         "replaced by dense-mask SDPA on CPU (FlexAttention has no CPU backward)",
-    ),
-    (
-        "torchtitan.tools.utils",
-        "device_type",
-        "../common/cpu_patches",
-        "bound at import from torch._utils: must say cpu without an accelerator",
-    ),
-    (
-        "torch._utils",
-        "_get_available_device_type",
-        "../common/cpu_patches",
-        "answers cpu while torchtitan.tools.utils is first imported",
-    ),
-    (
-        "torch._utils",
-        "_get_device_module",
-        "../common/cpu_patches",
-        "a CPU device module with the memory statistics torchtitan's metrics read",
-    ),
-    (
-        "torch.distributed.fsdp._fully_shard._fsdp_collectives",
-        "_get_gradient_divide_factors",
-        "../common/cpu_patches",
-        "force SUM reductions: gloo has no PREMUL_SUM",
     ),
 )
 

@@ -16,23 +16,26 @@ import torch
 from torch import nn
 from torch.distributed.tensor.parallel import loss_parallel
 from torchtitan.components.optimizer import register_moe_load_balancing_hook
-from torchtitan.tools.logging import logger
 from torchtitan.trainer import Trainer
 
 from titan_objectives.config import Objectives
 from titan_objectives.hosts.common import moe_balance
-from titan_objectives.hosts.common.capture import DocumentsOf
+from titan_objectives.hosts.common.capture import DecoderLayout, DocumentsOf
 from titan_objectives.hosts.common.parallelize import (
     ObjectiveParallelism,
     parallelize_with_objectives,
 )
-from titan_objectives.hosts.common.runtime import CheckedConfig, ObjectiveRuntime
+from titan_objectives.hosts.common.runtime import (
+    CheckedConfig,
+    ObjectiveRuntime,
+    runs_torchtitans_own_step,
+)
 from titan_objectives.hosts.torchtitan_0_3.components import (
     ObjectiveCheckpointManager,
     ObjectiveMetricsProcessor,
     as_config,
 )
-from titan_objectives.hosts.torchtitan_0_3.model_adapter import DecoderLayout, documents_of
+from titan_objectives.hosts.torchtitan_0_3.model_adapter import LAYOUT, documents_of
 from titan_objectives.hosts.torchtitan_0_3.preflight import check_config
 from titan_objectives.hosts.torchtitan_0_3.seams import extend_trainer_objects
 from titan_objectives.hosts.torchtitan_0_3.validation import ObjectiveValidator
@@ -94,12 +97,9 @@ class ObjectiveTrainer(Trainer):
 
     def __init__(self, config: Config):
         checked = check_config(config)
-        self.pipeline_passthrough = config.parallelism.pipeline_parallel_degree > 1
+        degree = config.parallelism.pipeline_parallel_degree
+        self.pipeline_passthrough = runs_torchtitans_own_step(degree)
         if self.pipeline_passthrough:
-            logger.info(
-                "Pipeline parallel with a plain ntp stack: torchtitan's own training step "
-                "(no objectives/* metrics)"
-            )
             super().__init__(config)
             return
         self._build_objectives_components(config, checked)
@@ -155,7 +155,7 @@ class ObjectiveTrainer(Trainer):
         model.objectives = stack
 
     def model_layout(self) -> DecoderLayout:
-        return DecoderLayout()
+        return LAYOUT
 
     def documents_of(self) -> DocumentsOf:
         return documents_of
@@ -180,8 +180,7 @@ class ObjectiveTrainer(Trainer):
                 raise
             guard.report()
         logs_now = (
-            self.metrics_processor.should_log(self.step)
-            or self.step == self.config.training.steps
+            self.metrics_processor.should_log(self.step) or self.step == self.config.training.steps
         )
         self.objectives.end_step(self.step, logs_now, self.metrics_processor.logger)
 

@@ -13,23 +13,6 @@ import types
 
 from titan_objectives.hosts.common import cpu_patches
 
-_active = False
-
-
-def activate() -> bool:
-    """Apply the CPU patches if there is no CUDA device. Returns whether they are active."""
-    global _active
-    if _active:
-        return True
-    if not cpu_patches.needed(__name__):
-        return False
-    _install_moe_kernels_without_triton()
-    cpu_patches.import_torchtitan_with_cpu_device(_import_tools_utils)
-    cpu_patches.force_sum_reductions_in_fsdp()
-    cpu_patches.histc_of_integers()
-    _active = True
-    return True
-
 
 def _install_moe_kernels_without_triton() -> None:
     """``torchtitan.models.moe.kernels`` imports triton at module level; provide the one
@@ -50,7 +33,8 @@ def _import_tools_utils() -> types.ModuleType:
     return torchtitan.tools.utils
 
 
-def exit_after_training() -> None:
-    """End the process once training has finished (see ``cpu_patches.exit_now``)."""
-    if _active:
-        cpu_patches.exit_now()
+RUNTIME = cpu_patches.CPURuntime(
+    __name__, _import_tools_utils, before=(_install_moe_kernels_without_triton,)
+)
+activate = RUNTIME.activate
+exit_after_training = RUNTIME.exit_after_training

@@ -18,25 +18,6 @@ import torch.nn.functional as F
 
 from titan_objectives.hosts.common import cpu_patches
 
-_active = False
-
-
-def activate() -> bool:
-    """Apply the CPU patches if there is no CUDA device. Returns whether they are active."""
-    global _active
-    if _active:
-        return True
-    if not cpu_patches.needed(__name__):
-        return False
-    cpu_patches.import_torchtitan_with_cpu_device(_import_tools_utils)
-    cpu_patches.force_sum_reductions_in_fsdp()
-    cpu_patches.histc_of_integers()
-    _attention_with_dense_masks()
-    if not hasattr(torch.distributed, "set_timeout"):
-        torch.distributed.set_timeout = _keep_timeout
-    _active = True
-    return True
-
 
 def _keep_timeout(timeout: timedelta, group: Any = None) -> None:
     """The process groups keep the timeout they were created with."""
@@ -81,7 +62,13 @@ def _import_tools_utils() -> types.ModuleType:
     return torchtitan.tools.utils
 
 
-def exit_after_training() -> None:
-    """End the process once training has finished (see ``cpu_patches.exit_now``)."""
-    if _active:
-        cpu_patches.exit_now()
+def _set_timeout_if_missing() -> None:
+    if not hasattr(torch.distributed, "set_timeout"):
+        torch.distributed.set_timeout = _keep_timeout
+
+
+RUNTIME = cpu_patches.CPURuntime(
+    __name__, _import_tools_utils, after=(_attention_with_dense_masks, _set_timeout_if_missing)
+)
+activate = RUNTIME.activate
+exit_after_training = RUNTIME.exit_after_training
