@@ -237,7 +237,7 @@ def test_ntp_mtp_single_process(tmp_path):
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_full_stack_compiled(tmp_path, nproc):
     result = train(tmp_path, *FULL_STACK, "--compile.enable", "--training.steps", "3", nproc=nproc)
-    assert "Parallelizing 2 objective block(s) like the model's own" in result.stdout
+    assert "Parallelized 2 objective block(s) like the model's own" in result.stdout
     assert "Compiling objectives with torch.compile: ntp, nitp, mtp" in result.stdout
     assert f"dp_shard={nproc}" in result.stdout
     check_mtp_run(tmp_path, steps=3)

@@ -10,29 +10,26 @@ from titan_objectives.hosts.common.runtime import ObjectiveRuntime
 
 
 class ObjectiveValidator(Validator):
-    """Runs torchtitan's validation loop unchanged; each batch also goes through the
-    objective stack, from the same forward pass (its loss function scores both)."""
+    """torchtitan's validation loop, unchanged: its loss function also scores each batch
+    with the stack, from the same forward pass, and still returns torchtitan's loss."""
 
     runtime: ObjectiveRuntime | None = None
 
     def attach(self, runtime: ObjectiveRuntime) -> None:
         self.runtime = runtime
+        self._torchtitan_loss = self.loss_fn
+        self.loss_fn = self.objectives_loss
 
     @torch.no_grad()
     def validate(self, model_parts: list, step: int) -> None:
         logger = self.metrics_processor.logger
-        loss_fn = self.loss_fn
-        with self.runtime.validation(step, logger, keep_logits=True) as score:
+        with self.runtime.validation(step, logger, keep_logits=True) as self._score:
+            super().validate(model_parts, step)
 
-            def loss_with_objectives(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-                score(logits, labels)
-                return loss_fn(logits, labels)
-
-            self.loss_fn = loss_with_objectives
-            try:
-                super().validate(model_parts, step)
-            finally:
-                self.loss_fn = loss_fn
+    def objectives_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """torchtitan 0.2.2's loss-function signature."""
+        self._score(logits, labels)
+        return self._torchtitan_loss(logits, labels)
 
 
 def build_objective_validator(**kwargs: Any) -> ObjectiveValidator:
