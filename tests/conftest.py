@@ -4,17 +4,25 @@ and each host's tests/hosts/<host>, whose own conftest switches its CPU runtime 
 import pytest
 
 from tests.helpers import ROOT, long_tests_first
-from titan_objectives import registry
+from titan_objectives import config, registry
 
 
 def pytest_collection_modifyitems(items: list) -> None:
     long_tests_first(items)
 
 
+def _forget_config_sections() -> None:
+    """The [objectives] section class is made once per process, from the registry."""
+    config.objectives_section.cache_clear()
+    config._job_config.cache_clear()
+
+
 @pytest.fixture
 def clean_registry(monkeypatch):
-    """A registry with only the built-ins, restored after the test."""
+    """A registry with only the built-ins, restored after the test (the section class
+    follows it)."""
     registry.list_objectives()  # load built-ins and installed entry points once
+    _forget_config_sections()
     builtins = {
         n: c
         for n, c in registry._objectives.items()
@@ -24,7 +32,8 @@ def clean_registry(monkeypatch):
     monkeypatch.setattr(registry, "_sources", {n: registry._sources[n] for n in builtins})
     monkeypatch.setattr(registry, "_broken_entry_points", {})
     monkeypatch.setattr(registry, "_entry_points_loaded", False)
-    return registry
+    yield registry
+    _forget_config_sections()
 
 
 @pytest.fixture(scope="session")

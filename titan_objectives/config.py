@@ -148,6 +148,13 @@ def _type_name(expected: Any) -> str:
     return _TYPE_NAMES.get(expected, getattr(expected, "__name__", str(expected)))
 
 
+def _is_literal(expected: Any) -> bool:
+    """A ``Literal`` type, possibly ``Annotated``: a wrong value is a value, not a type."""
+    if typing.get_origin(expected) is Annotated:
+        return _is_literal(typing.get_args(expected)[0])
+    return typing.get_origin(expected) is Literal
+
+
 def _type_error(value: Any, expected: Any) -> str | None:
     """What ``expected`` allows, if a TOML ``value`` is not of that type (an integer is a
     number); None if it is."""
@@ -190,9 +197,8 @@ def _check_table(key: str, table: dict[str, Any], options_cls: type) -> None:
             )
         expected = _type_error(value, hints[option])
         if expected:
-            raise ObjectivesConfigError(
-                f"{key}.{option} = {value!r} has the wrong type; expected {expected}"
-            )
+            wrong = "is not allowed" if _is_literal(hints[option]) else "has the wrong type"
+            raise ObjectivesConfigError(f"{key}.{option} = {value!r} {wrong}; expected {expected}")
 
 
 def _validated(name: str, options: Any, cls: type[Objective], model: ModelInfo) -> ObjectiveOptions:

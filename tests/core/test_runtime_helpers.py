@@ -54,3 +54,35 @@ def test_a_mixin_wraps_the_live_objects_methods_once():
     other = Counter()
     extend(other, Doubling)
     assert type(other) is type(counter)  # one class per (class, mixin)
+
+
+def test_unsplit_parameters_are_those_no_parameter_style_reaches():
+    from torch import nn
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        SequenceParallel,
+    )
+
+    from titan_objectives.hosts.common.checks import unsplit_parameters
+
+    class Block(nn.Module):  # stands for a block of the model's kind
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = nn.Linear(2, 2)
+
+    objective = nn.Module()
+    objective.heads = nn.ModuleList([nn.Linear(2, 2), nn.Linear(2, 2)])
+    objective.norm = nn.LayerNorm(2)
+    objective.gate = nn.Linear(2, 2)
+    objective.block = Block()
+    plan = {"heads.*": ColwiseParallel(), "gate": PrepareModuleInput()}
+    assert unsplit_parameters(objective, plan, Block) == [
+        "norm.weight",
+        "norm.bias",
+        "gate.weight",
+        "gate.bias",
+    ]
+    plan |= {"norm": SequenceParallel(), "gate": ColwiseParallel()}
+    assert unsplit_parameters(objective, plan, Block) == []
+    assert unsplit_parameters(objective, plan, None) == ["block.inner.weight", "block.inner.bias"]

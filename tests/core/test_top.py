@@ -113,3 +113,16 @@ def test_bad_options_are_named():
         TOPOptions(window=0).validate(MODEL)
     with pytest.raises(OptionError, match="chunk_size = -1 is not allowed"):
         TOPOptions(chunk_size=-1).validate(MODEL)
+
+
+def test_a_window_past_the_sequence_is_cut_to_it_with_a_note(caplog):
+    import logging
+
+    model = ModelInfo(dim=8, n_layers=2, vocab_size=16, seq_len=12)
+    options = TOPOptions(window=100_000)
+    with caplog.at_level(logging.WARNING):
+        options.validate(model)
+    assert "top.window = 100000 is longer than the sequence (12 positions)" in caplog.text
+    objective = get_objective("top")(options, model)
+    assert objective.requirements().lookahead == 12
+    assert objective.flops_per_token() == 6 * 16 * 8 + 6 * 12

@@ -20,6 +20,7 @@ the head starts like torchtitan's own output head (truncated normal, std ``dim**
 or as a copy of it (``head_init = "output"``).
 """
 
+import logging
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,6 +41,8 @@ from titan_objectives.objective import (
     OptionError,
     Requirements,
 )
+
+logger = logging.getLogger(__name__)
 
 HeadInit = Literal["normal", "output"]
 
@@ -63,6 +66,11 @@ class TOPOptions(ObjectiveOptions):
         super().validate(model)
         if self.window < 1:
             raise OptionError("window", self.window, "an integer >= 1")
+        if self.window > model.seq_len:
+            logger.warning(
+                f"top.window = {self.window} is longer than the sequence ({model.seq_len} "
+                f"positions): a window past the sequence changes nothing; {model.seq_len} is used"
+            )
         if self.chunk_size < 0:
             raise OptionError("chunk_size", self.chunk_size, "0 (all at once) or tokens > 0")
 
@@ -115,11 +123,13 @@ class TokenOrderPrediction(Objective):
         super().__init__(options, model)
         self.shared = model.shared
         self.head = nn.Linear(model.dim, model.vocab_size, bias=False)
+        # A window past the sequence ranks nothing more.
+        self.window = min(options.window, model.seq_len)
 
     def requirements(self) -> Requirements:
         # Its own head: the model's is only read at init (head_init = 'output'). It reads
         # labels W ahead, but hidden states at t only: any sequence shard will do.
-        return Requirements(final_hidden=True, lookahead=self.options.window, hidden_lookahead=0)
+        return Requirements(final_hidden=True, lookahead=self.window, hidden_lookahead=0)
 
     def init_weights(self) -> None:
         if self.options.head_init == "output":
@@ -137,10 +147,10 @@ class TokenOrderPrediction(Objective):
     def flops_per_token(self) -> int:
         """The head (6 V d, forward and backward) and the window's gathers and scatters."""
         info = self.model_info
-        return 6 * info.vocab_size * info.dim + 6 * self.options.window
+        return 6 * info.vocab_size * info.dim + 6 * self.window
 
     def forward(self, features: Features) -> ObjectiveOutput:
-        window = min(self.options.window, features.labels.shape[1])
+        window = min(self.window, features.labels.shape[1])
         ids, probs = top_targets(features.labels, window, features.documents)
         hidden = features.final_hidden
         chunk = self.options.chunk_size or features.labels.numel()

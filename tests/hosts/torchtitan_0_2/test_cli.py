@@ -79,6 +79,9 @@ def test_describe_prints_the_table_alone_and_takes_overrides():
     assert result.returncode == 0, result.stderr
     assert "stack: ntp + top" in result.stdout and "model: llama3 debugmodel" in result.stdout
     assert ": OK" not in result.stdout
+    assert "parallelism checked: dp_replicate 1, dp_shard -1, tp 1, cp 1, pp 1, ep 1" in (
+        result.stdout
+    )
     result = run("describe", "--objectives.stack", "ntp")
     assert result.returncode == 2 and "expected the job config first" in result.stderr
 

@@ -4,6 +4,7 @@ import logging
 import re
 
 import pytest
+import torch
 from torchtitan.config import ConfigManager
 
 from tests.helpers import DEBUG_CONFIG, needs_pytorch_kernel, run_module
@@ -101,12 +102,12 @@ BAD_CONFIGS = {
     ),
     "wrong_literal": (
         '[objectives]\nstack = ["ntp", "nitp"]\n[objectives.nitp]\nprojector = "mlp"',
-        r"objectives\.nitp\.projector = 'mlp' has the wrong type; "
+        r"objectives\.nitp\.projector = 'mlp' is not allowed; "
         r"expected one of 'swiglu', 'linear', 'none'",
     ),
     "unknown_ce_backend": (
         '[objectives]\nstack = ["ntp", "mtp"]\n[objectives.mtp]\nce_backend = "liger"',
-        r"objectives\.mtp\.ce_backend = 'liger' has the wrong type; "
+        r"objectives\.mtp\.ce_backend = 'liger' is not allowed; "
         r"expected one of 'auto', 'torch', 'chunked', 'plain'",
     ),
     "stack_not_a_list": ('[objectives]\nstack = "ntp"', r"objectives\.stack = 'ntp'"),
@@ -146,7 +147,7 @@ BAD_CONFIGS = {
     ),
     "mtp_unknown_variant": (
         '[objectives]\nstack = ["ntp", "mtp"]\n[objectives.mtp]\nvariant = "medusa"',
-        r"objectives\.mtp\.variant = 'medusa' has the wrong type; "
+        r"objectives\.mtp\.variant = 'medusa' is not allowed; "
         r"expected one of 'deepseek', 'parallel'",
     ),
     "mtp_depth_beyond_sequence": (
@@ -441,3 +442,36 @@ def test_forcing_pytorchs_kernel_on_a_torch_without_it_is_named(monkeypatch):
             "torch",
         )
     parse(DEBUG_CONFIG, "--objectives.ntp.chunk_size", "64")
+
+
+def test_tensor_parallel_refuses_a_plan_that_leaves_parameters_unsplit(clean_registry):
+    """Found by the config checks (and ``titan-objectives validate``), not at build time."""
+    from torch import nn
+    from torch.distributed.tensor.parallel import ColwiseParallel
+
+    from titan_objectives import Objective, Requirements, register_objective
+
+    @register_objective("projected")
+    class Projected(Objective):
+        sequence_parallel = True
+
+        def __init__(self, options, model):
+            super().__init__(options, model)
+            self.projection = nn.Linear(model.dim, model.dim)
+            self.scale = nn.Parameter(torch.ones(model.dim))
+
+        def requirements(self):
+            return Requirements(final_hidden=True)
+
+        def tensor_parallel_plan(self):
+            return {"projection": ColwiseParallel()}
+
+    tp = ["--parallelism.tensor_parallel_degree", "2"]
+    with pytest.raises(
+        ObjectivesConfigError,
+        match=r"objectives\.projected with parallelism\.tensor_parallel_degree = 2: its "
+        r"tensor_parallel_plan\(\) leaves parameters scale unsplit",
+    ):
+        parse(DEBUG_CONFIG, "--objectives.stack", "ntp,projected", *tp)
+    # MTP's blocks are the model's own kind: the model's plan splits them.
+    parse(DEBUG_CONFIG, "--objectives.stack", "ntp,nitp,mtp", *tp)

@@ -42,8 +42,18 @@ def test_describe_takes_the_objectives_flags_and_toml_table(tmp_path):
     result = run("describe", *NITP_JOB, "--objectives.toml", str(toml))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "stack: ntp + mtp" in result.stdout and ": OK" not in result.stdout
-    result = run("describe", *NITP_JOB, "--objectives.stack", "ntp,top")
+    result = run(
+        "describe",
+        *NITP_JOB,
+        "--objectives.stack",
+        "ntp,top",
+        "--parallelism.tensor_parallel_degree",
+        "2",
+    )
     assert "stack: ntp + top" in result.stdout
+    assert "parallelism checked: dp_replicate 1, dp_shard -1, tp 2, cp 1, pp 1, ep 1" in (
+        result.stdout
+    )
 
 
 def test_validate_exits_2_naming_the_flag_and_value():

@@ -8,11 +8,20 @@ stack that cannot be built fails before any allocation, and the trainer uses it.
 
 import contextlib
 import dataclasses
+import fnmatch
+import importlib.metadata
 import logging
 from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch import nn
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    RowwiseParallel,
+    SequenceParallel,
+)
 
 from titan_objectives.config import SECTION, ObjectivesConfigError, resolve_stack
 from titan_objectives.hosts.common.runtime import CheckedConfig
@@ -20,6 +29,9 @@ from titan_objectives.objective import ModelInfo, Requirements
 from titan_objectives.stack import ObjectiveStack, settings
 
 logger = logging.getLogger(__name__)
+
+# The styles that make a module's parameters DTensors (split or replicated).
+PARAMETER_STYLES = (ColwiseParallel, RowwiseParallel, SequenceParallel)
 
 
 @contextlib.contextmanager
@@ -51,9 +63,24 @@ def check_objectives(
     with _building_on_meta(dtype):
         stack = stack_class.build(entries, info, model_name)
     warn_if_nothing_reads_the_head(stack.declarations())
-    check_parallelism(job_config, stack)
+    block_class = (
+        info.shared.block_class() if job_config.parallelism.tensor_parallel_degree > 1 else None
+    )
+    check_parallelism(job_config, stack, block_class)
+    logger.info(run_summary(stack))
     geometry = dataclasses.replace(section.geometry)
     return CheckedConfig(info, stack, info.shared, section.nonfinite, geometry)
+
+
+def run_summary(stack: ObjectiveStack) -> str:
+    """The run's first line of ours: which torchtitan and torch it runs on, and the stack
+    with its weights at step 1."""
+    versions = {name: importlib.metadata.version(name) for name in ("torchtitan", "torch")}
+    objectives = " + ".join(f"{name} × {weight:g}" for name, weight in stack.weights().items())
+    return (
+        f"titan-objectives on torchtitan {versions['torchtitan']} (torch {versions['torch']}): "
+        f"{objectives}"
+    )
 
 
 def warn_if_nothing_reads_the_head(needs: dict[str, Requirements]) -> None:
@@ -65,8 +92,11 @@ def warn_if_nothing_reads_the_head(needs: dict[str, Requirements]) -> None:
         )
 
 
-def check_parallelism(job_config: Any, stack: ObjectiveStack) -> None:
-    """The job's parallelism against what the stacked objectives declare."""
+def check_parallelism(
+    job_config: Any, stack: ObjectiveStack, block_class: type[nn.Module] | None = None
+) -> None:
+    """The job's parallelism against what the stacked objectives declare (``block_class``:
+    the model's blocks, which the model's own parallelization splits)."""
     options, needs = stack.options(), stack.declarations()
     parallelism = job_config.parallelism
     named = f"{SECTION}.stack = {list(options)!r}"
@@ -94,7 +124,7 @@ def check_parallelism(job_config: Any, stack: ObjectiveStack) -> None:
             f"sequence, and {read_ahead}; use FSDP or TP instead"
         )
     if parallelism.tensor_parallel_degree > 1:
-        check_tensor_parallel(job_config, stack)
+        check_tensor_parallel(job_config, stack, block_class)
     head_readers = [name for name, need in needs.items() if need.output_weight]
     if head_readers and parallelism.fsdp_reshard_after_forward == "always":
         raise ObjectivesConfigError(
@@ -104,7 +134,40 @@ def check_parallelism(job_config: Any, stack: ObjectiveStack) -> None:
         )
 
 
-def check_tensor_parallel(job_config: Any, stack: ObjectiveStack) -> None:
+def _plan_matches(pattern: str, module_name: str) -> bool:
+    """Whether a ``parallelize_module`` plan key names this module (fnmatch per atom)."""
+    atoms, parts = pattern.split("."), module_name.split(".")
+    return len(atoms) == len(parts) and all(map(fnmatch.fnmatch, parts, atoms))
+
+
+def unsplit_parameters(
+    objective: nn.Module, plan: dict[str, ParallelStyle], block_class: type[nn.Module] | None
+) -> list[str]:
+    """The parameters ``parallelize_module(objective, mesh, plan)`` would leave as plain
+    tensors (no style that distributes parameters on them or a module above them), blocks
+    of the model's kind aside: the model's own parallelization splits those."""
+    covered = [
+        module_name
+        for module_name, module in objective.named_modules()
+        if module_name
+        and (
+            (block_class is not None and isinstance(module, block_class))
+            or any(
+                isinstance(style, PARAMETER_STYLES) and _plan_matches(pattern, module_name)
+                for pattern, style in plan.items()
+            )
+        )
+    ]
+    return [
+        name
+        for name, _ in objective.named_parameters()
+        if not any(name.startswith(f"{module}.") for module in covered)
+    ]
+
+
+def check_tensor_parallel(
+    job_config: Any, stack: ObjectiveStack, block_class: type[nn.Module] | None = None
+) -> None:
     options, needs = stack.options(), stack.declarations()
     degree = job_config.parallelism.tensor_parallel_degree
     tp = f"parallelism.tensor_parallel_degree = {degree}"
@@ -117,6 +180,16 @@ def check_tensor_parallel(job_config: Any, stack: ObjectiveStack) -> None:
             "objective does not declare sequence_parallel = True (see the README, 'Write your "
             "own objective'); use FSDP (data_parallel_shard_degree) instead"
         )
+    for name, objective in stack.objectives().items():
+        missed = unsplit_parameters(objective, objective.tensor_parallel_plan(), block_class)
+        if missed:
+            raise ObjectivesConfigError(
+                f"{SECTION}.{name}{settings(options[name])} with {tp}: its "
+                f"tensor_parallel_plan() leaves parameters {', '.join(missed)} unsplit, and "
+                "their gradients would not be reduced over the tensor-parallel group; give "
+                "each module a ColwiseParallel, RowwiseParallel or SequenceParallel style "
+                "(see docs/writing-objectives.md) or use FSDP instead"
+            )
     for name, need in needs.items():
         if need.whole_vocabulary:
             raise ObjectivesConfigError(

@@ -1,6 +1,7 @@
 """The ``titan-objectives describe`` table: what each objective adds to the model."""
 
 from dataclasses import dataclass
+from typing import Any
 
 from titan_objectives.stack import ObjectiveStack
 
@@ -14,16 +15,36 @@ class ModelCost:
     parameters: int
     flops_per_token: int
     seq_len: int
+    parallelism: Any
+    """The host config's parallelism section."""
+
+
+# The parallelism keys of both releases' configs, and their short names.
+DEGREES = {
+    "data_parallel_replicate_degree": "dp_replicate",
+    "data_parallel_shard_degree": "dp_shard",
+    "tensor_parallel_degree": "tp",
+    "context_parallel_degree": "cp",
+    "pipeline_parallel_degree": "pp",
+    "expert_parallel_degree": "ep",
+}
+
+
+def parallelism_checked(parallelism: Any) -> str:
+    """The degrees the checks ran against (``parallelism``: the host's config section)."""
+    degrees = ", ".join(f"{short} {getattr(parallelism, key)}" for key, short in DEGREES.items())
+    return f"parallelism checked: {degrees} (dp_shard -1: the ranks left over)"
 
 
 def describe(model: ModelCost, stack: ObjectiveStack) -> str:
     """Each objective's weight, extra parameters and training FLOPs per token, against
-    the model's."""
+    the model's, and the parallelism the stack was checked for."""
     flops = model.flops_per_token
     lines = [
         f"model: {model.label}, {model.parameters:,} parameters, {flops / 1e6:,.1f} MFLOPs per "
         f"token for training (torchtitan's count, seq_len {model.seq_len})",
         f"stack: {' + '.join(stack)}",
+        parallelism_checked(model.parallelism),
         "",
         f"{'objective':<10} {'weight':>8} {'extra params':>14} {'extra MFLOPs/token':>20} "
         f"{'overhead':>9}",

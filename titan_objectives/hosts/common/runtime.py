@@ -34,6 +34,10 @@ class HostSharedModules(SharedModules, Protocol):
 
     def bind(self, model: nn.Module) -> None: ...
 
+    def block_class(self) -> type[nn.Module]:
+        """The class of the model's blocks (and of ``new_block``'s)."""
+        ...
+
     def use_tensor_parallel(self, tp_mesh: DeviceMesh, loss_parallel: bool) -> None: ...
 
 

@@ -50,7 +50,7 @@ def checked_config(args: list[str]) -> tuple[CheckedConfig, ModelCost]:
     seq_len = job_config.training.seq_len
     params, flops = model_args.get_nparams_and_flops(model, seq_len)
     label = f"{job_config.model.name} {job_config.model.flavor}"
-    return checked, ModelCost(label, params, flops, seq_len)
+    return checked, ModelCost(label, params, flops, seq_len, job_config.parallelism)
 
 
 def config_name(args: list[str]) -> str:

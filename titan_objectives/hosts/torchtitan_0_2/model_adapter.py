@@ -75,6 +75,9 @@ class DecoderSharedModules:
     def bind(self, model: nn.Module) -> None:
         self._model = model
 
+    def block_class(self) -> type[nn.Module]:
+        return self._family.block_class()
+
     def use_tensor_parallel(self, tp_mesh: DeviceMesh, loss_parallel: bool) -> None:
         """The head is vocabulary-sharded and hidden states are sequence shards; with
         ``loss_parallel`` the logits stay vocabulary-sharded."""

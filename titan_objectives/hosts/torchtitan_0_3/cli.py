@@ -31,7 +31,8 @@ def checked_config(args: list[str]) -> tuple[CheckedConfig, ModelCost]:
         model = model_config.build()
     seq_len = config.training.seq_len
     params, flops = model_config.get_nparams_and_flops(model, seq_len)
-    return checked, ModelCost(f"{spec.name} {spec.flavor}", params, flops, seq_len)
+    label = f"{spec.name} {spec.flavor}"
+    return checked, ModelCost(label, params, flops, seq_len, config.parallelism)
 
 
 def config_name(args: list[str]) -> str:

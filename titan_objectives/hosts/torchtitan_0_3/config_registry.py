@@ -41,7 +41,8 @@ def with_objectives(
 
 
 def _on_bundled_data(config: Trainer.Config, **training: Any) -> Trainer.Config:
-    """A torchtitan debug config on the bundled tokenizer and text, fp32, CPU-sized."""
+    """A torchtitan debug config on the bundled tokenizer and text, fp32, CPU-sized, with
+    TensorBoard on (as the 0.2.2 host's TOML configs)."""
     dataloader = HuggingFaceTextDataLoader.Config(
         dataset=DATASET_NAME, dataset_path=str(DEFAULT_TRAIN_PATH)
     )
@@ -57,6 +58,7 @@ def _on_bundled_data(config: Trainer.Config, **training: Any) -> Trainer.Config:
         hf_assets_path=str(TOKENIZER),
         dataloader=dataloader,
         validator=validation,
+        metrics=dataclasses.replace(config.metrics, enable_tensorboard=True),
         training=dataclasses.replace(
             config.training, mixed_precision_param="float32", dtype="float32", **sizes
         ),

@@ -56,6 +56,9 @@ class DecoderSharedModules:
     def bind(self, model: nn.Module) -> None:
         self._model = model
 
+    def block_class(self) -> type[nn.Module]:
+        return type(self._model_config.layers[-1])._owner
+
     def use_tensor_parallel(self, tp_mesh: DeviceMesh, loss_parallel: bool) -> None:
         """The head is vocabulary-sharded and hidden states are sequence shards; torchtitan
         0.3 computes the loss on vocabulary-sharded logits (``loss_parallel`` is True)."""
