@@ -21,6 +21,9 @@ launch() {  # launch PYTHON MODULE_ARGS...: one process per device (NGPU), torch
     NGPU=$("$python" -c "import torch; print(max(torch.cuda.device_count(), 1))")
   fi
   cd "$ROOT"  # the bundled configs name paths relative to the project root
+  # A config error ends here, with the checks' message and exit 2, not in a worker's
+  # traceback under torchrun: the same checks, on the meta device (a few seconds).
+  "$python" -m titan_objectives.cli validate "${@:3}" >/dev/null || exit $?
   exec "$python" -m torch.distributed.run --nproc_per_node="$NGPU" \
     --rdzv_backend c10d --rdzv_endpoint="localhost:0" \
     --local-ranks-filter "$LOG_RANK" --role rank --tee 3 "$@"

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torchtitan.config import ConfigManager
 
-from tests.helpers import DEBUG_CONFIG, needs_pytorch_kernel, run_module
+from tests.helpers import DEBUG_CONFIG, ROOT, needs_pytorch_kernel, run_module
 from titan_objectives.config import ObjectivesConfigError
 from titan_objectives.hosts.torchtitan_0_2.preflight import check_config, check_toml_file
 from titan_objectives.objectives.nitp import NITPOptions
@@ -475,3 +475,22 @@ def test_tensor_parallel_refuses_a_plan_that_leaves_parameters_unsplit(clean_reg
         parse(DEBUG_CONFIG, "--objectives.stack", "ntp,projected", *tp)
     # MTP's blocks are the model's own kind: the model's plan splits them.
     parse(DEBUG_CONFIG, "--objectives.stack", "ntp,nitp,mtp", *tp)
+
+
+def test_run_train_exits_2_with_the_message_and_no_traceback():
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [str(ROOT / "scripts" / "run_train.sh"), "--objectives.nitp.target_layer", "9"],
+        env=dict(os.environ, PYTHON=sys.executable, NGPU="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip() == (
+        "titan-objectives: config error: objectives.nitp.target_layer = 9 is not allowed; "
+        "expected an integer in 0..5 for a model with 6 blocks (0 = embeddings)"
+    )

@@ -63,3 +63,18 @@ def test_validate_exits_2_naming_the_flag_and_value():
     assert "Traceback" not in result.stderr
     result = run("validate", "--config", "llama3_debug")
     assert result.returncode == 2 and "expected --module and --config" in result.stderr
+
+
+def test_run_train_exits_2_with_the_message_and_no_traceback():
+    import os
+
+    result = subprocess.run(
+        [str(ROOT / "scripts" / "run_train.sh"), "--objectives.nitp.target_layer", "9"],
+        env=dict(os.environ, PYTHON=sys.executable, NGPU="1", TORCHTITAN="0.3"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "titan-objectives: config error: objectives.nitp.target_layer = 9" in result.stderr
+    assert "Traceback" not in result.stderr

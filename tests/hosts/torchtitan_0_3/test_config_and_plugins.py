@@ -120,3 +120,13 @@ def test_a_plugins_nan_loss_stops_or_is_skipped(tmp_path, nan_plugin):
     ]
     skip = torchrun([*common, *skip_args], extra_pythonpath=str(nan_plugin))
     assert skip.stdout.count("the optimizer skipped those steps") == 3
+
+
+def test_objective_blocks_are_built_after_the_configs_overrides():
+    override = "tests.hosts.torchtitan_0_3.override_fixture.wider_feed_forward"
+    args = [*OURS, "--objectives.stack", "ntp,mtp", "--override.imports", override]
+    checked = check_config(parse_config(args))
+    block = checked.stack["mtp"].depths[0].block
+    assert block.feed_forward.w1.weight.shape == (512, 256)
+    plain = check_config(parse_config([*OURS, "--objectives.stack", "ntp,mtp"]))
+    assert plain.stack["mtp"].depths[0].block.feed_forward.w1.weight.shape == (768, 256)

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from torchtitan.config import TORCH_DTYPE_MAP
+from torchtitan.config.override import apply_overrides
 from torchtitan.models.common.decoder import Decoder
 
 from titan_objectives.config import SECTION, ObjectivesConfigError
@@ -38,9 +39,14 @@ def model_config_of(config: Any) -> Decoder.Config:
             f"({len(spec.model.mtp_layers)}); use a config without them and put mtp in "
             f"{SECTION}.stack instead (--objectives.stack ntp,mtp)"
         )
-    model_config = copy.deepcopy(spec.model)
-    model_config.update_from_config(config=config)  # as the Trainer does before building
-    return model_config
+    # As the Trainer makes the model's config before building it, on a copy of the whole
+    # config: its settings, then the overrides (--override.imports), which may replace
+    # block configs the objectives' own blocks are built from.
+    live = copy.deepcopy(config)
+    live.model_spec.model.update_from_config(config=live)
+    if live.override.imports:
+        apply_overrides(live.override, live)
+    return live.model_spec.model
 
 
 def _check_runtime(config: Any) -> None:
