@@ -333,7 +333,7 @@ def objectives_from_table(table: dict[str, Any]) -> Any:
         if key == "geometry":
             values[key] = GeometryOptions(**value)
         elif isinstance(value, dict):
-            values[key] = get_objective(key).Options(**value)
+            values[key] = list_objectives()[key].Options(**value)
         else:
             values[key] = value
     return objectives_section()(**values)

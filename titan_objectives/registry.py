@@ -31,6 +31,7 @@ _objectives: dict[str, type[Objective]] = {}
 _sources: dict[str, str] = {}
 _broken_entry_points: dict[str, str] = {}
 _entry_points_loaded = False
+_builtins_loaded = False
 
 
 class RegistryError(ValueError):
@@ -101,11 +102,14 @@ def _load_entry_points() -> None:
 
 
 def _load_builtins() -> None:
+    """Once: a name another package registered first is an error naming both."""
+    global _builtins_loaded
+    if _builtins_loaded:
+        return
+    _builtins_loaded = True
     for name, target in BUILTINS.items():
-        if name not in _objectives:
-            module, _, attribute = target.partition(":")
-            cls = getattr(importlib.import_module(module), attribute)
-            add_objective(name, cls, f"module {module}")
+        module, _, attribute = target.partition(":")
+        add_objective(name, getattr(importlib.import_module(module), attribute), f"module {module}")
 
 
 def _ensure_loaded() -> None:

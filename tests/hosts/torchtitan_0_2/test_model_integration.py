@@ -11,7 +11,7 @@ from torchtitan.models.llama3.model.model import TransformerBlock
 from tests.hosts.torchtitan_0_2.building import llama3_with_objectives
 from titan_objectives import Features
 from titan_objectives.hosts.common.capture import HiddenStateTap
-from titan_objectives.hosts.torchtitan_0_2.model_adapter import LAYOUT, documents_of
+from titan_objectives.hosts.torchtitan_0_2.model_adapter import LAYOUT, documents_by_eos
 from titan_objectives.objectives import MTPOptions, NITPOptions, NTPOptions
 from titan_objectives.sequence import UNSHARDED
 
@@ -25,7 +25,9 @@ def build(options, flavor="debugmodel", eos_id=None):
     model = llama3_with_objectives(args, options)
     with torch.no_grad():
         model.init_weights()
-    tap = HiddenStateTap(model, LAYOUT, model.objectives.requirements(), documents_of(args, eos_id))
+    tap = HiddenStateTap(
+        model, LAYOUT, model.objectives.requirements(), documents_by_eos(args, eos_id)
+    )
     tokens = torch.randint(0, args.vocab_size, (2, SEQ))
     labels = torch.roll(tokens, -1, dims=1)
     return model, tap, tokens, labels

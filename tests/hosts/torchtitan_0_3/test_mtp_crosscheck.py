@@ -13,7 +13,7 @@ from titan_objectives.hosts.common.capture import HiddenStateTap
 from titan_objectives.hosts.torchtitan_0_3.model_adapter import (
     LAYOUT,
     DecoderSharedModules,
-    documents_of,
+    documents_by_position,
     model_info,
 )
 from titan_objectives.objectives import MTPOptions, NTPOptions
@@ -97,7 +97,7 @@ def test_deepseek_mtp_reproduces_torchtitan_0_3_mtp_loss(depth):
             # theirs: [embedding, hidden] -> d; ours: [hidden, embedding] -> d
             weight = layer.eh_proj.weight
             module.projection.weight.copy_(torch.cat([weight[:, dim:], weight[:, :dim]], 1))
-    tap = HiddenStateTap(trunk, LAYOUT, ours.requirements(), documents_of)
+    tap = HiddenStateTap(trunk, LAYOUT, ours.requirements(), documents_by_position)
     with torch.no_grad(), tap.capture() as captured:
         logits = trunk(tokens, positions=positions, attention_masks=masks)
         output = ours(captured.features(labels, logits, UNSHARDED))

@@ -16,6 +16,8 @@ from torch.distributed.tensor.parallel import parallelize_module
 
 from titan_objectives.stack import ObjectiveStack
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class ObjectiveParallelism:
@@ -77,9 +79,6 @@ def parallelize_with_objectives(
         shard_objectives(stack, plan.fsdp_mesh, plan.training, plan.reshard_after_forward)
     model.objectives = stack
     return model
-
-
-logger = logging.getLogger(__name__)
 
 
 def compile_objectives(stack: ObjectiveStack, backend: str, in_place: bool) -> None:

@@ -74,6 +74,11 @@ class Host(Protocol):
         """How a forward's packed documents are found from the model's arguments."""
         ...
 
+    def loss_context(self) -> contextlib.AbstractContextManager:
+        """What the loss must run in that the host's own contexts do not give (torch's
+        ``loss_parallel`` for vocabulary-sharded logits), training and validation."""
+        ...
+
 
 def runs_torchtitans_own_step(pipeline_parallel_degree: int) -> bool:
     """Under pipeline parallelism the checks let only a plain ntp stack through: it is
@@ -108,6 +113,7 @@ class ObjectiveRuntime:
         dims = host.parallel_dims
         self.stack = checked.stack
         self.needs = self.stack.requirements()
+        self.loss_context = host.loss_context
         self.loss_mesh = loss_mesh(dims)
         # torchtitan's tensor parallelism is sequence parallel: objectives get shards.
         self.sequence = SequenceShards(dims.get_mesh("tp") if dims.tp_enabled else None)
@@ -152,15 +158,16 @@ class ObjectiveRuntime:
         """One micro-batch: ``run_model()`` is the model's forward (its logits, or its
         final hidden states when nothing reads the logits); returns the loss torchtitan
         reports (this rank's weighted sum / global valid tokens)."""
-        with autocast or contextlib.nullcontext():
-            with self.hidden_states.capture() as captured:
-                pred = run_model()
-            self.geometry.sample_training(captured, labels)
-            output = self.score(captured, pred, labels)
-            loss = output.weighted_loss_sum / global_valid_tokens
-        # Free the logits and hidden states before backward, as torchtitan does.
-        del pred, captured
-        backward(loss)
+        with self.loss_context():
+            with autocast or contextlib.nullcontext():
+                with self.hidden_states.capture() as captured:
+                    pred = run_model()
+                self.geometry.sample_training(captured, labels)
+                output = self.score(captured, pred, labels)
+                loss = output.weighted_loss_sum / global_valid_tokens
+            # Free the logits and hidden states before backward, as torchtitan does.
+            del pred, captured
+            backward(loss)
         self.metrics.add(output, global_valid_tokens)
         if self.nonfinite is not None:
             self.nonfinite.record([out.loss_sum for out in output.outputs.values()])
@@ -193,7 +200,8 @@ class ObjectiveRuntime:
 
             def score(pred: torch.Tensor, labels: torch.Tensor) -> StackOutput:
                 self.geometry.sample_validation(captured, labels, step)
-                output = self.score(captured, pred, labels)
+                with self.loss_context():
+                    output = self.score(captured, pred, labels)
                 totals.add(output, labels)
                 return output
 

@@ -1,8 +1,6 @@
 """``titan-objectives validate|describe CONFIG.toml [--section.key value ...]`` on
 torchtitan 0.2.2: the job config parsed and checked as training does, nothing allocated."""
 
-import copy
-
 from titan_objectives.config import ObjectivesConfigError
 from titan_objectives.hosts.common.argv import flag_value
 from titan_objectives.hosts.common.describe import ModelCost
@@ -31,7 +29,11 @@ def checked_config(args: list[str]) -> tuple[CheckedConfig, ModelCost]:
     from torchtitan.config import ConfigManager
     from torchtitan.protocols.train_spec import get_train_spec
 
-    from titan_objectives.hosts.torchtitan_0_2.preflight import check_config, check_toml_file
+    from titan_objectives.hosts.torchtitan_0_2.preflight import (
+        check_config,
+        check_toml_file,
+        model_config_of,
+    )
     from titan_objectives.hosts.torchtitan_0_2.runtime.extensions import register_extensions
 
     register_extensions()
@@ -43,8 +45,7 @@ def checked_config(args: list[str]) -> tuple[CheckedConfig, ModelCost]:
         raise ObjectivesConfigError(str(error).splitlines()[0]) from None
     checked = check_config(job_config)
     spec = get_train_spec(job_config.model.name)
-    model_args = copy.deepcopy(spec.model_args[job_config.model.flavor])
-    model_args.update_from_config(job_config)
+    model_args = model_config_of(job_config)
     with torch.device("meta"):
         model = spec.model_cls(model_args)
     seq_len = job_config.training.seq_len

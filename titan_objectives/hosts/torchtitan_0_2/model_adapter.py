@@ -23,8 +23,12 @@ from titan_objectives.hosts.common.capture import (
     documents_ending_at,
     live_model,
 )
+from titan_objectives.hosts.common.moe_balance import BufferNames
 from titan_objectives.hosts.common.parallelize import vocabulary_sharded_logits
 from titan_objectives.objective import ModelInfo
+
+# Where torchtitan 0.2.2's MoE routers keep their expert bias and token counts.
+ROUTER_BUFFERS = BufferNames("expert_bias", "tokens_per_expert")
 
 # Where the hidden-state hooks attach (the head is ``output`` in this release).
 LAYOUT = DecoderLayout(head="output")
@@ -140,7 +144,7 @@ def packs_documents(model_args: Any) -> bool:
     )
 
 
-def documents_of(model_args: Any, eos_id: int | None) -> DocumentsOf:
+def documents_by_eos(model_args: Any, eos_id: int | None) -> DocumentsOf:
     """How a forward's documents are found: under block-causal masks an EOS token ends
     its document (torchtitan 0.2.2 has no position ids); otherwise there is one stream."""
     if not packs_documents(model_args):

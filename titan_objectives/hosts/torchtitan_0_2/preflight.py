@@ -35,7 +35,7 @@ def check_toml_file(argv: list[str]) -> None:
         check_objectives_table(read_toml(path, CONFIG_FILE_FLAGS[0]))
 
 
-def _model_args(job_config: Any) -> Any:
+def model_config_of(job_config: Any) -> Any:
     """The model's arguments, as the Trainer makes them before building the model."""
     name, flavor = job_config.model.name, job_config.model.flavor
     flavors = get_train_spec(name).model_args
@@ -86,7 +86,7 @@ def check_config(job_config: Any) -> CheckedConfig:
         )
     name, flavor = job_config.model.name, job_config.model.flavor
     family = model_family(name)  # before torchtitan imports a model it cannot serve
-    model_args = _model_args(job_config)
+    model_args = model_config_of(job_config)
     shared = DecoderSharedModules(model_args, family)
     checked = check_objectives(
         job_config,

@@ -1,5 +1,6 @@
 """torchtitan 0.2.2's Trainer, with the loss computed by the objective runtime."""
 
+import contextlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -12,14 +13,15 @@ from torchtitan.train import Trainer
 from titan_objectives.hosts.common import moe_balance
 from titan_objectives.hosts.common.capture import DecoderLayout, DocumentsOf
 from titan_objectives.hosts.common.runtime import ObjectiveRuntime, runs_torchtitans_own_step
-from titan_objectives.hosts.torchtitan_0_2.model_adapter import LAYOUT, documents_of
+from titan_objectives.hosts.torchtitan_0_2.model_adapter import (
+    LAYOUT,
+    ROUTER_BUFFERS,
+    documents_by_eos,
+)
 from titan_objectives.hosts.torchtitan_0_2.preflight import check_config
 from titan_objectives.hosts.torchtitan_0_2.seams import extend_trainer_objects
 from titan_objectives.hosts.torchtitan_0_2.spec import wrap_train_spec
 from titan_objectives.hosts.torchtitan_0_2.validation import ObjectiveValidator
-
-# Where torchtitan 0.2.2's MoE routers keep their expert bias and token counts.
-ROUTER_BUFFERS = moe_balance.BufferNames("expert_bias", "tokens_per_expert")
 
 
 @contextmanager
@@ -75,9 +77,14 @@ class ObjectiveTrainer(Trainer):
     def model_layout(self) -> DecoderLayout:
         return LAYOUT
 
+    def loss_context(self) -> contextlib.AbstractContextManager:
+        """Nothing: torchtitan 0.2.2's training and validation contexts already hold
+        ``loss_parallel`` when the logits are vocabulary-sharded."""
+        return contextlib.nullcontext()
+
     def documents_of(self) -> DocumentsOf:
         eos_id = self.tokenizer.eos_id if self.tokenizer else None
-        return documents_of(self.model_args, eos_id)
+        return documents_by_eos(self.model_args, eos_id)
 
     def train_step(self, data_iterator: Any) -> None:
         if self.pipeline_passthrough:

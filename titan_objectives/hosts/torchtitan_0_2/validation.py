@@ -17,8 +17,16 @@ class ObjectiveValidator(Validator):
 
     def attach(self, runtime: ObjectiveRuntime) -> None:
         self.runtime = runtime
-        self._torchtitan_loss = self.loss_fn
-        self.loss_fn = self.objectives_loss
+
+    @property
+    def loss_fn(self) -> Any:
+        """What torchtitan's loop calls: torchtitan's loss, scoring the stack on the side
+        once attached."""
+        return self.objectives_loss if self.runtime is not None else self._torchtitan_loss
+
+    @loss_fn.setter
+    def loss_fn(self, loss_fn: Any) -> None:
+        self._torchtitan_loss = loss_fn
 
     @torch.no_grad()
     def validate(self, model_parts: list, step: int) -> None:

@@ -5,7 +5,7 @@ from titan_objectives.config import ObjectivesConfigError
 from titan_objectives.hosts.common.argv import flag_value
 from titan_objectives.hosts.common.describe import ModelCost
 from titan_objectives.hosts.common.runtime import CheckedConfig
-from titan_objectives.hosts.torchtitan_0_3.runtime import cpu
+from titan_objectives.hosts.torchtitan_0_3.runtime import cpu as cpu_runtime
 
 USAGE = "--module M --config FN [--section.key value ...] [--objectives.toml FILE]"
 
@@ -13,7 +13,7 @@ USAGE = "--module M --config FN [--section.key value ...] [--objectives.toml FIL
 def checked_config(args: list[str]) -> tuple[CheckedConfig, ModelCost]:
     """The checked config of a command line and the model's cost (torchtitan's count,
     from the model built on the meta device)."""
-    cpu.activate()
+    cpu_runtime.activate()
     import torch
 
     from titan_objectives.hosts.torchtitan_0_3.launch import parse_config

@@ -11,7 +11,7 @@ TOML file (the 0.2.2 syntax); ``--objectives.*`` flags apply on top of it.
 import sys
 from typing import Any
 
-from titan_objectives.hosts.torchtitan_0_3.runtime import cpu
+from titan_objectives.hosts.torchtitan_0_3.runtime import cpu as cpu_runtime
 
 TOML_FLAG = "--objectives.toml"
 
@@ -52,7 +52,7 @@ def parse_config(args: list[str]) -> Any:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cpu.activate()
+    cpu_runtime.activate()
 
     import torch
     from torchtitan.tools.logging import init_logger
@@ -81,4 +81,4 @@ def main(argv: list[str] | None = None) -> None:
             trainer.close()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-    cpu.exit_after_training()
+    cpu_runtime.exit_after_training()

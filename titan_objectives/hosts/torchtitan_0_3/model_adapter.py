@@ -23,6 +23,7 @@ from titan_objectives.hosts.common.capture import (
     live_model,
     sequence_shard,
 )
+from titan_objectives.hosts.common.moe_balance import BufferNames
 from titan_objectives.hosts.common.parallelize import vocabulary_sharded_logits
 from titan_objectives.objective import ModelInfo
 from titan_objectives.stack import ObjectiveStack
@@ -37,6 +38,9 @@ class HostedObjectiveStack(ObjectiveStack, TitanModule):
     def _init_self_parameters(self) -> None:
         self.init_weights()
 
+
+# Where torchtitan 0.3's MoE routers keep their expert bias and token counts.
+ROUTER_BUFFERS = BufferNames("expert_bias_E", "tokens_per_expert_E")
 
 # Where the hidden-state hooks attach (the head is ``lm_head`` in this release).
 LAYOUT = DecoderLayout(head="lm_head")
@@ -117,7 +121,7 @@ def model_info(
     )
 
 
-def documents_of(args: tuple, kwargs: dict) -> torch.Tensor | None:
+def documents_by_position(args: tuple, kwargs: dict) -> torch.Tensor | None:
     """torchtitan 0.3 packs documents with position ids that restart at 0 with each
     document (and masks attention by them): the documents follow from ``positions``."""
     positions = kwargs.get("positions")

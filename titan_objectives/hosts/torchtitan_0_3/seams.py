@@ -35,6 +35,12 @@ PRIVATE_SEAMS: tuple[tuple[str, str, str, str], ...] = (
         "the stack's own init_weights runs inside the model's init_states",
     ),
     (
+        "torchtitan.config.manager",
+        "ConfigManager._load_config",
+        "launch",
+        "overridden: a loaded config becomes an ObjectiveTrainer.Config, with --objectives.toml",
+    ),
+    (
         "torchtitan.models.common.attention",
         "FlexAttention.compiled_flex_attn",
         "runtime/cpu",

@@ -13,7 +13,6 @@ from typing import Any
 
 import spmd_types as spmd
 import torch
-from torch import nn
 from torch.distributed.tensor.parallel import loss_parallel
 from torchtitan.components.optimizer import register_moe_load_balancing_hook
 from torchtitan.trainer import Trainer
@@ -21,10 +20,6 @@ from torchtitan.trainer import Trainer
 from titan_objectives.config import Objectives
 from titan_objectives.hosts.common import moe_balance
 from titan_objectives.hosts.common.capture import DecoderLayout, DocumentsOf
-from titan_objectives.hosts.common.parallelize import (
-    ObjectiveParallelism,
-    parallelize_with_objectives,
-)
 from titan_objectives.hosts.common.runtime import (
     CheckedConfig,
     ObjectiveRuntime,
@@ -35,56 +30,18 @@ from titan_objectives.hosts.torchtitan_0_3.components import (
     ObjectiveMetricsProcessor,
     as_config,
 )
-from titan_objectives.hosts.torchtitan_0_3.model_adapter import LAYOUT, documents_of
+from titan_objectives.hosts.torchtitan_0_3.model_adapter import (
+    LAYOUT,
+    ROUTER_BUFFERS,
+    documents_by_position,
+)
 from titan_objectives.hosts.torchtitan_0_3.preflight import check_config
 from titan_objectives.hosts.torchtitan_0_3.seams import extend_trainer_objects
+from titan_objectives.hosts.torchtitan_0_3.spec import parallelize
 from titan_objectives.hosts.torchtitan_0_3.validation import ObjectiveValidator
 
 # How torchtitan 0.3's train_step says it stops on a non-finite loss (see seams.py).
 NON_FINITE_STOP = "Loss is not finite"
-# Where torchtitan 0.3's MoE routers keep their expert bias and token counts.
-ROUTER_BUFFERS = moe_balance.BufferNames("expert_bias_E", "tokens_per_expert_E")
-
-
-def objective_parallelism(kwargs: dict[str, Any]) -> ObjectiveParallelism:
-    """What the job's parallelism asks of the objectives, from the keyword arguments
-    torchtitan 0.3 gives a parallelize function."""
-    dims = kwargs["parallel_dims"]
-    compile_config = kwargs["compile_config"]
-    names = ["dp_replicate", "fsdp"] if dims.dp_replicate_enabled else ["fsdp"]
-    return ObjectiveParallelism(
-        # torchtitan 0.3 applies FSDP2 always (a no-op gather at degree 1): so does the stack.
-        fsdp_mesh=dims.get_mesh(names),
-        tp_mesh=dims.get_mesh("tp") if dims.tp_enabled else None,
-        loss_parallel=True,
-        activation_checkpoint=kwargs["ac_config"] is not None,
-        compile_backend=(
-            compile_config.backend
-            if compile_config.enable and "loss" in compile_config.components
-            else None
-        ),
-        # In place, as torchtitan 0.3 compiles its blocks: its checkpoints take the plain
-        # state_dict keys, which a compiled wrapper would change.
-        compile_in_place=True,
-        training=kwargs["training"],
-        reshard_after_forward=kwargs["parallelism"].fsdp_reshard_after_forward,
-    )
-
-
-def parallelize(
-    parallelize_fn: Any, checked: CheckedConfig, model: nn.Module, **kwargs: Any
-) -> nn.Module:
-    """torchtitan's parallelize function, then the stack's; the stack joins the model
-    afterwards, out of torchtitan's root ``fully_shard``, and before the optimizer sees
-    the parameters."""
-    checked.shared.bind(model)
-    return parallelize_with_objectives(
-        model,
-        checked.stack,
-        checked.shared,
-        lambda m: parallelize_fn(m, **kwargs),
-        objective_parallelism(kwargs),
-    )
 
 
 class ObjectiveTrainer(Trainer):
@@ -117,7 +74,7 @@ class ObjectiveTrainer(Trainer):
             self, checked, model, self.optimizers, config.validator.enable
         )
         self.metrics_processor.objective_values = self.objectives.reduced_metrics
-        if config.validator.enable:
+        if isinstance(getattr(self, "validator", None), ObjectiveValidator):
             self.validator.attach(self.objectives)
         if config.model_spec.post_optimizer_build_fn is register_moe_load_balancing_hook:
             # Balance the objectives' own routers exactly when torchtitan balances the trunk's.
@@ -158,9 +115,9 @@ class ObjectiveTrainer(Trainer):
         return LAYOUT
 
     def documents_of(self) -> DocumentsOf:
-        return documents_of
+        return documents_by_position
 
-    def _loss_parallel(self) -> contextlib.AbstractContextManager:
+    def loss_context(self) -> contextlib.AbstractContextManager:
         """Cross-entropy of vocabulary-sharded logits under TP (the objectives compute
         it with torch's ``loss_parallel``, forward and backward)."""
         return loss_parallel() if self.parallel_dims.tp_enabled else contextlib.nullcontext()
@@ -191,7 +148,7 @@ class ObjectiveTrainer(Trainer):
         global_valid_tokens: torch.Tensor,
         extra_kwargs: dict[str, Any],
     ) -> torch.Tensor:
-        with self.train_context(), self._loss_parallel():
+        with self.train_context():
             return self.objectives.forward_backward(
                 lambda: self.model_parts[0](inputs, **extra_kwargs),
                 labels,

@@ -4,12 +4,10 @@ loss and the geometry of the validation hidden states, from the same forward pas
 torchtitan's ``validation_metrics/loss`` becomes the stack's weighted total, as the
 training loss is (the model's own loss function is not used by this host)."""
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.distributed.tensor.parallel import loss_parallel
 from torchtitan.components.validate import Validator
 
 from titan_objectives.hosts.common.runtime import ObjectiveRuntime
@@ -26,7 +24,15 @@ class ObjectiveValidator(Validator):
 
     def attach(self, runtime: ObjectiveRuntime) -> None:
         self.runtime = runtime
-        self.loss_fn = self.objectives_loss
+
+    @property
+    def loss_fn(self) -> Any:
+        """What torchtitan's loop calls: the stack, once attached."""
+        return self.objectives_loss if self.runtime is not None else self._torchtitan_loss
+
+    @loss_fn.setter
+    def loss_fn(self, loss_fn: Any) -> None:
+        self._torchtitan_loss = loss_fn
 
     def validate(self, model_parts: list, step: int) -> None:
         logger = self.metrics_processor.logger
@@ -38,7 +44,4 @@ class ObjectiveValidator(Validator):
         self, pred: torch.Tensor, labels: torch.Tensor, global_valid_tokens: Any = None, **_: Any
     ) -> tuple[torch.Tensor, dict]:
         """torchtitan 0.3's loss-function signature: (sum, extra metrics)."""
-        tensor_parallel = self.parallel_dims.tp_enabled
-        with loss_parallel() if tensor_parallel else contextlib.nullcontext():
-            output = self._score(pred, labels)
-        return output.weighted_loss_sum, {}
+        return self._score(pred, labels).weighted_loss_sum, {}
