@@ -40,6 +40,19 @@ def stack_of(
     return stack_class.build(entries, model, "the test model")
 
 
+def assert_seam_exists_and_is_used(host: str, module: str, attribute: str, user: str) -> None:
+    """A host's private seam (``seams.PRIVATE_SEAMS``): the attribute still exists in
+    torchtitan or torch, and the module of ours listed as its user names it."""
+    import importlib
+
+    value = importlib.import_module(module)
+    for part in attribute.split("."):
+        assert hasattr(value, part), f"{module}.{attribute} is gone"
+        value = getattr(value, part)
+    source = (ROOT / "titan_objectives" / "hosts" / host / f"{user}.py").read_text()
+    assert attribute.split(".")[-1] in source, (module, attribute, user)
+
+
 def long_tests_first(items: list) -> None:
     """Collection order for ``pytest_collection_modifyitems``: tests marked ``long`` first
     (pytest-xdist hands tests out in this order: one started last would run alone)."""

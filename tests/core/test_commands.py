@@ -1,6 +1,7 @@
 """The host-independent commands (``list``, ``compare``), run as a user runs them, in
 each host's environment."""
 
+import runpy
 import subprocess
 import sys
 
@@ -41,3 +42,10 @@ def test_compare_reads_tensorboard_logs_into_plots_and_a_table(tmp_path):
     table = (out / "summary.md").read_text()
     assert "| tag | ntp | nitp |" in table
     assert "5.0000 (step 3)" in table and "5.5000 (step 3)" in table
+
+
+def test_generated_reference_is_up_to_date():
+    generator = runpy.run_path(str(ROOT / "scripts" / "gen_objectives_doc.py"))
+    assert generator["DOC"].read_text() == generator["builtin_reference"](), (
+        "docs/objectives.md is out of date: run python scripts/gen_objectives_doc.py"
+    )

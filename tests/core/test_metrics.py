@@ -25,11 +25,13 @@ def test_sums_over_micro_batches_then_normalizes():
     tokens = torch.tensor(10.0)
     metrics.add(micro_batch(30.0, 4.0, 3.0, 4), tokens)
     metrics.add(micro_batch(20.0, 6.0, 1.0, 6), tokens)
-    logged = metrics.reduce(mesh=None)
+    reduced = metrics.reduce(mesh=None)
+    assert reduced.losses == pytest.approx({"ntp": 5.0, "nitp": 1.0})
+    logged = reduced.logged
     assert logged["objectives/ntp/loss"] == pytest.approx(5.0)
     assert logged["objectives/nitp/loss"] == pytest.approx(1.0)
     assert logged["objectives/nitp/cosine"] == pytest.approx(0.4)  # 4 / 10, not mean of means
     assert logged["objectives/nitp/weight"] == 0.5
     assert logged["objectives/total/loss"] == pytest.approx(5.5)
     metrics.reset({"ntp": 1.0})
-    assert metrics.reduce(mesh=None) == {}
+    assert metrics.reduce(mesh=None).logged == {}

@@ -1,12 +1,11 @@
 """torchtitan's private parts we touch still exist, and another torchtitan is refused."""
 
-import importlib
 import subprocess
 import sys
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, assert_seam_exists_and_is_used
 from titan_objectives.hosts.torchtitan_0_2.seams import PRIVATE_SEAMS, SUPPORTED_TORCHTITAN
 
 
@@ -14,12 +13,7 @@ from titan_objectives.hosts.torchtitan_0_2.seams import PRIVATE_SEAMS, SUPPORTED
     ("module", "attribute", "user", "why"), PRIVATE_SEAMS, ids=lambda v: str(v)[:40]
 )
 def test_every_private_seam_still_exists_and_is_used_where_listed(module, attribute, user, why):
-    value = importlib.import_module(module)
-    for part in attribute.split("."):
-        assert hasattr(value, part), f"{module}.{attribute} is gone ({why})"
-        value = getattr(value, part)
-    source = (ROOT / "titan_objectives" / "hosts" / "torchtitan_0_2" / f"{user}.py").read_text()
-    assert attribute.split(".")[-1] in source, (module, attribute, user)
+    assert_seam_exists_and_is_used("torchtitan_0_2", module, attribute, user)
 
 
 def test_another_torchtitan_is_refused_at_import_naming_both_versions():

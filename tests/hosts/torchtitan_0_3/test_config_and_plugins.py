@@ -1,6 +1,5 @@
 """Config errors, the TOML table, seams, and a plugin's non-finite loss on the 0.3 host."""
 
-import importlib
 import inspect
 import re
 import subprocess
@@ -8,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.helpers import ROOT, pip_install, torchrun
+from tests.helpers import ROOT, assert_seam_exists_and_is_used, pip_install, torchrun
 from titan_objectives.config import ObjectivesConfigError
 from titan_objectives.hosts.torchtitan_0_3.launch import parse_config
 from titan_objectives.hosts.torchtitan_0_3.preflight import check_config
@@ -21,12 +20,7 @@ PLUGIN = ROOT / "tests" / "plugin_fixture"
 
 @pytest.mark.parametrize(("module", "attribute", "user", "why"), PRIVATE_SEAMS)
 def test_every_private_seam_still_exists_and_is_used_where_listed(module, attribute, user, why):
-    value = importlib.import_module(module)
-    for part in attribute.split("."):
-        assert hasattr(value, part), f"{module}.{attribute} is gone ({why})"
-        value = getattr(value, part)
-    source = (ROOT / "titan_objectives" / "hosts" / "torchtitan_0_3" / f"{user}.py").read_text()
-    assert attribute.split(".")[-1] in source
+    assert_seam_exists_and_is_used("torchtitan_0_3", module, attribute, user)
 
 
 def test_torchtitan_still_stops_on_a_non_finite_loss_with_the_message_we_catch():

@@ -7,6 +7,7 @@ so steps that do not log gain no host synchronisation.
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,6 +35,15 @@ def _accumulate(sums: dict[Any, torch.Tensor], key: Any, value: torch.Tensor) ->
     sums[key] = sums[key] + value if key in sums else value
 
 
+@dataclass
+class StepMetrics:
+    """One step's objective values over all ranks: ``logged`` keyed for TensorBoard,
+    ``losses`` by objective for the console."""
+
+    logged: dict[str, float] = field(default_factory=dict)
+    losses: dict[str, float] = field(default_factory=dict)
+
+
 class ObjectiveMetrics:
     """Running sums of one optimizer step (over its gradient-accumulation micro-batches),
     keyed by (objective, metric); a metric's key holds its (total, count)."""
@@ -56,15 +66,16 @@ class ObjectiveMetrics:
                 _accumulate(self._sums, (name, metric, 0), mean.total)
                 _accumulate(self._sums, (name, metric, 1), mean.count)
 
-    def reduce(self, mesh: DeviceMesh | None) -> dict[str, float]:
-        """Global values of this step, keyed for TensorBoard. Reads the device once."""
+    def reduce(self, mesh: DeviceMesh | None) -> StepMetrics:
+        """Global values of this step. Reads the device once."""
         if not self._sums:
-            return {}
+            return StepMetrics()
         values = summed_over_ranks(self._sums, mesh)
         logged: dict[str, float] = {}
+        losses = {name: values[(name, self.LOSS, 0)] for name in self.weights}
         total = 0.0
         for name, weight in self.weights.items():
-            loss = values[(name, self.LOSS, 0)]
+            loss = losses[name]
             logged[f"{PREFIX}/{name}/loss"] = loss
             logged[f"{PREFIX}/{name}/weight"] = weight
             total += weight * loss
@@ -73,7 +84,7 @@ class ObjectiveMetrics:
                 count = values[(name, metric, 1)]
                 logged[f"{PREFIX}/{name}/{metric}"] = value / max(count, 1.0)
         logged[f"{PREFIX}/total/loss"] = total
-        return logged
+        return StepMetrics(logged, losses)
 
 
 class ValidationTotals:
@@ -103,7 +114,7 @@ class ValidationTotals:
 
 def log_step(
     log: Callable[..., None],
-    values: dict[str, float],
+    metrics: StepMetrics,
     color: Any,
     step: int,
     global_avg_loss: float,
@@ -112,14 +123,11 @@ def log_step(
     extra_metrics: dict[str, Any] | None = None,
 ) -> None:
     """A torchtitan metrics processor's ``log`` (both releases share its signature) with
-    the objectives' ``values`` added to TensorBoard and a console line of their losses."""
-    log(step, global_avg_loss, global_max_loss, grad_norm, {**(extra_metrics or {}), **values})
-    if values:
-        losses = "  ".join(
-            f"{key.split('/')[1]}: {value:8.5f}"
-            for key, value in values.items()
-            if key.endswith("/loss") and not key.startswith(f"{PREFIX}/total/")
-        )
+    the objectives' values added to TensorBoard and a console line of their losses."""
+    extra = {**(extra_metrics or {}), **metrics.logged}
+    log(step, global_avg_loss, global_max_loss, grad_norm, extra)
+    if metrics.losses:
+        losses = "  ".join(f"{name}: {loss:8.5f}" for name, loss in metrics.losses.items())
         logger.info(f"{color.green}step: {step:2}  objectives  {losses}{color.reset}")
 
 
@@ -127,8 +135,8 @@ class ObjectiveMetricsLogging:
     """Mixin for a torchtitan ``MetricsProcessor``: once ``objective_values`` is set (the
     runtime's reduced metrics), ``log`` adds them to TensorBoard and the console."""
 
-    objective_values: Callable[[], dict[str, float]] | None = None
+    objective_values: Callable[[], StepMetrics] | None = None
 
     def log(self, step: int, *args: Any, **kwargs: Any) -> None:
-        values = self.objective_values() if self.objective_values is not None else {}
-        log_step(super().log, values, self.color, step, *args, **kwargs)
+        metrics = self.objective_values() if self.objective_values is not None else StepMetrics()
+        log_step(super().log, metrics, self.color, step, *args, **kwargs)

@@ -20,7 +20,11 @@ from titan_objectives.config import GeometryOptions
 from titan_objectives.hosts.common.capture import DocumentsOf, HiddenStateTap, ModelLayout
 from titan_objectives.hosts.common.geometry_probe import GeometryHook
 from titan_objectives.hosts.common.nonfinite import NonFiniteGuard
-from titan_objectives.hosts.common.running_metrics import ObjectiveMetrics, ValidationTotals
+from titan_objectives.hosts.common.running_metrics import (
+    ObjectiveMetrics,
+    StepMetrics,
+    ValidationTotals,
+)
 from titan_objectives.objective import ModelInfo, ObjectiveOptions, SharedModules
 from titan_objectives.sequence import SequenceShards
 from titan_objectives.stack import ObjectiveStack, StackOutput
@@ -185,7 +189,7 @@ class ObjectiveRuntime:
         if self.nonfinite is not None and logs_now:
             self.nonfinite.report()
 
-    def reduced_metrics(self) -> dict[str, float]:
+    def reduced_metrics(self) -> StepMetrics:
         """This step's objective values over all ranks (``ObjectiveMetricsLogging``)."""
         return self.metrics.reduce(self.loss_mesh)
 
