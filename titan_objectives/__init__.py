@@ -1,6 +1,9 @@
 """Composable loss objectives for torchtitan: ``stack = ["ntp", "nitp"]`` in a job config."""
 
-from titan_objectives import vocabulary  # helpers for objectives that read logits
+from titan_objectives import (
+    losses,  # the head's cross-entropy, chunked: for objectives with a vocabulary-sized head
+    vocabulary,  # helpers for objectives that read logits
+)
 from titan_objectives.objective import (
     IGNORE_INDEX,
     Features,
@@ -33,6 +36,7 @@ __all__ = [
     "Requirements",
     "SequenceShards",
     "get_objective",
+    "losses",
     "list_objectives",
     "register_objective",
     "vocabulary",

@@ -164,8 +164,9 @@ class Requirements:
     """Reads these hidden states (0 = embeddings, k = block k)."""
 
     lookahead: int = 0
-    """The largest offset along the sequence it reads: position t uses what is at t + k,
-    in labels, inputs or hidden states (NITP 1, MTP its depth, TOP its window, NTP 0).
+    """The largest k such that position t reads ``labels[:, t + k]``, an input at t + k or
+    a hidden state at t + k (NTP 0; NITP 1; MTP its depth D, whose last module scores
+    ``labels[:, t + D]``; TOP W - 1, its window being ``labels[:, t .. t + W - 1]``).
     Under context parallelism, which reorders the sequence, only objectives with 0 (right
     per position) may run."""
 

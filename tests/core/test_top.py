@@ -100,7 +100,7 @@ def test_targets_are_sparse_nearest_first_and_normalized():
 def test_declarations_and_flops():
     objective = make_top(window=6)
     needs = objective.requirements()
-    assert needs.final_hidden and not needs.logits and needs.lookahead == 6
+    assert needs.final_hidden and not needs.logits and needs.lookahead == 5  # labels[t .. t + 5]
     assert not needs.output_weight and not needs.whole_vocabulary
     assert objective.flops_per_token() == 6 * VOCAB * DIM + 6 * 6
     assert sum(p.numel() for p in objective.parameters()) == VOCAB * DIM
@@ -124,5 +124,5 @@ def test_a_window_past_the_sequence_is_cut_to_it_with_a_note(caplog):
         options.validate(model)
     assert "top.window = 100000 is longer than the sequence (12 positions)" in caplog.text
     objective = get_objective("top")(options, model)
-    assert objective.requirements().lookahead == 12
+    assert objective.requirements().lookahead == 11  # labels[t .. t + 11]
     assert objective.flops_per_token() == 6 * 16 * 8 + 6 * 12

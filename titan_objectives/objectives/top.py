@@ -129,7 +129,7 @@ class TokenOrderPrediction(Objective):
     def requirements(self) -> Requirements:
         # Its own head: the model's is only read at init (head_init = 'output'). It reads
         # labels W ahead, but hidden states at t only: any sequence shard will do.
-        return Requirements(final_hidden=True, lookahead=self.window, hidden_lookahead=0)
+        return Requirements(final_hidden=True, lookahead=self.window - 1, hidden_lookahead=0)
 
     def init_weights(self) -> None:
         if self.options.head_init == "output":

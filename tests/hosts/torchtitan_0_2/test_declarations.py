@@ -124,7 +124,7 @@ def test_declarations_merge_over_the_stack(requirements, expected):
 
 
 def test_top_reads_labels_ahead_but_hidden_states_in_place():
-    """TOP's window is refused under CP (it reads labels W ahead) but not bound by a TP
+    """TOP's window is refused under CP (it reads labels W - 1 ahead) but not bound by a TP
     sequence shard (its hidden states are read at t only)."""
     from types import SimpleNamespace
 
@@ -136,11 +136,11 @@ def test_top_reads_labels_ahead_but_hidden_states_in_place():
     info = ModelInfo(dim=8, n_layers=2, vocab_size=16, seq_len=1024)
     stack = stack_of({"top": TOPOptions(window=1024)}, info)
     needs = stack.requirements()
-    assert needs.lookahead == 1024 and needs.shard_reach == 0
+    assert needs.lookahead == 1023 and needs.shard_reach == 0
     job_config = SimpleNamespace(
         parallelism=SimpleNamespace(tensor_parallel_degree=8),
         training=SimpleNamespace(seq_len=1024),
     )
     check_tensor_parallel(job_config, stack)
     merged = needs | Requirements(lookahead=2)  # with an objective that shifts by 2
-    assert merged.lookahead == 1024 and merged.shard_reach == 2
+    assert merged.lookahead == 1023 and merged.shard_reach == 2

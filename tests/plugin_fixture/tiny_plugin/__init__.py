@@ -64,8 +64,9 @@ class NaNProbe(Objective):
 
 
 class ThirdToken(Objective):
-    """Cross-entropy of token t+3 from h_t, through the model's shared output head: it
-    reads 3 positions ahead and the head's weight, as MTP does, under another name."""
+    """Cross-entropy of ``labels[:, t + 3]`` (the token at t + 4) from h_t, through the
+    model's shared output head: it reads 3 positions ahead and the head's weight, as MTP
+    with depth 3 does, under another name."""
 
     sequence_parallel = True
 
@@ -77,6 +78,6 @@ class ThirdToken(Objective):
         return Requirements(final_hidden=True, lookahead=3, output_weight=True)
 
     def forward(self, features: Features) -> ObjectiveOutput:
-        labels = shift_left(features.labels, 2, IGNORE_INDEX)  # labels[:, t + 2] is t + 3
-        labels = labels.masked_fill(~features.within_document(2), IGNORE_INDEX)
+        labels = shift_left(features.labels, 3, IGNORE_INDEX)
+        labels = labels.masked_fill(~features.within_document(3), IGNORE_INDEX)
         return ObjectiveOutput(cross_entropy_sum(self.shared.logits(features.final_hidden), labels))
