@@ -76,12 +76,13 @@ def test_the_command_line_exits_2_with_the_message_before_building():
 
 
 @pytest.fixture(scope="module")
-def nan_plugin(tmp_path_factory):
-    return pip_install(PLUGIN, tmp_path_factory.mktemp("nan_site"))
+def installed_plugin(tmp_path_factory):
+    """tiny_plugin, installed by pip into a folder (put on PYTHONPATH)."""
+    return pip_install(PLUGIN, tmp_path_factory.mktemp("plugin_site"))
 
 
 @pytest.mark.slow
-def test_a_plugins_nan_loss_stops_or_is_skipped(tmp_path, nan_plugin):
+def test_a_plugins_nan_loss_stops_or_is_skipped(tmp_path, installed_plugin):
     """A plugin from another package (entry point) trains on 0.3 like a built-in: a NaN
     loss stops training naming it and the step, or, with nonfinite = 'skip', each such
     step is skipped and training goes on."""
@@ -99,7 +100,7 @@ def test_a_plugins_nan_loss_stops_or_is_skipped(tmp_path, nan_plugin):
     ]
     stop = torchrun(
         [*common, "--dump_folder", str(tmp_path / "a")],
-        extra_pythonpath=str(nan_plugin),
+        extra_pythonpath=str(installed_plugin),
         check=False,
     )
     assert stop.returncode == 3, stop.stdout[-3000:]
@@ -112,7 +113,7 @@ def test_a_plugins_nan_loss_stops_or_is_skipped(tmp_path, nan_plugin):
         "--objectives.nonfinite",
         "skip",
     ]
-    skip = torchrun([*common, *skip_args], extra_pythonpath=str(nan_plugin))
+    skip = torchrun([*common, *skip_args], extra_pythonpath=str(installed_plugin))
     assert skip.stdout.count("the optimizer skipped those steps") == 3
 
 

@@ -35,6 +35,23 @@ class HiddenRMS(Objective):
         return ObjectiveOutput(torch.where(valid, per_token, 0.0).sum())
 
 
+class ForgetsShardSum(HiddenRMS):
+    """HiddenRMS that claims to be right on sequence shards but sums only its own: under
+    tensor parallelism each rank's loss misses the other shards' positions (the bug
+    ``titan-objectives check-parallel`` is there to catch)."""
+
+    sequence_parallel = True
+
+    def tensor_parallel_plan(self) -> dict:
+        return {}
+
+    def forward(self, features: Features) -> ObjectiveOutput:
+        rms = features.final_hidden.float().pow(2).mean(-1).sqrt()
+        per_token = (rms - self.options.target_rms) ** 2
+        valid = features.sequence.local(features.labels != IGNORE_INDEX)
+        return ObjectiveOutput(torch.where(valid, per_token, 0.0).sum())  # no sequence.sum
+
+
 class NotAnObjective:
     pass
 

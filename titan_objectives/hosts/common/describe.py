@@ -30,10 +30,14 @@ DEGREES = {
 }
 
 
+def degrees_of(parallelism: Any) -> str:
+    """``dp_replicate 1, dp_shard -1, tp 2, ...`` of the host config's parallelism."""
+    return ", ".join(f"{short} {getattr(parallelism, key)}" for key, short in DEGREES.items())
+
+
 def parallelism_checked(parallelism: Any) -> str:
     """The degrees the checks ran against (``parallelism``: the host's config section)."""
-    degrees = ", ".join(f"{short} {getattr(parallelism, key)}" for key, short in DEGREES.items())
-    return f"parallelism checked: {degrees} (dp_shard -1: the ranks left over)"
+    return f"parallelism checked: {degrees_of(parallelism)} (dp_shard -1: the ranks left over)"
 
 
 def describe(model: ModelCost, stack: ObjectiveStack) -> str:

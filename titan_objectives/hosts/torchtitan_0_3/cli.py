@@ -4,6 +4,7 @@ on torchtitan 0.3: the config parsed and checked as training does, nothing alloc
 from titan_objectives.config import ObjectivesConfigError
 from titan_objectives.hosts.common.argv import flag_value
 from titan_objectives.hosts.common.describe import ModelCost
+from titan_objectives.hosts.common.parallel_check import CheckPlan
 from titan_objectives.hosts.common.runtime import CheckedConfig
 from titan_objectives.hosts.torchtitan_0_3.runtime import cpu as cpu_runtime
 
@@ -37,3 +38,19 @@ def checked_config(args: list[str]) -> tuple[CheckedConfig, ModelCost]:
 
 def config_name(args: list[str]) -> str:
     return f"--module {flag_value(args, ('--module',))} --config {flag_value(args, ('--config',))}"
+
+
+def check_plan(args: list[str]) -> CheckPlan:
+    """What ``check-parallel`` needs of a command line (which it has validated)."""
+    from titan_objectives.hosts.torchtitan_0_3.launch import parse_config
+
+    config = parse_config(args)
+    loader = config.dataloader
+    return CheckPlan(
+        args,
+        "--dump_folder",
+        "--dataloader.dataset_path",
+        getattr(loader, "dataset", ""),
+        getattr(loader, "dataset_path", ""),
+        config.parallelism,
+    )
