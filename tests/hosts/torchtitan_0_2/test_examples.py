@@ -94,3 +94,26 @@ def test_z_loss_under_tensor_parallel_matches_one_process(tmp_path, z_loss_site,
         logged["one"]["objectives/z_loss/loss"][1] > 0.3 * logged["one"]["objectives/ntp/loss"][1]
     )
     assert_same_gradients(tmp_path, ["tp", "tp_no_loss_parallel"])
+
+
+@pytest.fixture(scope="module")
+def skip_token_site(tmp_path_factory):
+    return pip_install(ROOT / "examples" / "skip_token", tmp_path_factory.mktemp("skip_site"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "parallelism",
+    [(), ("--parallelism.tensor_parallel_degree", "2")],
+    ids=["fsdp2", "tp2"],
+)
+def test_skip_token_under_fsdp2_and_tp_matches_one_process(skip_token_site, parallelism):
+    """The second example plugin, installed with pip, through check-parallel: its loss and
+    metrics-bearing run equal one process's under FSDP2 (2 ranks) and TP 2."""
+    from tests.hosts.torchtitan_0_2.test_check_parallel import check_parallel, rows
+
+    stack = ("--objectives.stack", "ntp,skip_token", "--objectives.skip_token.chunk_size", "64")
+    result = check_parallel(skip_token_site, *stack, *parallelism)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    verdicts = rows(result.stdout)
+    assert verdicts["objectives/skip_token/loss"] == "ok" and set(verdicts.values()) == {"ok"}
