@@ -51,3 +51,20 @@ def test_a_plugin_that_forgets_a_sum_across_shards_fails_under_tp(installed_plug
     assert code == 1
     assert verdicts["objectives/forgets_shard_sum/loss"] == "FAIL"
     assert verdicts["objectives/ntp/loss"] == verdicts["objectives/nitp/loss"] == "ok"
+
+
+@pytest.fixture(scope="module")
+def skip_token_site(tmp_path_factory):
+    from tests.helpers import pip_install
+
+    return pip_install(ROOT / "examples" / "skip_token", tmp_path_factory.mktemp("skip_site"))
+
+
+@pytest.mark.parametrize(
+    "parallelism", [(), ("--parallelism.tensor_parallel_degree", "2")], ids=["fsdp2", "tp2"]
+)
+def test_the_skip_token_example_matches_one_process(skip_token_site, parallelism):
+    stack = ("--objectives.stack", "ntp,skip_token", "--objectives.skip_token.chunk_size", "64")
+    code, verdicts = check_parallel(skip_token_site, *stack, *parallelism)
+    assert code == 0 and set(verdicts.values()) == {"ok"}, verdicts
+    assert "objectives/skip_token/loss" in verdicts
