@@ -68,7 +68,11 @@ def check_parallel_command(argv: list[str]) -> int:
     """Train a few steps in one process and under the parallelism asked, from one seed
     checkpoint, and compare what they log; exit 0 when every value agrees."""
     from titan_objectives.config import ObjectivesConfigError, exit_on_config_error
-    from titan_objectives.hosts.common.parallel_check import check_parallel, report
+    from titan_objectives.hosts.common.parallel_check import (
+        CheckRunError,
+        check_parallel,
+        report,
+    )
 
     parser = argparse.ArgumentParser(
         prog="titan-objectives check-parallel",
@@ -93,6 +97,9 @@ def check_parallel_command(argv: list[str]) -> int:
         rows = check_parallel(plan, options.nproc, options.steps, options.work_dir)
     except ObjectivesConfigError as error:
         exit_on_config_error(error)
+    except CheckRunError as error:
+        print(f"titan-objectives check-parallel: {error}", file=sys.stderr)
+        return 1
     print(report(plan, options.nproc, options.steps, rows, options.tolerance))
     return 0 if all(row.within(options.tolerance) for row in rows) else 1
 

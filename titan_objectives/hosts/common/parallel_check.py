@@ -27,6 +27,10 @@ ONE_PROCESS = [
 CHECKPOINT = "checkpoint"
 
 
+class CheckRunError(RuntimeError):
+    """A training run of the check failed; the message names its log."""
+
+
 @dataclass(frozen=True)
 class CheckPlan:
     """What a host reads off its command line for the check."""
@@ -106,7 +110,7 @@ def train(args: list[str], nproc: int, log: Path) -> None:
     with open(log, "w") as out:
         result = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env)
     if result.returncode != 0:
-        raise RuntimeError(f"a training run of the check failed ({result.returncode}): see {log}")
+        raise CheckRunError(f"a training run failed (exit {result.returncode}): see {log}")
 
 
 def compared_tags(logged: dict) -> list[str]:
