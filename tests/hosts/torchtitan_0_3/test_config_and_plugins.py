@@ -1,6 +1,7 @@
 """Config errors, the TOML table, seams, and a plugin's non-finite loss on the 0.3 host."""
 
 import inspect
+import os
 import re
 import subprocess
 import sys
@@ -125,3 +126,33 @@ def test_objective_blocks_are_built_after_the_configs_overrides():
     assert block.feed_forward.w1.weight.shape == (512, 256)
     plain = check_config(parse_config([*OURS, "--objectives.stack", "ntp,mtp"]))
     assert plain.stack["mtp"].depths[0].block.feed_forward.w1.weight.shape == (768, 256)
+
+
+def test_a_trainer_subclass_runs_through_train_main(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tests.hosts.torchtitan_0_3.trainer_probe",
+            *OURS,
+            "--objectives.stack",
+            "ntp,nitp",
+            "--dump_folder",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(
+            os.environ,
+            RANK="0",
+            LOCAL_RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_WORLD_SIZE="1",
+            MASTER_ADDR="localhost",
+            MASTER_PORT="0",
+        ),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "built ReportOnly with ntp, nitp" in result.stdout

@@ -51,7 +51,9 @@ def parse_config(args: list[str]) -> Any:
     return ObjectiveConfigManager().parse_args(args)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, trainer_class: type | None = None) -> None:
+    """Train with ``ObjectiveTrainer``, or ``trainer_class`` (a subclass of it; import it
+    after ``cpu_runtime.activate()``, as torchtitan binds its device type at import)."""
     cpu_runtime.activate()
 
     import torch
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     trainer = None
     try:
         config = parse_config(sys.argv[1:] if argv is None else argv)
-        trainer = config.build()
+        trainer = trainer_class(config) if trainer_class is not None else config.build()
         if config.checkpoint.create_seed_checkpoint:
             trainer.checkpointer.save(curr_step=0, last_step=True)
         else:
