@@ -150,3 +150,33 @@ def test_entry_point_objective_trains_from_a_toml_stack(tmp_path, installed_plug
     assert tb["loss_metrics/global_avg_loss"][step] == pytest.approx(
         tb["objectives/ntp/loss"][step] + 0.05 * tb["objectives/hidden_rms/loss"][step], rel=1e-5
     )
+
+
+def test_help_spells_objectives_as_registered_and_both_spellings_parse(installed_plugin):
+    import os
+    import subprocess
+    import sys
+
+    from torchtitan.config import ConfigManager
+
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "titan_objectives.train",
+            "--job.config_file",
+            str(DEBUG_CONFIG),
+            "--help",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, PYTHONPATH=str(installed_plugin), RANK="0"),
+    )
+    help_text = " ".join(result.stdout.split())
+    assert "--objectives.hidden_rms.target_rms" in help_text
+    assert "--objectives.geometry.max_tokens" in help_text and "max-tokens" not in help_text
+    for flag in ("--objectives.geometry.max_tokens", "--objectives.geometry.max-tokens"):
+        parsed = ConfigManager().parse_args(["--job.config_file", str(DEBUG_CONFIG), flag, "300"])
+        assert parsed.objectives.geometry.max_tokens == 300

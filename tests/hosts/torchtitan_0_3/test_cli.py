@@ -78,3 +78,22 @@ def test_run_train_exits_2_with_the_message_and_no_traceback():
     assert result.returncode == 2, result.stderr[-2000:]
     assert "titan-objectives: config error: objectives.nitp.target_layer = 9" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_help_spells_objectives_as_registered(tmp_path):
+    import os
+
+    from tests.helpers import pip_install
+
+    site = pip_install(ROOT / "tests" / "plugin_fixture", tmp_path / "site")
+    result = subprocess.run(
+        [sys.executable, "-m", "titan_objectives.train", *NITP_JOB, "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=str(site), RANK="0"),
+    )
+    help_text = " ".join(result.stdout.split())
+    assert "--objectives.hidden_rms.target_rms" in help_text
+    assert "--objectives.geometry.max_tokens" in help_text and "max-tokens" not in help_text

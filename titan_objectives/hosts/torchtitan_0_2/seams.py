@@ -20,6 +20,12 @@ SUPPORTED_TORCHTITAN = "0.2.2"
 # (module, attribute path, our module that uses it, why)
 PRIVATE_SEAMS: tuple[tuple[str, str, str, str], ...] = (
     *CPU_SEAMS,
+    (
+        "torchtitan.config.manager",
+        "tyro",
+        "runtime/extensions",
+        "its tyro.cli spells flags as the fields are named (--objectives.hidden_rms.*)",
+    ),
     *checkpoint_seams("torchtitan.components.checkpoint"),
     (
         "torchtitan.protocols.train_spec",

@@ -15,6 +15,12 @@ SUPPORTED_TORCHTITAN = "0.3.0"
 # (module, attribute path, our module that uses it, why)
 PRIVATE_SEAMS: tuple[tuple[str, str, str, str], ...] = (
     *CPU_SEAMS,
+    (
+        "torchtitan.config.manager",
+        "tyro",
+        "runtime/extensions",
+        "its tyro.cli spells flags as the fields are named (--objectives.hidden_rms.*)",
+    ),
     *checkpoint_seams("torchtitan.components.checkpointer"),
     (
         "torchtitan.models.common.decoder",
