@@ -26,7 +26,16 @@ def test_list_names_every_registered_objective_and_its_options():
     assert result.returncode == 0, result.stderr
     for name in list_objectives():
         assert f"{name}  (" in result.stdout
+    assert "nitp  (module titan_objectives.objectives.nitp)" in result.stdout
     assert "    target_layer: int | None = None" in result.stdout
+    assert "    loss: 'cosine' | 'smooth_l1' | 'mse' = 'cosine'" in result.stdout
+    assert "        Distance between P(h_t) and the target" in result.stdout
+    assert "    depth: int = 1" in result.stdout
+    # The whole summary paragraph, not its first line.
+    listed = " ".join(result.stdout.split())
+    assert (
+        "parallel heads, each a block of the model's own kind, through the model's shared" in listed
+    )
 
 
 def test_compare_reads_tensorboard_logs_into_plots_and_a_table(tmp_path):

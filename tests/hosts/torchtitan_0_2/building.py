@@ -20,5 +20,5 @@ def llama3_with_objectives(model_args: Any, options: dict[str, ObjectiveOptions]
     """The model class the host's TrainSpec builds, with the stack of ``options``."""
     shared = DecoderSharedModules(model_args, FAMILIES["llama3"])
     info = model_info(model_args, model_args.max_seq_len, shared)
-    checked = CheckedConfig(info, stack_of(options, info), shared, "off", GeometryOptions())
+    checked = CheckedConfig(info, stack_of(options, info), "off", GeometryOptions())
     return model_class_with_objectives(Transformer, checked)(model_args)

@@ -69,7 +69,7 @@ def check_objectives(
     check_parallelism(job_config, stack, block_class)
     logger.info(run_summary(stack))
     geometry = dataclasses.replace(section.geometry)
-    return CheckedConfig(info, stack, info.shared, section.nonfinite, geometry)
+    return CheckedConfig(info, stack, section.nonfinite, geometry)
 
 
 def run_summary(stack: ObjectiveStack) -> str:

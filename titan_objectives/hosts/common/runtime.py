@@ -53,9 +53,13 @@ class CheckedConfig:
     stack: ObjectiveStack
     """The stacked objectives, built once on the meta device in the model's dtype; the
     trainer attaches this very module to the model."""
-    shared: HostSharedModules
     nonfinite: str
     geometry: GeometryOptions
+
+    @property
+    def shared(self) -> HostSharedModules:
+        """The model's modules the objectives were built with (``model_info.shared``)."""
+        return self.model_info.shared
 
     @property
     def options(self) -> dict[str, ObjectiveOptions]:
