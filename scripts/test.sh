@@ -2,7 +2,8 @@
 # Runs the test suites of both torchtitan hosts, each in its own environment (set up
 # first if needed): tests/core (no torchtitan) in both, with tests/hosts/torchtitan_0_2 on
 # torchtitan 0.2.2 (.venv) and tests/hosts/torchtitan_0_3 on torchtitan 0.3.0
-# (.venv-tt03). TORCHTITAN=0.2 or 0.3 runs one of them. Extra args go to pytest.
+# (.venv-tt03), each with the `eval` extra (lm-eval, transformers). TORCHTITAN=0.2 or 0.3
+# runs one of them. Extra args go to pytest.
 # Tests run in TEST_WORKERS processes (pytest-xdist; default: the CPU count, at most 4):
 # most of a test's time is a training subprocess starting up, which another test's
 # subprocess can overlap. TEST_WORKERS=0 runs them in this process, one at a time.
@@ -24,13 +25,13 @@ done
 SETUP_03_LOG=""
 if [[ " $HOSTS " == *" 0.2 "* && " $HOSTS " == *" 0.3 "* ]]; then
   SETUP_03_LOG=$(mktemp)
-  TORCHTITAN=0.3 "$ROOT/scripts/setup.sh" >"$SETUP_03_LOG" 2>&1 &
+  EVAL=1 TORCHTITAN=0.3 "$ROOT/scripts/setup.sh" >"$SETUP_03_LOG" 2>&1 &
   SETUP_03_PID=$!
 fi
 
 for host in $HOSTS; do
   if [ "$host" = 0.2 ]; then
-    TORCHTITAN=0.2 "$ROOT/scripts/setup.sh"
+    EVAL=1 TORCHTITAN=0.2 "$ROOT/scripts/setup.sh"
     "$ROOT/.venv/bin/python" -m pytest tests/core tests/hosts/torchtitan_0_2 \
       -n "$WORKERS" --dist loadgroup "$@"
   else
@@ -41,7 +42,7 @@ for host in $HOSTS; do
       rm -f "$SETUP_03_LOG"
       [ "$status" -eq 0 ] || { echo "test.sh: setting up torchtitan 0.3 failed" >&2; exit "$status"; }
     else
-      TORCHTITAN=0.3 "$ROOT/scripts/setup.sh"
+      EVAL=1 TORCHTITAN=0.3 "$ROOT/scripts/setup.sh"
     fi
     "$ROOT/.venv-tt03/bin/python" -m pytest tests/core tests/hosts/torchtitan_0_3 \
       -n "$WORKERS" --dist loadgroup "$@"

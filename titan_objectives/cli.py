@@ -7,14 +7,22 @@ titan-objectives validate CONFIG ...   check a config as training would, without
 titan-objectives describe CONFIG ...   the parameters and FLOPs each objective adds
 titan-objectives check-parallel [--nproc N] CONFIG ...
                                        a few steps under the parallelism asked vs 1 process
-titan-objectives compare RUN... --out DIR   plots and a table from runs' TensorBoard logs
+titan-objectives compare RUN... --out DIR [--evaluate]
+                                       plots and tables from runs' TensorBoard logs (and
+                                       their downstream scores)
+titan-objectives export RUN_DIR --out DIR [--step N] [--verify]
+                                       a run's model as a Hugging Face transformers folder
+titan-objectives evaluate DIR [--tasks T,...] [--limit N]
+                                       lm-evaluation-harness on an export (or a run's)
 """
 
 import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from titan_objectives.hosts import installed_host
 
@@ -64,6 +72,15 @@ def check_command(command: str, args: list[str]) -> int:
     return 0
 
 
+def compare_command(args: argparse.Namespace) -> int:
+    from titan_objectives.report import compare_runs
+
+    tasks = args.tasks.split(",") if args.tasks else None
+    for path in compare_runs(args.runs, args.out, args.evaluate, tasks, args.limit):
+        print(path)
+    return 0
+
+
 def check_parallel_command(argv: list[str]) -> int:
     """Train a few steps in one process and under the parallelism asked, from one seed
     checkpoint, and compare what they log; exit 0 when every value agrees."""
@@ -104,6 +121,65 @@ def check_parallel_command(argv: list[str]) -> int:
     return 0 if all(row.within(options.tolerance) for row in rows) else 1
 
 
+def _export_or_evaluate_error(command: str, error: Exception) -> int:
+    print(f"titan-objectives {command}: {error}", file=sys.stderr)
+    return 2
+
+
+def export_command(args: argparse.Namespace) -> int:
+    from titan_objectives.evaluation.runs import export, verify
+
+    export_made = export(Path(args.run_dir), Path(args.out), args.step, args.tokenizer)
+    print(
+        f"{export_made.folder}: step {export_made.step}, {export_made.config['architectures'][0]}"
+    )
+    if args.verify:
+        print(verify(export_made))
+    return 0
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    from titan_objectives.evaluation.harness import bundled_tasks, evaluate, task_manager
+    from titan_objectives.evaluation.runs import model_folder
+
+    directory = Path(args.dir)
+    tasks = args.tasks.split(",") if args.tasks else bundled_tasks()
+    task_manager(tasks)  # an unknown task fails here, before any export or model load
+    folder = model_folder(directory, args.step)
+    output_dir = Path(args.output_dir) if args.output_dir else directory / "eval"
+    evaluation = evaluate(folder, tasks, output_dir, args.limit, args.batch_size, args.device)
+    print(evaluation.table())
+    print(evaluation.results_file)
+    return 0
+
+
+def _add_export_and_evaluate(commands: Any) -> None:
+    export = commands.add_parser(
+        "export", help="a run's model as a folder Hugging Face transformers loads"
+    )
+    export.add_argument("run_dir", metavar="RUN_DIR", help="the run's dump folder")
+    export.add_argument("--out", required=True, help="a new folder for the export")
+    export.add_argument("--step", type=int, help="the checkpoint step (default: the last)")
+    export.add_argument("--tokenizer", help="the tokenizer folder (default: the run's)")
+    export.add_argument(
+        "--verify",
+        action="store_true",
+        help="load the export with transformers and compare its logits with torchtitan's",
+    )
+    evaluate = commands.add_parser(
+        "evaluate", help="lm-evaluation-harness on an export (a run's is exported first)"
+    )
+    evaluate.add_argument("dir", metavar="DIR", help="an export, or a run's dump folder")
+    evaluate.add_argument(
+        "--tasks", help="comma-separated lm-eval tasks (default: the bundled local tasks)"
+    )
+    evaluate.add_argument("--limit", type=int, help="documents per task (default: all)")
+    evaluate.add_argument("--step", type=int, help="a run's checkpoint step (default: the last)")
+    evaluate.add_argument("--output-dir", help="where results go (default: DIR/eval)")
+    evaluate.add_argument("--batch-size", type=int, default=16, help="lm-eval's batch size")
+    evaluate.add_argument("--device", help="default: cuda when there is a GPU, else cpu")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="titan-objectives", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -129,6 +205,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     compare.add_argument("runs", nargs="+", help="run folders holding TensorBoard event files")
     compare.add_argument("--out", required=True, help="folder for the PNGs and summary.md")
+    compare.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="also export and evaluate each run (its last checkpoint) and add their scores",
+    )
+    compare.add_argument("--tasks", help="with --evaluate: lm-eval tasks (default: bundled)")
+    compare.add_argument("--limit", type=int, help="with --evaluate: documents per task")
+    _add_export_and_evaluate(commands)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] in (["validate"], ["describe"]) and not {"-h", "--help"} & set(argv[1:2]):
         # Everything after the command is the host's command line, flags first on 0.3.
@@ -137,12 +221,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return check_parallel_command(argv[1:])
     args = parser.parse_args(argv)
 
-    if args.command == "compare":
-        from titan_objectives.report import compare_runs
+    if args.command in ("export", "evaluate", "compare"):
+        from titan_objectives.hosts.common.run_record import ExportError
 
-        for path in compare_runs(args.runs, args.out):
-            print(path)
-        return 0
+        try:
+            if args.command == "export":
+                return export_command(args)
+            if args.command == "evaluate":
+                return evaluate_command(args)
+            return compare_command(args)
+        except ExportError as error:
+            return _export_or_evaluate_error(args.command, error)
     if args.command == "list":
         return list_command()
     return check_command(args.command, args.args)

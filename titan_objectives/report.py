@@ -1,5 +1,6 @@
 """Compare training runs from their TensorBoard event files: PNG plots and a Markdown
-table of final values (``titan-objectives compare``)."""
+table of final values, and with ``evaluate`` a table of each run's downstream scores
+(``titan-objectives compare``)."""
 
 from pathlib import Path
 
@@ -89,7 +90,40 @@ def summary_table(runs: dict[str, dict[str, dict[int, float]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def compare_runs(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
+def downstream_table(scores: dict[str, dict[str, float]]) -> str:
+    """One row per run, one column per task and metric (lm-eval's names)."""
+    columns = list(dict.fromkeys(c for run in scores.values() for c in run))
+    lines = ["| run | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for name, values in scores.items():
+        cells = [f"{values[c]:.4g}" if c in values else "" for c in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def downstream_scores(
+    runs: dict[str, Path], tasks: list[str] | None, limit: int | None
+) -> dict[str, dict[str, float]]:
+    """Each run's last checkpoint exported (``RUN/hf/step-N``) and scored by lm-eval
+    (results in ``RUN/eval``); the task names are checked before the first export."""
+    from titan_objectives.evaluation.harness import bundled_tasks, evaluate, scores, task_manager
+    from titan_objectives.evaluation.runs import model_folder
+
+    tasks = tasks or bundled_tasks()
+    task_manager(tasks)
+    found = {}
+    for name, path in runs.items():
+        evaluation = evaluate(model_folder(path), tasks, path / "eval", limit)
+        found[name] = scores(evaluation.results)
+    return found
+
+
+def compare_runs(
+    run_dirs: list[str | Path],
+    out_dir: str | Path,
+    evaluate: bool = False,
+    tasks: list[str] | None = None,
+    limit: int | None = None,
+) -> list[Path]:
     """Writes the plots and ``summary.md`` into ``out_dir``; returns the files written."""
     paths = [Path(p) for p in run_dirs]
     runs = {name: load_scalars(path) for name, path in zip(run_names(paths), paths, strict=True)}
@@ -102,6 +136,12 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
             _plot(runs, tags, out / filename)
             written.append(out / filename)
     summary = out / "summary.md"
-    summary.write_text("# Final values\n\n" + summary_table(runs))
+    text = "# Final values\n\n" + summary_table(runs)
+    if evaluate:
+        named = dict(zip(runs, paths, strict=True))
+        text += "\n# Downstream scores (lm-eval)\n\n" + downstream_table(
+            downstream_scores(named, tasks, limit)
+        )
+    summary.write_text(text)
     written.append(summary)
     return written

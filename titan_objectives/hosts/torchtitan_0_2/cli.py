@@ -6,7 +6,9 @@ from typing import Any
 from titan_objectives.config import ObjectivesConfigError
 from titan_objectives.hosts.common.argv import flag_value
 from titan_objectives.hosts.common.describe import ModelCost
+from titan_objectives.hosts.common.hf_export import ExportableModel
 from titan_objectives.hosts.common.parallel_check import CheckPlan
+from titan_objectives.hosts.common.run_record import RunRecord
 from titan_objectives.hosts.common.runtime import CheckedConfig
 from titan_objectives.hosts.torchtitan_0_2.runtime import cpu as cpu_runtime
 
@@ -79,3 +81,11 @@ def check_plan(args: list[str]) -> CheckPlan:
         training.dataset_path,
         job_config.parallelism,
     )
+
+
+def exportable(record: RunRecord) -> ExportableModel:
+    """A run's model as ``titan-objectives export`` converts it."""
+    cpu_runtime.activate()
+    from titan_objectives.hosts.torchtitan_0_2.export import exportable
+
+    return exportable(record)

@@ -17,6 +17,7 @@ from titan_objectives.config import (
 from titan_objectives.hosts.common.argv import flag_value
 from titan_objectives.hosts.common.checks import check_objectives
 from titan_objectives.hosts.common.corpus import DATASET_NAME, corpus_files
+from titan_objectives.hosts.common.run_record import RunRecord, as_record
 from titan_objectives.hosts.common.runtime import CheckedConfig
 from titan_objectives.hosts.torchtitan_0_2.model_adapter import (
     DecoderSharedModules,
@@ -96,3 +97,18 @@ def check_config(job_config: Any) -> CheckedConfig:
     )
     _check_paths(job_config)
     return checked
+
+
+def run_record(job_config: Any, checked: CheckedConfig) -> tuple[str, RunRecord]:
+    """The dump folder, and what ``titan-objectives export`` reads from it later."""
+    dump_folder = job_config.job.dump_folder
+    tokenizer = job_config.model.hf_assets_path
+    return dump_folder, RunRecord(
+        host="torchtitan_0_2",
+        model_name=job_config.model.name,
+        flavor=job_config.model.flavor,
+        model_args=as_record(model_config_of(job_config)),
+        tokenizer=str(Path(tokenizer).resolve()) if tokenizer else "",
+        checkpoint_folder=str((Path(dump_folder) / job_config.checkpoint.folder).resolve()),
+        stack=list(checked.options),
+    )

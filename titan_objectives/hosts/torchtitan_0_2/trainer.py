@@ -12,13 +12,14 @@ from torchtitan.train import Trainer
 
 from titan_objectives.hosts.common import moe_balance
 from titan_objectives.hosts.common.capture import DecoderLayout, DocumentsOf
+from titan_objectives.hosts.common.run_record import write_record
 from titan_objectives.hosts.common.runtime import ObjectiveRuntime, runs_torchtitans_own_step
 from titan_objectives.hosts.torchtitan_0_2.model_adapter import (
     LAYOUT,
     ROUTER_BUFFERS,
     documents_by_eos,
 )
-from titan_objectives.hosts.torchtitan_0_2.preflight import check_config
+from titan_objectives.hosts.torchtitan_0_2.preflight import check_config, run_record
 from titan_objectives.hosts.torchtitan_0_2.seams import extend_trainer_objects
 from titan_objectives.hosts.torchtitan_0_2.spec import wrap_train_spec
 from titan_objectives.hosts.torchtitan_0_2.validation import ObjectiveValidator
@@ -49,6 +50,7 @@ class ObjectiveTrainer(Trainer):
 
     def __init__(self, job_config: Any):
         checked = check_config(job_config)
+        write_record(*run_record(job_config, checked))
         degree = job_config.parallelism.pipeline_parallel_degree
         self.pipeline_passthrough = runs_torchtitans_own_step(degree)
         name = job_config.model.name

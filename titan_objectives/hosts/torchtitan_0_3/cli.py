@@ -4,7 +4,9 @@ on torchtitan 0.3: the config parsed and checked as training does, nothing alloc
 from titan_objectives.config import ObjectivesConfigError
 from titan_objectives.hosts.common.argv import flag_value
 from titan_objectives.hosts.common.describe import ModelCost
+from titan_objectives.hosts.common.hf_export import ExportableModel
 from titan_objectives.hosts.common.parallel_check import CheckPlan
+from titan_objectives.hosts.common.run_record import RunRecord
 from titan_objectives.hosts.common.runtime import CheckedConfig
 from titan_objectives.hosts.torchtitan_0_3.runtime import cpu as cpu_runtime
 
@@ -54,3 +56,11 @@ def check_plan(args: list[str]) -> CheckPlan:
         getattr(loader, "dataset_path", ""),
         config.parallelism,
     )
+
+
+def exportable(record: RunRecord) -> ExportableModel:
+    """A run's model as ``titan-objectives export`` converts it."""
+    cpu_runtime.activate()
+    from titan_objectives.hosts.torchtitan_0_3.export import exportable
+
+    return exportable(record)

@@ -12,6 +12,7 @@ from torchtitan.models.common.decoder import Decoder
 from titan_objectives.config import SECTION, ObjectivesConfigError
 from titan_objectives.hosts.common.checks import check_objectives
 from titan_objectives.hosts.common.corpus import DATASET_NAME, corpus_files
+from titan_objectives.hosts.common.run_record import RunRecord, as_record
 from titan_objectives.hosts.common.runtime import CheckedConfig
 from titan_objectives.hosts.torchtitan_0_3.model_adapter import (
     DecoderSharedModules,
@@ -107,3 +108,16 @@ def check_config(config: Any) -> CheckedConfig:
             "checkpoint.create_seed_checkpoint needs checkpoint.enable: pass --checkpoint.enable"
         )
     return checked
+
+
+def run_record(config: Any, checked: CheckedConfig) -> tuple[str, RunRecord]:
+    """The dump folder, and what ``titan-objectives export`` reads from it later."""
+    return config.dump_folder, RunRecord(
+        host="torchtitan_0_3",
+        model_name=config.model_spec.name,
+        flavor=config.model_spec.flavor,
+        model_args=as_record(model_config_of(config)),
+        tokenizer=str(Path(config.hf_assets_path).resolve()) if config.hf_assets_path else "",
+        checkpoint_folder=str((Path(config.dump_folder) / config.checkpoint.folder).resolve()),
+        stack=list(checked.options),
+    )

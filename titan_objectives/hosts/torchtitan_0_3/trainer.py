@@ -20,6 +20,7 @@ from torchtitan.trainer import Trainer
 from titan_objectives.config import Objectives
 from titan_objectives.hosts.common import moe_balance
 from titan_objectives.hosts.common.capture import DecoderLayout, DocumentsOf
+from titan_objectives.hosts.common.run_record import write_record
 from titan_objectives.hosts.common.runtime import (
     CheckedConfig,
     ObjectiveRuntime,
@@ -35,7 +36,7 @@ from titan_objectives.hosts.torchtitan_0_3.model_adapter import (
     ROUTER_BUFFERS,
     documents_by_position,
 )
-from titan_objectives.hosts.torchtitan_0_3.preflight import check_config
+from titan_objectives.hosts.torchtitan_0_3.preflight import check_config, run_record
 from titan_objectives.hosts.torchtitan_0_3.seams import extend_trainer_objects
 from titan_objectives.hosts.torchtitan_0_3.spec import parallelize
 from titan_objectives.hosts.torchtitan_0_3.validation import ObjectiveValidator
@@ -54,6 +55,7 @@ class ObjectiveTrainer(Trainer):
 
     def __init__(self, config: Config):
         checked = check_config(config)
+        write_record(*run_record(config, checked))
         degree = config.parallelism.pipeline_parallel_degree
         self.pipeline_passthrough = runs_torchtitans_own_step(degree)
         if self.pipeline_passthrough:

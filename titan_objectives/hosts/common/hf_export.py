@@ -1,0 +1,285 @@
+"""``titan-objectives export``: a run's checkpoint as a folder Hugging Face ``transformers``
+loads (``AutoModelForCausalLM`` / ``AutoTokenizer``), the same on every host.
+
+The host says how to rebuild its model from the run record and hands over torchtitan's
+own state-dict adapter and the ``config.json`` of the model's family; what is shared here:
+finding the checkpoint, reading the plain model's tensors from it (never an objective's),
+and writing the folder so that it is either complete or absent.
+"""
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from titan_objectives.hosts.common.run_record import ExportError, RunRecord, read_record
+
+EXPORT_RECORD = "titan_objectives_export.json"
+WEIGHTS = "model.safetensors"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+)
+STEP_FOLDER = re.compile(r"step-(\d+)")
+
+
+Shapes = dict[str, torch.Size]
+Logits = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ExportableModel:
+    """A host's model of one run, as the exporter needs it."""
+
+    shapes: Shapes
+    """The plain model's state-dict keys and shapes (what a checkpoint must hold)."""
+
+    to_hf: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+    """torchtitan's state-dict adapter for this model (``StateDictAdapter.to_hf``)."""
+
+    hf_config: Callable[[dict[str, int]], dict[str, Any]]
+    """``config.json``, given the tokenizer's special-token ids."""
+
+    logits_of: Callable[[dict[str, torch.Tensor]], Logits]
+    """The torchtitan model with these tensors, on the CPU, as tokens (batch, seq) ->
+    logits: what ``--verify`` compares transformers' model with."""
+
+
+def checkpoint_steps(folder: Path) -> list[int]:
+    if not folder.is_dir():
+        return []
+    found = (STEP_FOLDER.fullmatch(p.name) for p in folder.iterdir() if p.is_dir())
+    return sorted(int(match.group(1)) for match in found if match)
+
+
+def step_folder(record: RunRecord, step: int | None) -> tuple[int, Path]:
+    """The checkpoint to export: ``step``, or the last one."""
+    folder = Path(record.checkpoint_folder)
+    steps = checkpoint_steps(folder)
+    if not steps:
+        raise ExportError(
+            f"the run has no checkpoint in {folder}: train with checkpoints on "
+            "([checkpoint] enable = true, or --checkpoint.enable; the last step is always saved)"
+        )
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise ExportError(
+            f"--step {step}: the run has no checkpoint at that step; it has steps "
+            f"{', '.join(map(str, steps))} (in {folder})"
+        )
+    return step, folder / f"step-{step}"
+
+
+def _hf_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.safetensors"))
+
+
+def _dcp_state(folder: Path, shapes: Shapes) -> dict[str, torch.Tensor]:
+    """The plain model's tensors from a DCP checkpoint (full or model-only), each in the
+    dtype it was saved in; the objectives' modules and the optimizer are not read."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = FileSystemReader(str(folder))
+    saved = reader.read_metadata().state_dict_metadata
+    missing = [key for key in shapes if key not in saved]
+    if missing:
+        raise ExportError(
+            f"checkpoint {folder} has no {missing[0]!r} ({len(missing)} model tensors "
+            "missing): it was written for another model or flavor than the run record's"
+        )
+    state = {}
+    for key, shape in shapes.items():
+        meta = saved[key]
+        if not isinstance(meta, TensorStorageMetadata) or tuple(meta.size) != tuple(shape):
+            raise ExportError(
+                f"checkpoint {folder}: {key!r} has shape {tuple(getattr(meta, 'size', ()))} "
+                f"there and {tuple(shape)} in the run record's model"
+            )
+        state[key] = torch.empty(tuple(shape), dtype=meta.properties.dtype)
+    dcp.load(state, storage_reader=reader, no_dist=True)
+    return state
+
+
+def _safetensors_state(folder: Path, expected_keys: set[str]) -> dict[str, torch.Tensor]:
+    """A checkpoint torchtitan saved in Hugging Face format (``last_save_in_hf``)."""
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for path in _hf_files(folder):
+        state.update(load_file(str(path)))
+    if set(state) != expected_keys:
+        extra = sorted(set(state) - expected_keys)[:3]
+        missing = sorted(expected_keys - set(state))[:3]
+        raise ExportError(
+            f"checkpoint {folder} (Hugging Face format) does not hold this model's tensors: "
+            f"unexpected {extra}, missing {missing}"
+        )
+    return state
+
+
+def special_token_ids(tokenizer_dir: Path) -> dict[str, int]:
+    """``bos_token_id`` / ``eos_token_id`` / ``pad_token_id`` of a Hugging Face tokenizer
+    folder, from its ``tokenizer_config.json`` names and ``tokenizer.json`` ids."""
+    config_path = tokenizer_dir / "tokenizer_config.json"
+    vocabulary_path = tokenizer_dir / "tokenizer.json"
+    if not config_path.is_file() or not vocabulary_path.is_file():
+        return {}
+    config = json.loads(config_path.read_text())
+    ids = {t["content"]: t["id"] for t in json.loads(vocabulary_path.read_text())["added_tokens"]}
+    found = {}
+    for role in ("bos", "eos", "pad"):
+        token = config.get(f"{role}_token")
+        token = token.get("content") if isinstance(token, dict) else token
+        if token in ids:
+            found[f"{role}_token_id"] = ids[token]
+    return found
+
+
+def _tokenizer_files(tokenizer_dir: Path) -> list[Path]:
+    files = [tokenizer_dir / name for name in TOKENIZER_FILES if (tokenizer_dir / name).is_file()]
+    if not any(f.name in ("tokenizer.json", "tokenizer.model") for f in files):
+        raise ExportError(
+            f"the run's tokenizer folder {str(tokenizer_dir)!r} has no tokenizer.json or "
+            "tokenizer.model (moved since training?): pass --tokenizer DIR"
+        )
+    return files
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(
+            f"--out {str(out)!r} exists and is not an empty folder: name a new folder "
+            "(an export is never written over anything)"
+        )
+
+
+def _write_folder(out: Path, write: Callable[[Path], None]) -> None:
+    """``write`` fills a hidden folder beside ``out``, renamed to ``out`` once complete:
+    an error leaves nothing behind."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        write(staging)
+        if out.exists():
+            out.rmdir()
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+@dataclass(frozen=True)
+class Export:
+    """What ``export_run`` wrote, and the tensors it wrote (for ``--verify``)."""
+
+    folder: Path
+    step: int
+    config: dict[str, Any]
+    """What ``config.json`` holds."""
+    model: ExportableModel
+    model_state: dict[str, torch.Tensor] | None
+    """The plain model's torchtitan tensors (None for a checkpoint in Hugging Face format)."""
+
+
+def export_run(
+    run_dir: str | Path,
+    out: str | Path,
+    exportable: Callable[[RunRecord], ExportableModel],
+    step: int | None = None,
+    tokenizer: str | Path | None = None,
+) -> Export:
+    """Write run ``run_dir``'s checkpoint (``step``, default the last) to ``out`` in the
+    Hugging Face layout: ``model.safetensors``, ``config.json``, the tokenizer files and
+    ``titan_objectives_export.json`` (where it came from)."""
+    out = Path(out)
+    _check_out(out)
+    record = read_record(run_dir)
+    step, folder = step_folder(record, step)
+    tokenizer_dir = Path(tokenizer or record.tokenizer)
+    tokenizer_files = _tokenizer_files(tokenizer_dir)
+    model = exportable(record)
+
+    expected_hf = model.to_hf({k: torch.empty(s, device="meta") for k, s in model.shapes.items()})
+    model_state = None
+    if _hf_files(folder):
+        hf_state = _safetensors_state(folder, set(expected_hf))
+    else:
+        model_state = _dcp_state(folder, model.shapes)
+        hf_state = model.to_hf(model_state)
+    config = model.hf_config(special_token_ids(tokenizer_dir))
+    if config.get("tie_word_embeddings"):
+        hf_state.pop("lm_head.weight", None)  # transformers ties it to the embedding
+    dtypes = {t.dtype for t in hf_state.values()}
+    config["dtype"] = str(dtypes.pop() if len(dtypes) == 1 else torch.float32).removeprefix(
+        "torch."
+    )
+
+    def write(staging: Path) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {k: v.detach().contiguous() for k, v in hf_state.items()}
+        save_file(tensors, str(staging / WEIGHTS), metadata={"format": "pt"})
+        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for path in tokenizer_files:
+            shutil.copyfile(path, staging / path.name)
+        provenance = {
+            "run_dir": str(Path(run_dir).resolve()),
+            "checkpoint": str(folder.resolve()),
+            "step": step,
+            "model": record.model_name,
+            "flavor": record.flavor,
+            "host": record.host,
+            "objectives_trained": record.stack,
+            "objectives_exported": [],
+        }
+        (staging / EXPORT_RECORD).write_text(json.dumps(provenance, indent=2) + "\n")
+
+    _write_folder(out, write)
+    return Export(out, step, config, model, model_state)
+
+
+@dataclass(frozen=True)
+class LogitsAgreement:
+    tokens: int
+    max_abs_difference: float
+    kl_divergence: float
+    """Mean over positions of KL(torchtitan || transformers), in nats."""
+
+    def __str__(self) -> str:
+        return (
+            f"transformers' logits vs torchtitan's on {self.tokens} tokens (fp32): largest "
+            f"difference {self.max_abs_difference:.2e}, KL divergence {self.kl_divergence:.2e}"
+        )
+
+
+def logits_agreement(
+    hf_folder: str | Path, torchtitan_logits: Logits, tokens: torch.Tensor
+) -> LogitsAgreement:
+    """Both models' logits on ``tokens`` (batch, seq) on the CPU, the exported model in fp32."""
+    from transformers import AutoModelForCausalLM
+
+    hf_model = AutoModelForCausalLM.from_pretrained(str(hf_folder), dtype=torch.float32)
+    hf_model.eval()
+    with torch.no_grad():
+        ours = torchtitan_logits(tokens).double()
+        theirs = hf_model(tokens).logits.double()
+    log_p, log_q = ours.log_softmax(-1), theirs.log_softmax(-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+    return LogitsAgreement(
+        tokens.numel(), (ours - theirs).abs().max().item(), kl.clamp_min(0).item()
+    )
