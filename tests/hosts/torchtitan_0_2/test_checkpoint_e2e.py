@@ -1,6 +1,8 @@
-"""Resume, stack changes across a resume, exports without objective modules, and
-recovery from a killed rank (CPU, gloo)."""
+"""Resume, stack changes across a resume, exports without objective modules (torchtitan's
+and ``titan-objectives export``, then lm-eval on them), and recovery from a killed rank
+(CPU, gloo)."""
 
+import json
 import os
 import shutil
 import signal
@@ -11,7 +13,9 @@ import time
 import pytest
 import torch
 
+from tests.export_checks import assert_transformers_computes
 from tests.helpers import DEBUG_CONFIG, ROOT, TINY, scalars, train
+from titan_objectives.cli import main
 
 pytestmark = pytest.mark.slow
 
@@ -168,6 +172,26 @@ def test_export_has_no_objective_modules_and_gives_the_same_logits(tmp_path):
     with torch.no_grad():
         from_hf.freqs_cis = from_hf._precompute_freqs_cis()
         torch.testing.assert_close(from_hf(tokens), expected, rtol=1e-5, atol=1e-5)
+
+    # `titan-objectives export`: every kind of last save becomes a folder transformers
+    # loads as it is and that computes the trained model's logits.
+    for run in ("full", "export", "hf"):
+        assert main(["export", str(tmp_path / run), "--out", str(tmp_path / f"{run}_hf")]) == 0
+        assert_transformers_computes(tmp_path / f"{run}_hf", tokens, expected)
+    assert main(["export", str(tmp_path / "bf16"), "--out", str(tmp_path / "bf16_hf")]) == 0
+    assert json.loads((tmp_path / "bf16_hf" / "config.json").read_text())["dtype"] == "bfloat16"
+
+    # `compare --evaluate`: each run exported and scored by lm-eval, one row per run.
+    report = tmp_path / "report"
+    runs = [str(tmp_path / "full"), str(tmp_path / "export")]
+    limit = ("--tasks", "tangled_tale_cloze", "--limit", "4")
+    assert main(["compare", *runs, "--out", str(report), "--evaluate", *limit]) == 0
+    summary = (report / "summary.md").read_text().split("# Downstream scores (lm-eval)")[1]
+    rows = [line.split("|")[2:] for line in summary.splitlines() if line.startswith("| ")]
+    assert rows[0][:2] == [" tangled_tale_cloze/perplexity ", " tangled_tale_cloze/acc "]
+    assert rows[1] == rows[2]  # the same weights, the same scores
+    assert (tmp_path / "full" / "hf" / "step-3" / "config.json").is_file()
+    assert len(list((tmp_path / "full" / "eval").glob("results_*.json"))) == 1
 
     trained_params = sum(p.numel() for p in trained.parameters())
     exported_params = sum(p.numel() for p in plain.parameters())

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,7 +110,9 @@ def _dcp_state(folder: Path, shapes: Shapes) -> dict[str, torch.Tensor]:
                 f"there and {tuple(shape)} in the run record's model"
             )
         state[key] = torch.empty(tuple(shape), dtype=meta.properties.dtype)
-    dcp.load(state, storage_reader=reader, no_dist=True)
+    with warnings.catch_warnings():  # "assuming ... a single process": that is the intent
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, storage_reader=reader)
     return state
 
 

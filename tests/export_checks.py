@@ -1,0 +1,58 @@
+"""What both hosts' export tests check of a ``titan-objectives export`` folder, written
+against transformers and safetensors directly (not through the project's own helpers)."""
+
+import json
+from pathlib import Path
+
+import torch
+
+from tests.helpers import ROOT
+
+TOKENIZER = ROOT / "assets" / "tokenizer-bpe2k-tiny"
+
+# fp32 on the CPU, the same weights: transformers and torchtitan agree to ~2e-6; a norm
+# epsilon of 1e-6 instead of 1e-5 moves the logits by ~4e-5, a missing rotary permutation
+# by ~2e-2 (measured on the llama3 debug model).
+LOGITS_TOLERANCE = 1e-5
+
+
+def exported_keys(folder: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as weights:
+        return list(weights.keys())
+
+
+def transformers_logits(folder: Path, tokens: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+def assert_transformers_computes(
+    folder: Path, tokens: torch.Tensor, expected: torch.Tensor, tolerance: float = LOGITS_TOLERANCE
+) -> None:
+    """``folder`` loads with ``AutoModelForCausalLM`` / ``AutoTokenizer`` as it is, holds
+    no auxiliary module, and computes ``expected`` (the torchtitan model's logits)."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    keys = exported_keys(folder)
+    assert keys and all(k.startswith(("model.", "lm_head.")) for k in keys), keys
+    assert not any("objectives" in k or "projector" in k for k in keys)
+    config = json.loads((folder / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (0, 1)
+
+    text = "Alice was beginning to get very tired of sitting by her sister"
+    run_tokenizer = Tokenizer.from_file(str(TOKENIZER / "tokenizer.json"))
+    assert AutoTokenizer.from_pretrained(str(folder)).encode(text) == run_tokenizer.encode(text).ids
+
+    logits = transformers_logits(folder, tokens).double()
+    expected = expected.double()
+    difference = (logits - expected).abs().max().item()
+    log_p, log_q = expected.log_softmax(-1), logits.log_softmax(-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
+    print(f"{folder.name}: largest logit difference {difference:.2e}, KL {kl:.2e}")
+    assert difference < tolerance and kl < 1e-9, (difference, kl)

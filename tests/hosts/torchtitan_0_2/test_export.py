@@ -1,0 +1,138 @@
+"""``titan-objectives export`` on torchtitan 0.2.2: a saved model of each exportable
+family loads in transformers with the same logits, and every bad argument is named with
+nothing left behind. (A trained run's export and evaluation: test_checkpoint_e2e.py.)"""
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
+from torchtitan.protocols.train_spec import get_train_spec
+
+from tests.export_checks import (
+    LOGITS_TOLERANCE,
+    TOKENIZER,
+    assert_transformers_computes,
+    transformers_logits,
+)
+from titan_objectives.cli import main
+from titan_objectives.hosts.common.run_record import RunRecord, as_record, write_record
+
+
+def saved_run(folder: Path, name: str, flavor: str = "debugmodel", step: int = 2):
+    """A run folder as training leaves it (record, DCP checkpoint with an objective's
+    module in it), from a seeded model whose norm weights are not all ones."""
+    spec = get_train_spec(name)
+    args = copy.deepcopy(spec.model_args[flavor])
+    args.max_seq_len = 64
+    torch.manual_seed(0)
+    model = spec.model_cls(args)
+    with torch.no_grad():
+        model.init_weights()
+        for key, parameter in model.named_parameters():
+            if "norm" in key:
+                parameter.uniform_(0.5, 1.5)
+    state = {**model.state_dict(), "objectives.nitp.projector.weight": torch.ones(4, 4)}
+    dcp.save(state, checkpoint_id=str(folder / "checkpoint" / f"step-{step}"), no_dist=True)
+    record = RunRecord(
+        "torchtitan_0_2",
+        name,
+        flavor,
+        as_record(args),
+        str(TOKENIZER),
+        str(folder / "checkpoint"),
+        ["ntp", "nitp"],
+    )
+    write_record(folder, record)
+    return model, args
+
+
+@pytest.mark.parametrize("name", ["llama3", "qwen3"])
+def test_a_saved_model_loads_in_transformers_with_the_same_logits(tmp_path, name):
+    model, args = saved_run(tmp_path / "run", name)
+    out = tmp_path / "hf"
+    assert main(["export", str(tmp_path / "run"), "--out", str(out)]) == 0
+    tokens = torch.randint(0, args.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(tokens)
+    assert_transformers_computes(out, tokens, expected)
+    provenance = json.loads((out / "titan_objectives_export.json").read_text())
+    assert provenance["step"] == 2 and provenance["objectives_trained"] == ["ntp", "nitp"]
+    if name == "qwen3":  # tied: transformers ties lm_head to the embedding itself
+        assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+
+
+def test_the_logits_check_catches_a_wrong_norm_epsilon_or_rotary_layout(tmp_path):
+    """The tolerance of the export tests is tight enough to see each mistake."""
+    model, args = saved_run(tmp_path / "run", "llama3")
+    out = tmp_path / "hf"
+    main(["export", str(tmp_path / "run"), "--out", str(out)])
+    tokens = torch.randint(0, args.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(tokens)
+
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-6}))
+    assert (transformers_logits(out, tokens) - expected).abs().max() > 2 * LOGITS_TOLERANCE
+    (out / "config.json").write_text(json.dumps(config))
+
+    weights = load_file(str(out / "model.safetensors"))
+    weights["model.layers.0.self_attn.q_proj.weight"] = model.layers["0"].attention.wq.weight
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "model.safetensors"))
+    assert (transformers_logits(out, tokens) - expected).abs().max() > 100 * LOGITS_TOLERANCE
+
+
+def test_verify_reports_the_agreement(tmp_path, capsys):
+    saved_run(tmp_path / "run", "llama3")
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "hf"), "--verify"]) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith("transformers' logits vs torchtitan's on 128 tokens (fp32)")
+    assert float(line.split("largest difference ")[1].split(",")[0]) < LOGITS_TOLERANCE
+
+
+def export_error(argv: list[str], capsys) -> str:
+    assert main(argv) == 2
+    return capsys.readouterr().err
+
+
+def test_bad_arguments_are_named_and_nothing_is_left_behind(tmp_path, capsys, monkeypatch):
+    run, out = tmp_path / "run", tmp_path / "out" / "hf"
+    saved_run(run, "llama3")
+    error = export_error(["export", str(run), "--out", str(out), "--step", "7"], capsys)
+    assert "--step 7: the run has no checkpoint at that step; it has steps 2" in error
+    error = export_error(["export", str(tmp_path), "--out", str(out)], capsys)
+    assert "has no titan_objectives_run.json" in error
+    error = export_error(["export", str(run), "--out", str(run)], capsys)
+    assert f"--out {str(run)!r} exists and is not an empty folder" in error
+
+    # A failure while writing leaves neither the folder nor its staging copy.
+    import titan_objectives.hosts.common.hf_export as hf_export
+
+    def disk_full(*args):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(hf_export.shutil, "copyfile", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        main(["export", str(run), "--out", str(out)])
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_family_transformers_cannot_represent_is_named(tmp_path, capsys):
+    record = RunRecord(
+        "torchtitan_0_2",
+        "deepseek_v3",
+        "debugmodel",
+        {},
+        str(TOKENIZER),
+        str(tmp_path / "checkpoint"),
+        ["ntp"],
+    )
+    write_record(tmp_path, record)
+    (tmp_path / "checkpoint" / "step-1").mkdir(parents=True)
+    error = export_error(["export", str(tmp_path), "--out", str(tmp_path / "hf")], capsys)
+    assert "model 'deepseek_v3' has no Hugging Face transformers class" in error
+    assert "exportable models: llama3, qwen3" in error
+    assert not (tmp_path / "hf").exists()

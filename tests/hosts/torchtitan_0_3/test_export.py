@@ -1,0 +1,139 @@
+"""``titan-objectives export`` on torchtitan 0.3: a saved model of each exportable family
+loads in transformers with the same logits; a trained run (the main job) exports from its
+full and its model-only checkpoint and is scored by lm-eval."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from tests.export_checks import TOKENIZER, assert_transformers_computes
+from tests.hosts.torchtitan_0_3.test_train_e2e import train
+from titan_objectives.cli import main
+from titan_objectives.hosts.common.run_record import RunRecord, as_record, write_record
+
+
+def flavor_config(name: str, seq_len: int = 64):
+    """torchtitan's debug flavor of ``name``, at the sequence length a run trains with."""
+    import importlib
+
+    spec = importlib.import_module(f"torchtitan.models.{name}").model_registry("debugmodel")
+    config = spec.model
+    for layer in config.layers:
+        layer.attention.rope = dataclasses.replace(layer.attention.rope, max_seq_len=seq_len)
+    return config
+
+
+def built(config, state: dict[str, torch.Tensor] | None = None):
+    with torch.device("meta"):
+        model = config.build()
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        model.init_states(buffer_device=torch.device("cpu"))
+    if state is not None:
+        model.load_state_dict(state)
+    return model.eval()
+
+
+def logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    """One document per row, as torchtitan 0.3's step masks it."""
+    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    with torch.no_grad():
+        return model(tokens, positions, model.get_attention_masks(positions=positions))
+
+
+def tokens_for(config) -> torch.Tensor:
+    return torch.randint(0, config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("name", ["llama3", "qwen3"])
+def test_a_saved_model_loads_in_transformers_with_the_same_logits(tmp_path, name):
+    config = flavor_config(name)
+    torch.manual_seed(0)
+    model = built(config)
+    with torch.no_grad():
+        for key, parameter in model.named_parameters():
+            if "norm" in key:
+                parameter.uniform_(0.5, 1.5)
+    state = {**model.state_dict(), "objectives.nitp.projector.weight": torch.ones(4, 4)}
+    run = tmp_path / "run"
+    dcp.save(state, checkpoint_id=str(run / "checkpoint" / "step-2"), no_dist=True)
+    record = RunRecord(
+        "torchtitan_0_3",
+        name,
+        "debugmodel",
+        as_record(config),
+        str(TOKENIZER),
+        str(run / "checkpoint"),
+        ["ntp", "nitp"],
+    )
+    write_record(run, record)
+
+    assert main(["export", str(run), "--out", str(tmp_path / "hf")]) == 0
+    tokens = tokens_for(config)
+    assert_transformers_computes(tmp_path / "hf", tokens, logits(model, tokens))
+
+
+@pytest.mark.slow
+def test_a_trained_run_exports_and_is_scored(tmp_path):
+    """The main job with checkpoints at step 2 (full: the objectives' modules and the
+    optimizer in it) and step 4 (model-only); both export; lm-eval scores the run."""
+    checkpoints = ("--checkpoint.enable", "--checkpoint.interval", "2")
+    train(tmp_path, "llama3_debug_nitp", "--training.steps", "4", *checkpoints)
+    config = flavor_config("llama3")
+    tokens = tokens_for(config)
+    for step in (2, 4):
+        state = built(config).state_dict()
+        dcp.load(state, checkpoint_id=str(tmp_path / "checkpoint" / f"step-{step}"))
+        out = tmp_path / f"hf-{step}"
+        assert main(["export", str(tmp_path), "--out", str(out), "--step", str(step)]) == 0
+        assert_transformers_computes(out, tokens, logits(built(config, state), tokens))
+
+    limit = ("--tasks", "tangled_tale_cloze,tangled_tale_perplexity", "--limit", "4")
+    assert main(["evaluate", str(tmp_path), *limit]) == 0
+    (results,) = (tmp_path / "eval").glob("results_*.json")
+    scored = json.loads(results.read_text())["results"]
+    assert 0 <= scored["tangled_tale_cloze"]["acc,none"] <= 1
+    assert scored["tangled_tale_perplexity"]["bits_per_byte,none"] > 0
+    assert (tmp_path / "hf" / "step-4" / "model.safetensors").is_file()  # the last step
+
+
+def test_bad_steps_and_families_are_named(tmp_path, capsys):
+    record = RunRecord(
+        "torchtitan_0_3",
+        "deepseek_v3",
+        "debugmodel",
+        {},
+        str(TOKENIZER),
+        str(tmp_path / "checkpoint"),
+        ["ntp"],
+    )
+    write_record(tmp_path, record)
+    (tmp_path / "checkpoint" / "step-1").mkdir(parents=True)
+    assert main(["export", str(tmp_path), "--out", str(tmp_path / "a"), "--step", "3"]) == 2
+    assert main(["export", str(tmp_path), "--out", str(tmp_path / "b")]) == 2
+    errors = capsys.readouterr().err
+    assert "--step 3: the run has no checkpoint at that step; it has steps 1" in errors
+    assert "model 'deepseek_v3' has no Hugging Face transformers class" in errors
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_record_from_the_other_host_is_named(tmp_path, capsys):
+    record = RunRecord(
+        "torchtitan_0_2",
+        "llama3",
+        "debugmodel",
+        {},
+        str(TOKENIZER),
+        str(tmp_path / "checkpoint"),
+        ["ntp"],
+    )
+    write_record(tmp_path, record)
+    (tmp_path / "checkpoint" / "step-1").mkdir(parents=True)
+    assert main(["export", str(Path(tmp_path)), "--out", str(tmp_path / "hf")]) == 2
+    assert "trained on torchtitan_0_2; export it in that host's environment" in (
+        capsys.readouterr().err
+    )
