@@ -3,13 +3,17 @@
 # trained on the same tokens with each stack of STACKS (default: ntp, ntp+nitp, ntp+mtp,
 # ntp+top), then one comparison report (per-objective losses, both effective ranks and the
 # average cosine of the final hidden states and of block 2 / the NITP target, on training
-# batches and held-out books).
+# batches and held-out books), and each run's model exported for Hugging Face transformers
+# and scored by lm-evaluation-harness (a table of downstream scores in the same report).
 #
 #   # data/gutenberg/{train,val}.jsonl.gz: the corpus, see docs/data.md
 #   ./scripts/experiments/compare_objectives.sh            # ~1,500 steps per run on an H200
 #   TINY=1 ./scripts/experiments/compare_objectives.sh     # a CPU-sized smoke version
 #
-# STACKS, STEPS, SEED, OUT and extra arguments (passed to every run) override the defaults.
+# STACKS, STEPS, SEED, OUT and extra arguments (passed to every run) override the defaults;
+# TASKS (comma-separated lm-eval tasks, default: the bundled local ones; lm-eval's own,
+# e.g. arc_easy,hellaswag,piqa, need the dataset hub) and LIMIT (documents per task) the
+# evaluation. The evaluation needs the eval extra: EVAL=1 ./scripts/setup.sh.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$ROOT"
@@ -34,14 +38,19 @@ else
 fi
 # One seed for every run (torchtitan leaves a 1-process run unseeded otherwise): the runs
 # start from the same weights and differ only by the stack.
+# The model is saved at the last step (model-only): what the evaluation exports.
 common=(--training.steps "$STEPS" --validation.freq "$STEPS" --debug.seed "${SEED:-42}"
+        --checkpoint.enable --checkpoint.interval "$STEPS"
         ${size[@]+"${size[@]}"} "$@")
+evaluation=(--evaluate ${TASKS:+--tasks "$TASKS"} ${LIMIT:+--limit "$LIMIT"})
 
 runs=()
 for stack in $STACKS; do
   run="$OUT/${stack//,/_}"
+  rm -rf "$run/checkpoint" "$run/hf" "$run/eval"  # a new run, not a resume of the last one
   ./scripts/run_train.sh "${common[@]}" --objectives.stack "$stack" --job.dump_folder "$run"
   runs+=("$run")
 done
-"${PYTHON:-.venv/bin/python}" -m titan_objectives.cli compare "${runs[@]}" --out "$OUT/report"
+"${PYTHON:-.venv/bin/python}" -m titan_objectives.cli compare "${runs[@]}" --out "$OUT/report" \
+  "${evaluation[@]}"
 cat "$OUT/report/summary.md"
