@@ -133,6 +133,7 @@ def test_a_family_transformers_cannot_represent_is_named(tmp_path, capsys):
     write_record(tmp_path, record)
     (tmp_path / "checkpoint" / "step-1").mkdir(parents=True)
     error = export_error(["export", str(tmp_path), "--out", str(tmp_path / "hf")], capsys)
-    assert "model 'deepseek_v3' has no Hugging Face transformers class" in error
+    assert "model 'deepseek_v3' cannot be exported for Hugging Face transformers" in error
+    assert "DeepseekV3 routes experts by sigmoid scores only" in error
     assert "exportable models: llama3, qwen3" in error
     assert not (tmp_path / "hf").exists()

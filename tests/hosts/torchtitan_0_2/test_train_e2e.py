@@ -340,3 +340,37 @@ def test_a_nan_step_is_skipped_on_the_device_and_reported_at_the_next_log_step(
     state = {key: torch.zeros(())}
     dcp.load(state, checkpoint_id=str(tmp_path / "ckpt" / "step-4"))
     assert state[key].item() == 3.0
+
+
+@pytest.mark.long
+def test_compare_objectives_script_reports_losses_and_downstream_scores(tmp_path):
+    """scripts/experiments/compare_objectives.sh at its CPU size: one run per stack, each
+    saved, exported and scored by lm-eval, one report with both tables."""
+    env = dict(
+        os.environ,
+        PYTHON=sys.executable,
+        OMP_NUM_THREADS="1",
+        NGPU="1",
+        TINY="1",
+        STACKS="ntp ntp,nitp",
+        STEPS="3",
+        TASKS="tangled_tale_cloze",
+        LIMIT="3",
+        OUT=str(tmp_path),
+    )
+    script = ROOT / "scripts" / "experiments" / "compare_objectives.sh"
+    result = subprocess.run(
+        [str(script), "--training.seq_len", "64", "--validation.seq_len", "64"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-4000:]
+    losses, scores = (tmp_path / "report" / "summary.md").read_text().split("# Downstream")
+    assert "objectives/nitp/loss" in losses
+    rows = [line.split(" | ")[0] for line in scores.splitlines() if line.startswith("| ntp")]
+    assert rows == ["| ntp", "| ntp_nitp"]
+    for run in ("ntp", "ntp_nitp"):
+        assert (tmp_path / run / "hf" / "step-3" / "config.json").is_file()

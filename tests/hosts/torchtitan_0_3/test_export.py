@@ -117,7 +117,8 @@ def test_bad_steps_and_families_are_named(tmp_path, capsys):
     assert main(["export", str(tmp_path), "--out", str(tmp_path / "b")]) == 2
     errors = capsys.readouterr().err
     assert "--step 3: the run has no checkpoint at that step; it has steps 1" in errors
-    assert "model 'deepseek_v3' has no Hugging Face transformers class" in errors
+    assert "model 'deepseek_v3' cannot be exported for Hugging Face transformers" in errors
+    assert "DeepseekV3 routes experts by sigmoid scores only" in errors
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 

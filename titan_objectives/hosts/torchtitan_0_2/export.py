@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torchtitan.protocols.train_spec import get_train_spec
 
-from titan_objectives.hosts.common.hf_export import ExportableModel, Logits, Shapes
+from titan_objectives.hosts.common.hf_export import ExportableModel, Logits, Shapes, unexportable
 from titan_objectives.hosts.common.run_record import ExportError, RunRecord, overlay
 
 HOST = "torchtitan_0_2"
@@ -99,10 +99,7 @@ def exportable(record: RunRecord) -> ExportableModel:
             f"(this is {HOST})"
         )
     if record.model_name not in HF_CONFIGS:
-        raise ExportError(
-            f"model {record.model_name!r} has no Hugging Face transformers class matching "
-            f"torchtitan's here; exportable models: {', '.join(HF_CONFIGS)}"
-        )
+        raise unexportable(record.model_name, list(HF_CONFIGS))
     spec = get_train_spec(record.model_name)
     args = model_args_of(record)
     with torch.device("meta"):

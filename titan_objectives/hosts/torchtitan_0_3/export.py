@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from titan_objectives.hosts.common.hf_export import ExportableModel, Logits, Shapes
+from titan_objectives.hosts.common.hf_export import ExportableModel, Logits, Shapes, unexportable
 from titan_objectives.hosts.common.run_record import ExportError, RunRecord, overlay
 
 HOST = "torchtitan_0_3"
@@ -102,10 +102,7 @@ def exportable(record: RunRecord) -> ExportableModel:
             f"(this is {HOST})"
         )
     if record.model_name not in HF_CONFIGS:
-        raise ExportError(
-            f"model {record.model_name!r} has no Hugging Face transformers class matching "
-            f"torchtitan's here; exportable models: {', '.join(HF_CONFIGS)}"
-        )
+        raise unexportable(record.model_name, list(HF_CONFIGS))
     spec = _model_spec(record)
     config = overlay(spec.model, record.model_args)
     with torch.device("meta"):
