@@ -141,8 +141,9 @@ def test_the_run_record_rebuilds_the_trained_arguments():
     assert (rebuilt.dim, rebuilt.sizes) == (256, (3, 4))
     assert [(b.heads, b.rope.theta) for b in rebuilt.layers] == [(8, 5e5), (2, 1e4)]
     assert rebuilt.layers[0].rope.init is print  # callables are recorded as text only
-    with pytest.raises(ValueError, match="recorded 1 entries where the base has 2"):
-        overlay(Model(), {"layers": [as_record(Block())]})
+    deeper = overlay(Model(), {"layers": [as_record(Block(1)), as_record(Block(2)), {"heads": 3}]})
+    assert [b.heads for b in deeper.layers] == [1, 2, 3]  # the third made like the base's last
+    assert [b.heads for b in overlay(Model(), {"layers": [{"heads": 5}]}).layers] == [5]
 
 
 def test_special_tokens_of_the_bundled_tokenizer():

@@ -22,12 +22,21 @@ from titan_objectives.cli import main
 from titan_objectives.hosts.common.run_record import RunRecord, as_record, write_record
 
 
-def saved_run(folder: Path, name: str, flavor: str = "debugmodel", step: int = 2):
+def small_moe(args) -> None:
+    """debugmodel_moe at two blocks of 8 experts (top 2), its experts in fp32."""
+    args.n_layers = 2
+    args.moe_args.num_experts, args.moe_args.top_k = 8, 2
+    args.moe_args.use_grouped_mm = False
+
+
+def saved_run(folder: Path, name: str, flavor: str = "debugmodel", step: int = 2, adjust=None):
     """A run folder as training leaves it (record, DCP checkpoint with an objective's
     module in it), from a seeded model whose norm weights are not all ones."""
     spec = get_train_spec(name)
     args = copy.deepcopy(spec.model_args[flavor])
     args.max_seq_len = 64
+    if adjust is not None:
+        adjust(args)
     torch.manual_seed(0)
     model = spec.model_cls(args)
     with torch.no_grad():
@@ -50,9 +59,16 @@ def saved_run(folder: Path, name: str, flavor: str = "debugmodel", step: int = 2
     return model, args
 
 
-@pytest.mark.parametrize("name", ["llama3", "qwen3"])
-def test_a_saved_model_loads_in_transformers_with_the_same_logits(tmp_path, name):
-    model, args = saved_run(tmp_path / "run", name)
+@pytest.mark.parametrize(
+    "name, flavor, adjust",
+    [
+        ("llama3", "debugmodel", None),
+        ("qwen3", "debugmodel", None),
+        ("qwen3", "debugmodel_moe", small_moe),
+    ],
+)
+def test_a_saved_model_loads_in_transformers_with_the_same_logits(tmp_path, name, flavor, adjust):
+    model, args = saved_run(tmp_path / "run", name, flavor, adjust=adjust)
     out = tmp_path / "hf"
     assert main(["export", str(tmp_path / "run"), "--out", str(out)]) == 0
     tokens = torch.randint(0, args.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
@@ -61,8 +77,31 @@ def test_a_saved_model_loads_in_transformers_with_the_same_logits(tmp_path, name
     assert_transformers_computes(out, tokens, expected)
     provenance = json.loads((out / "titan_objectives_export.json").read_text())
     assert provenance["step"] == 2 and provenance["objectives_trained"] == ["ntp", "nitp"]
-    if name == "qwen3":  # tied: transformers ties lm_head to the embedding itself
-        assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+    config = json.loads((out / "config.json").read_text())
+    if flavor == "debugmodel_moe":
+        assert config["architectures"] == ["Qwen3MoeForCausalLM"] and config["num_experts"] == 8
+    elif name == "qwen3":  # tied: transformers ties lm_head to the embedding itself
+        assert config["tie_word_embeddings"] is True
+
+
+def test_moe_routing_transformers_cannot_reproduce_is_refused(tmp_path, capsys):
+    def biased_and_scaled(args) -> None:
+        small_moe(args)
+        args.moe_args.route_scale = 2.5
+
+    saved_run(tmp_path / "scaled", "qwen3", "debugmodel_moe", adjust=biased_and_scaled)
+    error = export_error(["export", str(tmp_path / "scaled"), "--out", str(tmp_path / "a")], capsys)
+    assert (
+        "transformers' Qwen3MoE cannot route as this run did (moe_args route_scale = 2.5)" in error
+    )
+
+    model, _ = saved_run(tmp_path / "biased", "qwen3", "debugmodel_moe", adjust=small_moe)
+    state = model.state_dict()
+    state["layers.1.moe.expert_bias"] = torch.linspace(-0.1, 0.1, 8)
+    dcp.save(state, checkpoint_id=str(tmp_path / "biased" / "checkpoint" / "step-3"), no_dist=True)
+    error = export_error(["export", str(tmp_path / "biased"), "--out", str(tmp_path / "b")], capsys)
+    assert "routed with a learned bias (layers.1.moe.expert_bias" in error
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_the_logits_check_catches_a_wrong_norm_epsilon_or_rotary_layout(tmp_path):

@@ -4,11 +4,13 @@ full and its model-only checkpoint and is scored by lm-eval."""
 
 import dataclasses
 import json
+import types
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
 
 from tests.export_checks import TOKENIZER, assert_transformers_computes
 from tests.hosts.torchtitan_0_3.test_train_e2e import train
@@ -16,12 +18,15 @@ from titan_objectives.cli import main
 from titan_objectives.hosts.common.run_record import RunRecord, as_record, write_record
 
 
-def flavor_config(name: str, seq_len: int = 64):
-    """torchtitan's debug flavor of ``name``, at the sequence length a run trains with."""
+def flavor_config(name: str, flavor: str = "debugmodel", seq_len: int = 64, layers: int = 0):
+    """torchtitan's ``flavor`` of ``name`` (its first ``layers`` blocks, if not 0), at the
+    sequence length a run trains with."""
     import importlib
 
-    spec = importlib.import_module(f"torchtitan.models.{name}").model_registry("debugmodel")
+    spec = importlib.import_module(f"torchtitan.models.{name}").model_registry(flavor)
     config = spec.model
+    if layers:
+        config = dataclasses.replace(config, layers=config.layers[:layers])
     for layer in config.layers:
         layer.attention.rope = dataclasses.replace(layer.attention.rope, max_seq_len=seq_len)
     return config
@@ -38,6 +43,26 @@ def built(config, state: dict[str, torch.Tensor] | None = None):
     return model.eval()
 
 
+def experts_in_fp32(model) -> None:
+    """torchtitan 0.3 runs its grouped experts in bf16; the reference here runs them in
+    fp32 (the exported model's precision), one expert at a time."""
+    from torchtitan.models.common.moe import GroupedExperts
+
+    def forward(self, x, num_tokens_per_expert):
+        outputs, start = [], 0
+        for expert, count in enumerate(num_tokens_per_expert.tolist()):
+            rows = x[start : start + count]
+            start += count
+            hidden = F.silu(rows @ self.w1_EFD[expert].T) * (rows @ self.w3_EFD[expert].T)
+            outputs.append(hidden @ self.w2_EDF[expert].T)
+        outputs.append(x.new_zeros(x.shape[0] - start, self.w2_EDF.shape[1]))
+        return torch.cat(outputs)
+
+    for module in model.modules():
+        if isinstance(module, GroupedExperts):
+            module.forward = types.MethodType(forward, module)
+
+
 def logits(model, tokens: torch.Tensor) -> torch.Tensor:
     """One document per row, as torchtitan 0.3's step masks it."""
     positions = torch.arange(tokens.shape[1]).expand_as(tokens)
@@ -49,11 +74,15 @@ def tokens_for(config) -> torch.Tensor:
     return torch.randint(0, config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("name", ["llama3", "qwen3"])
-def test_a_saved_model_loads_in_transformers_with_the_same_logits(tmp_path, name):
-    config = flavor_config(name)
+@pytest.mark.parametrize(
+    "name, flavor, layers",
+    [("llama3", "debugmodel", 0), ("qwen3", "debugmodel", 0), ("qwen3", "debugmodel_moe", 2)],
+)
+def test_a_saved_model_loads_in_transformers_with_the_same_logits(tmp_path, name, flavor, layers):
+    config = flavor_config(name, flavor, layers=layers)
     torch.manual_seed(0)
     model = built(config)
+    experts_in_fp32(model)
     with torch.no_grad():
         for key, parameter in model.named_parameters():
             if "norm" in key:
@@ -64,7 +93,7 @@ def test_a_saved_model_loads_in_transformers_with_the_same_logits(tmp_path, name
     record = RunRecord(
         "torchtitan_0_3",
         name,
-        "debugmodel",
+        flavor,
         as_record(config),
         str(TOKENIZER),
         str(run / "checkpoint"),
@@ -138,3 +167,34 @@ def test_a_record_from_the_other_host_is_named(tmp_path, capsys):
     assert "trained on torchtitan_0_2; export it in that host's environment" in (
         capsys.readouterr().err
     )
+
+
+def saved_moe_run(folder: Path, route_scale: float = 1.0, expert_bias: bool = False) -> None:
+    config = flavor_config("qwen3", "debugmodel_moe", layers=2)
+    for layer in config.layers:
+        layer.moe.router = dataclasses.replace(layer.moe.router, route_scale=route_scale)
+    state = built(config).state_dict()
+    if expert_bias:
+        state["layers.1.moe.expert_bias_E"] = torch.linspace(-0.1, 0.1, 64)
+    dcp.save(state, checkpoint_id=str(folder / "checkpoint" / "step-1"), no_dist=True)
+    record = RunRecord(
+        "torchtitan_0_3",
+        "qwen3",
+        "debugmodel_moe",
+        as_record(config),
+        str(TOKENIZER),
+        str(folder / "checkpoint"),
+        ["ntp"],
+    )
+    write_record(folder, record)
+
+
+def test_moe_routing_transformers_cannot_reproduce_is_refused(tmp_path, capsys):
+    saved_moe_run(tmp_path / "scaled", route_scale=2.5)
+    saved_moe_run(tmp_path / "biased", expert_bias=True)
+    assert main(["export", str(tmp_path / "scaled"), "--out", str(tmp_path / "a")]) == 2
+    assert main(["export", str(tmp_path / "biased"), "--out", str(tmp_path / "b")]) == 2
+    errors = capsys.readouterr().err
+    assert "Qwen3MoE cannot route as this run did (router.route_scale = 2.5)" in errors
+    assert "routed with a learned bias (layers.1.moe.expert_bias_E" in errors
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -32,7 +32,9 @@ def _attention_module() -> Any:
             continue
         if hasattr(module, "custom_ops") and hasattr(module, "_templated_ring_attention"):
             return module
-    raise RuntimeError(f"no context-parallel attention in this torch (looked in {ATTENTION_MODULES})")
+    raise RuntimeError(
+        f"no context-parallel attention in this torch (looked in {ATTENTION_MODULES})"
+    )
 
 
 def _local(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, list, dict]:

@@ -3,7 +3,8 @@
 torchtitan picks ``cuda`` when no accelerator is found and asks the device module for
 memory statistics and device indices ``torch.cpu`` does not have; FSDP2 reduces
 gradients with ``PREMUL_SUM``, which gloo lacks; MoE routers count integer expert ids
-with ``torch.histc``, which CPU refuses.
+with ``torch.histc``, which CPU refuses; context parallelism has no ring attention for
+the CPU attention kernel (``cpu_context_parallel``).
 """
 
 import functools
@@ -16,6 +17,11 @@ import types
 from collections.abc import Callable
 
 import torch
+
+from titan_objectives.hosts.common.cpu_context_parallel import (
+    ATTENTION_MODULES,
+    ring_attention_for_cpu_sdpa,
+)
 
 
 class _CPUDeviceModule(types.ModuleType):
@@ -162,6 +168,7 @@ class CPURuntime:
         import_torchtitan_with_cpu_device(self.import_tools_utils)
         force_sum_reductions_in_fsdp()
         histc_of_integers()
+        ring_attention_for_cpu_sdpa()
         for patch in self.after:
             patch()
         self.active = True
@@ -199,5 +206,18 @@ CPU_SEAMS: tuple[tuple[str, str, str, str], ...] = (
         "_get_gradient_divide_factors",
         "../common/cpu_patches",
         "force SUM reductions: gloo has no PREMUL_SUM",
+    ),
+    *(
+        (
+            ATTENTION_MODULES[0],
+            attribute,
+            "../common/cpu_context_parallel",
+            "ring attention for the CPU SDPA kernel under context parallelism",
+        )
+        for attribute in (
+            "custom_ops",
+            "_templated_ring_attention",
+            "_templated_ring_attention_backward",
+        )
     ),
 )

@@ -52,6 +52,7 @@ def unexportable(model_name: str, exportable: list[str]) -> ExportError:
 
 Shapes = dict[str, torch.Size]
 Logits = Callable[[torch.Tensor], torch.Tensor]
+StateConversion = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class ExportableModel:
     shapes: Shapes
     """The plain model's state-dict keys and shapes (what a checkpoint must hold)."""
 
-    to_hf: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+    to_hf: StateConversion
     """torchtitan's state-dict adapter for this model (``StateDictAdapter.to_hf``)."""
 
     hf_config: Callable[[dict[str, int]], dict[str, Any]]
@@ -70,6 +71,28 @@ class ExportableModel:
     logits_of: Callable[[dict[str, torch.Tensor]], Logits]
     """The torchtitan model with these tensors, on the CPU, as tokens (batch, seq) ->
     logits: what ``--verify`` compares transformers' model with."""
+
+
+def without_routing_bias(to_hf: StateConversion) -> StateConversion:
+    """``to_hf`` for models whose transformers class routes experts without a bias: a run
+    that learned one (MoE load balancing, ``expert_bias``) is refused, not exported wrong
+    (torchtitan's adapters drop the buffer)."""
+
+    def checked(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        biased = [
+            key
+            for key, value in state.items()
+            if "expert_bias" in key and value.device.type != "meta" and bool(value.any())
+        ]
+        if biased:
+            raise ExportError(
+                f"the checkpoint's experts were routed with a learned bias ({biased[0]}, from "
+                "MoE load balancing: load_balance_coeff), which this model's transformers "
+                "class has no place for"
+            )
+        return to_hf(state)
+
+    return checked
 
 
 def checkpoint_steps(folder: Path) -> list[int]:

@@ -61,10 +61,9 @@ def _overlaid(current: Any, value: Any) -> Any:
     if isinstance(value, dict):
         return current  # a mapping of callables, or an object recorded as its fields
     if isinstance(current, (list, tuple)) and isinstance(value, list):
-        if any(dataclasses.is_dataclass(c) for c in current):
-            if len(current) != len(value):
-                raise ValueError(f"recorded {len(value)} entries where the base has {len(current)}")
-            value = [_overlaid(c, v) for c, v in zip(current, value, strict=True)]
+        if current and all(dataclasses.is_dataclass(c) for c in current):
+            # Blocks past the base's last one (a run with more layers) are made like it.
+            value = [_overlaid(current[min(i, len(current) - 1)], v) for i, v in enumerate(value)]
         return type(current)(value)
     if current is None or isinstance(current, (bool, int, float, str)):
         return value

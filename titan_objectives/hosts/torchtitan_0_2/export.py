@@ -9,7 +9,13 @@ from typing import Any
 import torch
 from torchtitan.protocols.train_spec import get_train_spec
 
-from titan_objectives.hosts.common.hf_export import ExportableModel, Logits, Shapes, unexportable
+from titan_objectives.hosts.common.hf_export import (
+    ExportableModel,
+    Logits,
+    Shapes,
+    unexportable,
+    without_routing_bias,
+)
 from titan_objectives.hosts.common.run_record import ExportError, RunRecord, overlay
 
 HOST = "torchtitan_0_2"
@@ -46,12 +52,37 @@ def _llama3(args: Any, shapes: Shapes) -> dict[str, Any]:
     }
 
 
-def _qwen3(args: Any, shapes: Shapes) -> dict[str, Any]:
-    if args.moe_enabled:
+def _qwen3_moe(args: Any) -> dict[str, Any]:
+    """Qwen3MoE routes every layer's tokens by softmax scores, weights the experts'
+    outputs, and has no shared experts, groups, bias or scale: a run must too."""
+    moe = args.moe_args
+    refused = {
+        "score_func": moe.score_func != "softmax",
+        "route_scale": moe.route_scale != 1.0,
+        "num_shared_experts": moe.num_shared_experts != 0,
+        "gate_bias": moe.gate_bias,
+        "score_before_experts": moe.score_before_experts,
+        "num_expert_groups": moe.num_expert_groups is not None,
+        "_debug_force_load_balance": moe._debug_force_load_balance,
+    }
+    if any(refused.values()):
         raise ExportError(
-            "model qwen3 with MoE layers (moe_enabled) has no matching transformers class "
-            "here; exportable: llama3, dense qwen3"
+            "model qwen3 with MoE: transformers' Qwen3MoE cannot route as this run did "
+            f"(moe_args {', '.join(f'{k} = {getattr(moe, k)!r}' for k, v in refused.items() if v)})"
         )
+    return {
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "model_type": "qwen3_moe",
+        "moe_intermediate_size": args.moe_inter_dim,
+        "num_experts": moe.num_experts,
+        "num_experts_per_tok": moe.top_k,
+        "norm_topk_prob": moe.route_norm,
+        "decoder_sparse_step": 1,  # every block is a MoE block
+        "mlp_only_layers": [],
+    }
+
+
+def _qwen3(args: Any, shapes: Shapes) -> dict[str, Any]:
     if not args.qk_norm:
         raise ExportError("model qwen3 without qk_norm: transformers' Qwen3 always has it")
     return {
@@ -71,6 +102,7 @@ def _qwen3(args: Any, shapes: Shapes) -> dict[str, Any]:
         "tie_word_embeddings": args.enable_weight_tying,
         "attention_bias": False,
         "use_sliding_window": False,
+        **(_qwen3_moe(args) if args.moe_enabled else {}),
     }
 
 
@@ -110,12 +142,15 @@ def exportable(record: RunRecord) -> ExportableModel:
         return {**HF_CONFIGS[record.model_name](args, shapes), **token_ids}
 
     def logits_of(state: dict[str, torch.Tensor]) -> Logits:
+        exact = copy.deepcopy(args)
+        if hasattr(exact, "moe_args"):
+            exact.moe_args.use_grouped_mm = False  # experts in fp32, as transformers runs them
         with torch.device("meta"):
-            model = spec.model_cls(args)
+            model = spec.model_cls(exact)
         model.to_empty(device="cpu")
         with torch.no_grad():
             model.init_weights()  # the buffers (rotary tables), then the trained weights
         model.load_state_dict(state)
         return model
 
-    return ExportableModel(shapes, adapter.to_hf, hf_config, logits_of)
+    return ExportableModel(shapes, without_routing_bias(adapter.to_hf), hf_config, logits_of)

@@ -8,10 +8,17 @@ from typing import Any
 
 import torch
 
-from titan_objectives.hosts.common.hf_export import ExportableModel, Logits, Shapes, unexportable
+from titan_objectives.hosts.common.hf_export import (
+    ExportableModel,
+    Logits,
+    Shapes,
+    unexportable,
+    without_routing_bias,
+)
 from titan_objectives.hosts.common.run_record import ExportError, RunRecord, overlay
 
 HOST = "torchtitan_0_3"
+DENSE_FFN = "layers.0.feed_forward.w1.weight"  # its rows: the SwiGLU width
 
 
 def _decoder(config: Any) -> dict[str, Any]:
@@ -49,31 +56,64 @@ def _llama3(config: Any, shapes: Shapes) -> dict[str, Any]:
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         **_decoder(config),
-        "intermediate_size": shapes["layers.0.feed_forward.w1.weight"][0],
+        "intermediate_size": shapes[DENSE_FFN][0],
         "rope_parameters": {**scaling, "rope_theta": float(rope.theta)},
         "mlp_bias": False,
     }
 
 
+def _qwen3_moe(config: Any) -> dict[str, Any]:
+    """Qwen3MoE routes every layer's tokens by softmax scores, weights the experts'
+    outputs, and has no shared experts, groups, bias or scale: a run must too."""
+    moes = [layer.moe for layer in config.layers]
+    if any(moe is None for moe in moes):
+        raise ExportError("model qwen3 with dense and MoE blocks: Qwen3MoE's are all MoE here")
+    moe = moes[0]
+    router = moe.router
+    refused = {
+        "score_func": router.score_func != "softmax",
+        "route_scale": router.route_scale != 1.0,
+        "num_expert_groups": router.num_expert_groups is not None,
+        "_debug_force_load_balance": router._debug_force_load_balance,
+    }
+    wrong = [f"router.{k} = {getattr(router, k)!r}" for k, bad in refused.items() if bad]
+    if router.gate.bias:
+        wrong.append("router.gate.bias = True")
+    if moe.shared_experts is not None:
+        wrong.append("shared_experts")
+    if wrong:
+        raise ExportError(
+            "model qwen3 with MoE: transformers' Qwen3MoE cannot route as this run did "
+            f"({', '.join(wrong)})"
+        )
+    return {
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "model_type": "qwen3_moe",
+        "moe_intermediate_size": moe.routed_experts.inner_experts.hidden_dim,
+        "intermediate_size": moe.routed_experts.inner_experts.hidden_dim,  # unused: no dense
+        "num_experts": moe.num_experts,
+        "num_experts_per_tok": router.top_k,
+        "norm_topk_prob": router.route_norm,
+        "decoder_sparse_step": 1,  # every block is a MoE block
+        "mlp_only_layers": [],
+    }
+
+
 def _qwen3(config: Any, shapes: Shapes) -> dict[str, Any]:
     layer = config.layers[0]
-    if any(block.moe is not None for block in config.layers):
-        raise ExportError(
-            "model qwen3 with MoE layers has no matching transformers class here; "
-            "exportable: llama3, dense qwen3"
-        )
     if layer.attention.qk_norm is None:
         raise ExportError("model qwen3 without qk_norm: transformers' Qwen3 always has it")
+    moe = layer.moe is not None
     return {
         "architectures": ["Qwen3ForCausalLM"],
         "model_type": "qwen3",
         **_decoder(config),
-        "intermediate_size": shapes["layers.0.feed_forward.w1.weight"][0],
         "rope_parameters": {
             "rope_type": "default",
             "rope_theta": float(layer.attention.rope.theta),
         },
         "use_sliding_window": False,
+        **(_qwen3_moe(config) if moe else {"intermediate_size": shapes[DENSE_FFN][0]}),
     }
 
 
@@ -128,4 +168,4 @@ def exportable(record: RunRecord) -> ExportableModel:
 
         return logits
 
-    return ExportableModel(shapes, adapter.to_hf, hf_config, logits_of)
+    return ExportableModel(shapes, without_routing_bias(adapter.to_hf), hf_config, logits_of)
