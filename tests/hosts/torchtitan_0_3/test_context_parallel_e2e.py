@@ -1,0 +1,64 @@
+"""Context parallelism on CPU (torchtitan 0.3, gloo): its FlexAttention context parallel
+(keys and values all-gathered) on the CPU runtime makes a CP 2 run equal to one process,
+from one seed checkpoint, with and without load balancing."""
+
+import shutil
+
+import pytest
+
+from tests.helpers import scalars
+from tests.hosts.torchtitan_0_3.test_train_e2e import first_moments, train
+
+pytestmark = [pytest.mark.slow, pytest.mark.long]
+
+# FlexAttention's context parallel splits whole mask blocks of 128 positions per rank.
+SIZES = ("--training.seq_len", "256", "--training.local_batch_size", "2")
+CP = ("--parallelism.context_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "1")
+
+
+def test_ntp_under_context_parallel_matches_one_process(tmp_path):
+    common = (
+        "llama3_debug",
+        "--objectives.stack",
+        "ntp",
+        *SIZES,
+        "--training.steps",
+        "3",
+        "--checkpoint.enable",
+        "--checkpoint.interval",
+        "100",
+        "--checkpoint.no-last_save_model_only",
+    )
+    train(tmp_path / "seed", *common, "--checkpoint.create_seed_checkpoint")
+    runs = {
+        "one": (1, ()),
+        "cp": (2, CP),
+        "cp_no_balancing": (2, (*CP, "--parallelism.context_parallel_load_balancer", "None")),
+    }
+    logged = {}
+    for name, (nproc, overrides) in runs.items():
+        shutil.copytree(tmp_path / "seed" / "checkpoint", tmp_path / name / "checkpoint")
+        train(tmp_path / name, *common, *overrides, nproc=nproc)
+        logged[name] = scalars(tmp_path / name)
+    tags = ("objectives/ntp/loss", "loss_metrics/global_avg_loss", "grad_norm")
+    parameters = (
+        "tok_embeddings.weight",
+        "layers.0.attention.qkv_linear.wqkv.weight",
+        "norm.weight",
+        "lm_head.weight",
+    )
+    expected = first_moments(tmp_path / "one" / "checkpoint" / "step-3", parameters)
+    for name in ("cp", "cp_no_balancing"):
+        worst = max(
+            abs(logged[name][tag][step] / logged["one"][tag][step] - 1)
+            for tag in tags
+            for step in (1, 2, 3)
+        )
+        print(f"{name}: largest relative difference from one process {worst:.1e}")
+        assert worst < 1e-4, name
+        moments = first_moments(tmp_path / name / "checkpoint" / "step-3", parameters)
+        for key, value in expected.items():
+            scale = value.abs().max().item()
+            difference = (moments[key] - value).abs().max().item() / scale
+            print(f"{name} {key}: largest difference / largest entry {difference:.1e}")
+            assert difference < 1e-4, (name, key)
