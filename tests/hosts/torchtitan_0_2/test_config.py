@@ -265,6 +265,13 @@ BAD_OVERRIDES = {
         ["--objectives.stack", "ntp,nitp", "--parallelism.context_parallel_degree", "2"],
         r"context_parallel_degree = 2: context parallelism reorders",
     ),
+    "context_parallel_split": (
+        ["--objectives.stack", "ntp", "--parallelism.context_parallel_degree", "4"]
+        + ["--training.seq_len", "68"],
+        r"training\.seq_len = 72 with parallelism\.context_parallel_degree = 4: context "
+        r"parallelism cuts each sequence into 8 chunks \(two per rank, load-balanced\); use a "
+        r"seq_len divisible by 8",
+    ),
     "missing_dataset": (
         ["--training.dataset_path", "/no/such/corpus.txt"],
         r"training\.dataset_path: dataset path '/no/such/corpus\.txt' does not exist",

@@ -56,6 +56,13 @@ def test_objectives_flags_and_the_toml_table_reach_the_config(tmp_path):
         ),
         (["--parallelism.spmd_backend", "spmd_types"], "parallelism.spmd_backend = 'spmd_types'"),
         (["--checkpoint.create_seed_checkpoint"], "pass --checkpoint.enable"),
+        (
+            ["--objectives.stack", "ntp", "--parallelism.context_parallel_degree", "2"]
+            + ["--training.seq_len", "64"],
+            "training.seq_len = 64 with parallelism.context_parallel_degree = 2: context "
+            "parallelism cuts each sequence into 4 chunks (two per rank, load-balanced), each "
+            "rank's share whole 128-position mask blocks; use a seq_len divisible by 256",
+        ),
     ],
 )
 def test_bad_config_is_named_before_anything_is_built(args, message):

@@ -11,6 +11,7 @@ import dataclasses
 import fnmatch
 import importlib.metadata
 import logging
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -123,6 +124,8 @@ def check_parallelism(
             f"{parallelism.context_parallel_degree}: context parallelism reorders the "
             f"sequence, and {read_ahead}; use FSDP or TP instead"
         )
+    if parallelism.context_parallel_degree > 1:
+        check_context_parallel_split(job_config)
     if parallelism.tensor_parallel_degree > 1:
         check_tensor_parallel(job_config, stack, block_class)
     head_readers = [name for name, need in needs.items() if need.output_weight]
@@ -131,6 +134,25 @@ def check_parallelism(
             f"parallelism.fsdp_reshard_after_forward = 'always' with "
             f"{', '.join(head_readers)}: they read the output head's weight after the forward, "
             "which 'always' frees; use 'default' or 'never'"
+        )
+
+
+def check_context_parallel_split(config: Any, multiple: int = 1) -> None:
+    """Context parallelism cuts each sequence into equal chunks, two per rank when load
+    balanced (each rank takes one from the head and one from the tail); ``multiple``: what
+    each rank's share must also be whole blocks of (a host's attention mask blocks)."""
+    parallelism = config.parallelism
+    degree, seq_len = parallelism.context_parallel_degree, config.training.seq_len
+    balanced = bool(parallelism.context_parallel_load_balancer)
+    chunks = 2 * degree if balanced else degree
+    step = math.lcm(chunks, multiple * degree)
+    if seq_len % step:
+        how = "two per rank, load-balanced" if balanced else "one per rank"
+        raise ObjectivesConfigError(
+            f"training.seq_len = {seq_len} with parallelism.context_parallel_degree = "
+            f"{degree}: context parallelism cuts each sequence into {chunks} chunks ({how})"
+            + (f", each rank's share whole {multiple}-position mask blocks" if multiple > 1 else "")
+            + f"; use a seq_len divisible by {step}"
         )
 
 

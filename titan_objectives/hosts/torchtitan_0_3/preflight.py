@@ -7,10 +7,11 @@ from typing import Any
 
 from torchtitan.config import TORCH_DTYPE_MAP
 from torchtitan.config.override import apply_overrides
+from torchtitan.models.common.attention import FlexAttention
 from torchtitan.models.common.decoder import Decoder
 
 from titan_objectives.config import SECTION, ObjectivesConfigError
-from titan_objectives.hosts.common.checks import check_objectives
+from titan_objectives.hosts.common.checks import check_context_parallel_split, check_objectives
 from titan_objectives.hosts.common.corpus import DATASET_NAME, corpus_files
 from titan_objectives.hosts.common.run_record import RunRecord, as_record
 from titan_objectives.hosts.common.runtime import CheckedConfig
@@ -48,6 +49,15 @@ def model_config_of(config: Any) -> Decoder.Config:
     if live.override.imports:
         apply_overrides(live.override, live)
     return live.model_spec.model
+
+
+def _check_flex_context_parallel(config: Any, model_config: Decoder.Config) -> None:
+    """FlexAttention's context parallel shards the mask by whole blocks per rank."""
+    attention = model_config.first_attention
+    inner = getattr(attention, "inner_attention", None)
+    if config.parallelism.context_parallel_degree > 1 and isinstance(inner, FlexAttention.Config):
+        block = inner.block_size if isinstance(inner.block_size, int) else inner.block_size[0]
+        check_context_parallel_split(config, block)
 
 
 def _check_runtime(config: Any) -> None:
@@ -102,6 +112,7 @@ def check_config(config: Any) -> CheckedConfig:
         HostedObjectiveStack,
     )
     _check_runtime(config)
+    _check_flex_context_parallel(config, model_config)
     _check_paths(config)
     if config.checkpoint.create_seed_checkpoint and not config.checkpoint.enable:
         raise ObjectivesConfigError(
