@@ -268,7 +268,7 @@ BAD_OVERRIDES = {
     "context_parallel_split": (
         ["--objectives.stack", "ntp", "--parallelism.context_parallel_degree", "4"]
         + ["--training.seq_len", "68"],
-        r"training\.seq_len = 72 with parallelism\.context_parallel_degree = 4: context "
+        r"training\.seq_len = 68 with parallelism\.context_parallel_degree = 4: context "
         r"parallelism cuts each sequence into 8 chunks \(two per rank, load-balanced\); use a "
         r"seq_len divisible by 8",
     ),
