@@ -10,9 +10,9 @@ titan-objectives check-parallel [--nproc N] CONFIG ...
 titan-objectives compare RUN... --out DIR [--evaluate]
                                        plots and tables from runs' TensorBoard logs (and
                                        their downstream scores)
-titan-objectives export RUN_DIR --out DIR [--step N] [--verify]
+titan-objectives export RUN_DIR --out DIR [--step N] [--tokenizer DIR] [--verify]
                                        a run's model as a Hugging Face transformers folder
-titan-objectives evaluate DIR [--tasks T,...] [--limit N]
+titan-objectives evaluate DIR [--tasks T,...] [--limit N] [--step N] [--output-dir D]
                                        lm-evaluation-harness on an export (or a run's)
 """
 
@@ -73,7 +73,11 @@ def check_command(command: str, args: list[str]) -> int:
 
 
 def compare_command(args: argparse.Namespace) -> int:
+    from titan_objectives.hosts.common.run_record import ExportError
     from titan_objectives.report import compare_runs
+
+    if not args.evaluate and (args.tasks or args.limit):
+        raise ExportError("--tasks and --limit choose what --evaluate scores: add --evaluate")
 
     tasks = args.tasks.split(",") if args.tasks else None
     for path in compare_runs(args.runs, args.out, args.evaluate, tasks, args.limit):
@@ -127,30 +131,42 @@ def _export_or_evaluate_error(command: str, error: Exception) -> int:
 
 
 def export_command(args: argparse.Namespace) -> int:
-    from titan_objectives.evaluation.runs import export, verify
+    from titan_objectives.evaluation.harness import require_eval_extra
+    from titan_objectives.evaluation.runs import check_verifiable, export, verify
 
-    export_made = export(Path(args.run_dir), Path(args.out), args.step, args.tokenizer)
-    print(
-        f"{export_made.folder}: step {export_made.step}, {export_made.config['architectures'][0]}"
-    )
+    if args.verify:  # what --verify needs, before anything is written
+        require_eval_extra("--verify")
+        check_verifiable(Path(args.run_dir), args.step)
+    made = export(Path(args.run_dir), Path(args.out), args.step, args.tokenizer)
+    print(f"{made.folder}: step {made.step}, {made.config['architectures'][0]}")
     if args.verify:
-        print(verify(export_made))
+        print(verify(made))
     return 0
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
     from titan_objectives.evaluation.harness import bundled_tasks, evaluate, task_manager
-    from titan_objectives.evaluation.runs import model_folder
+    from titan_objectives.evaluation.runs import model_folder, results_folder
 
     directory = Path(args.dir)
     tasks = args.tasks.split(",") if args.tasks else bundled_tasks()
-    task_manager(tasks)  # an unknown task fails here, before any export or model load
+    manager = task_manager(tasks)  # an unknown task fails here, before any export or load
     folder = model_folder(directory, args.step)
-    output_dir = Path(args.output_dir) if args.output_dir else directory / "eval"
-    evaluation = evaluate(folder, tasks, output_dir, args.limit, args.batch_size, args.device)
+    output_dir = Path(args.output_dir) if args.output_dir else results_folder(directory)
+    evaluation = evaluate(
+        folder, tasks, output_dir, args.limit, args.batch_size, args.device, manager
+    )
     print(evaluation.table())
     print(evaluation.results_file)
     return 0
+
+
+def positive(text: str) -> int:
+    """An argparse type: an integer above 0."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed; expected an integer >= 1")
+    return value
 
 
 def _add_export_and_evaluate(commands: Any) -> None:
@@ -173,10 +189,12 @@ def _add_export_and_evaluate(commands: Any) -> None:
     evaluate.add_argument(
         "--tasks", help="comma-separated lm-eval tasks (default: the bundled local tasks)"
     )
-    evaluate.add_argument("--limit", type=int, help="documents per task (default: all)")
+    evaluate.add_argument("--limit", type=positive, help="documents per task (default: all)")
     evaluate.add_argument("--step", type=int, help="a run's checkpoint step (default: the last)")
-    evaluate.add_argument("--output-dir", help="where results go (default: DIR/eval)")
-    evaluate.add_argument("--batch-size", type=int, default=16, help="lm-eval's batch size")
+    evaluate.add_argument(
+        "--output-dir", help="where results go (default: the run's eval folder, RUN_DIR/eval)"
+    )
+    evaluate.add_argument("--batch-size", type=positive, default=16, help="lm-eval's batch size")
     evaluate.add_argument("--device", help="default: cuda when there is a GPU, else cpu")
 
 
@@ -211,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also export and evaluate each run (its last checkpoint) and add their scores",
     )
     compare.add_argument("--tasks", help="with --evaluate: lm-eval tasks (default: bundled)")
-    compare.add_argument("--limit", type=int, help="with --evaluate: documents per task")
+    compare.add_argument("--limit", type=positive, help="with --evaluate: documents per task")
     _add_export_and_evaluate(commands)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] in (["validate"], ["describe"]) and not {"-h", "--help"} & set(argv[1:2]):

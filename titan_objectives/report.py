@@ -107,12 +107,16 @@ def downstream_scores(
     (results in ``RUN/eval``); the task names are checked before the first export."""
     from titan_objectives.evaluation.harness import bundled_tasks, evaluate, scores, task_manager
     from titan_objectives.evaluation.runs import model_folder
+    from titan_objectives.hosts.common.hf_export import step_folder
+    from titan_objectives.hosts.common.run_record import read_record
 
     tasks = tasks or bundled_tasks()
-    task_manager(tasks)
+    manager = task_manager(tasks)
+    for path in runs.values():  # every run exportable, before the first export
+        step_folder(path, read_record(path), None)
     found = {}
     for name, path in runs.items():
-        evaluation = evaluate(model_folder(path), tasks, path / "eval", limit)
+        evaluation = evaluate(model_folder(path), tasks, path / "eval", limit, manager=manager)
         found[name] = scores(evaluation.results)
     return found
 
@@ -127,6 +131,9 @@ def compare_runs(
     """Writes the plots and ``summary.md`` into ``out_dir``; returns the files written."""
     paths = [Path(p) for p in run_dirs]
     runs = {name: load_scalars(path) for name, path in zip(run_names(paths), paths, strict=True)}
+    scores = (
+        downstream_scores(dict(zip(runs, paths, strict=True)), tasks, limit) if evaluate else {}
+    )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -138,10 +145,7 @@ def compare_runs(
     summary = out / "summary.md"
     text = "# Final values\n\n" + summary_table(runs)
     if evaluate:
-        named = dict(zip(runs, paths, strict=True))
-        text += "\n# Downstream scores (lm-eval)\n\n" + downstream_table(
-            downstream_scores(named, tasks, limit)
-        )
+        text += "\n# Downstream scores (lm-eval)\n\n" + downstream_table(scores)
     summary.write_text(text)
     written.append(summary)
     return written

@@ -13,13 +13,23 @@
 # STACKS, STEPS, SEED, OUT and extra arguments (passed to every run) override the defaults;
 # TASKS (comma-separated lm-eval tasks, default: the bundled local ones; lm-eval's own,
 # e.g. arc_easy,hellaswag,piqa, need the dataset hub) and LIMIT (documents per task) the
-# evaluation. The evaluation needs the eval extra: EVAL=1 ./scripts/setup.sh.
+# evaluation, which needs the eval extra: set up here (EVAL=1 ./scripts/setup.sh) unless
+# PYTHON names an interpreter that has it.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$ROOT"
 OUT=${OUT:-outputs/compare_objectives}
 STACKS=${STACKS:-"ntp ntp,nitp ntp,mtp ntp,top"}
 export CONFIG_FILE=toml_configs/llama3_125m_nitp.toml NGPU=${NGPU:-1}
+if [ -z "${PYTHON:-}" ]; then
+  EVAL=1 ./scripts/setup.sh
+  export PYTHON=.venv/bin/python
+fi
+# Before any training: the evaluation at the end needs lm-eval and transformers.
+"$PYTHON" -c "import lm_eval, transformers" 2>/dev/null || {
+  echo "compare_objectives.sh: $PYTHON has no lm-eval/transformers: EVAL=1 ./scripts/setup.sh" >&2
+  exit 2
+}
 
 if [ -n "${TINY:-}" ]; then
   STEPS=${STEPS:-40}
@@ -51,6 +61,6 @@ for stack in $STACKS; do
   ./scripts/run_train.sh "${common[@]}" --objectives.stack "$stack" --job.dump_folder "$run"
   runs+=("$run")
 done
-"${PYTHON:-.venv/bin/python}" -m titan_objectives.cli compare "${runs[@]}" --out "$OUT/report" \
+"$PYTHON" -m titan_objectives.cli compare "${runs[@]}" --out "$OUT/report" \
   "${evaluation[@]}"
 cat "$OUT/report/summary.md"

@@ -3,6 +3,8 @@ PyTorch computation of the same numbers, and the errors before anything is loade
 
 import dataclasses
 import json
+import math
+import re
 import shutil
 from pathlib import Path
 
@@ -46,7 +48,7 @@ def tiny_hf_model(tmp_path_factory) -> Path:
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
-        max_position_embeddings=512,
+        max_position_embeddings=1024,  # a bundled document in one window
         **special_token_ids(TOKENIZER),
     )
     torch.manual_seed(0)
@@ -56,46 +58,75 @@ def tiny_hf_model(tmp_path_factory) -> Path:
     return folder
 
 
-def cloze_by_hand(folder: Path, items: list[dict]) -> tuple[float, float]:
-    """Perplexity and accuracy of the cloze items, as LAMBADA defines them: the model
-    reads BOS + the passage; the target word's tokens are scored (summed log-probability;
-    right when every one is the greedy choice)."""
+def by_hand(folder: Path, limit: int) -> dict[str, float]:
+    """The bundled tasks' numbers in plain PyTorch, as LAMBADA and wikitext define them:
+    a cloze passage is read as it is and the target word's tokens are scored (summed
+    log-probability; right when every one is the greedy choice); a document is scored
+    whole after a BOS token, per word and per byte."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    log_likelihoods, right = [], []
-    for item in items:
-        context = [tokenizer.bos_token_id] + tokenizer.encode(item["context"])
-        whole = [tokenizer.bos_token_id] + tokenizer.encode(item["context"] + " " + item["target"])
-        target = torch.tensor(whole[len(context) :])
+
+    def log_probs(ids: list[int]) -> torch.Tensor:
         with torch.no_grad():
-            logits = model(torch.tensor([whole[:-1]])).logits[0, len(context) - 1 :]
-        log_probs = logits.double().log_softmax(-1)
-        log_likelihoods.append(log_probs.gather(1, target[:, None]).sum().item())
-        right.append(bool((logits.argmax(-1) == target).all()))
-    mean = sum(log_likelihoods) / len(log_likelihoods)
-    return float(torch.tensor(-mean).exp()), sum(right) / len(right)
+            return model(torch.tensor([ids])).logits[0].double().log_softmax(-1)
+
+    cloze_ll, right = [], []
+    for item in read_jsonl("cloze.jsonl")[:limit]:
+        context = tokenizer.encode(item["context"])
+        whole = tokenizer.encode(item["context"] + " " + item["target"])
+        target = torch.tensor(whole[len(context) :])
+        scored = log_probs(whole)[len(context) - 1 : -1]
+        cloze_ll.append(scored.gather(1, target[:, None]).sum().item())
+        right.append(bool((scored.argmax(-1) == target).all()))
+    rolling_ll, words, nbytes = 0.0, 0, 0
+    for document in read_jsonl("perplexity.jsonl")[:limit]:
+        tokens = tokenizer.encode(document["text"])
+        scored = log_probs([tokenizer.bos_token_id, *tokens])[:-1]
+        rolling_ll += scored.gather(1, torch.tensor(tokens)[:, None]).sum().item()
+        words += len(re.split(r"\s+", document["text"]))
+        nbytes += len(document["text"].encode())
+    return {
+        "tangled_tale_cloze/perplexity": math.exp(-sum(cloze_ll) / len(cloze_ll)),
+        "tangled_tale_cloze/acc": sum(right) / len(right),
+        "tangled_tale_perplexity/word_perplexity": math.exp(-rolling_ll / words),
+        "tangled_tale_perplexity/byte_perplexity": math.exp(-rolling_ll / nbytes),
+        "tangled_tale_perplexity/bits_per_byte": -rolling_ll / nbytes / math.log(2),
+    }
+
+
+def read_jsonl(name: str) -> list[dict]:
+    return [json.loads(line) for line in (task_data.TASKS / name).read_text().splitlines()]
 
 
 def test_lm_eval_scores_the_bundled_tasks_as_the_formula_says(tiny_hf_model, tmp_path):
     evaluation = evaluate(tiny_hf_model, bundled_tasks(), tmp_path / "eval", limit=4)
-    written = json.loads(evaluation.results_file.read_text())
     assert evaluation.results_file.parent == tmp_path / "eval"
-    found = scores(written)
-    assert set(found) == {
-        "tangled_tale_cloze/acc",
-        "tangled_tale_cloze/perplexity",
-        "tangled_tale_perplexity/word_perplexity",
-        "tangled_tale_perplexity/byte_perplexity",
-        "tangled_tale_perplexity/bits_per_byte",
+    found = scores(json.loads(evaluation.results_file.read_text()))
+    expected = by_hand(tiny_hf_model, limit=4)
+    assert set(found) == set(expected)
+    for key, value in expected.items():
+        assert found[key] == pytest.approx(value, rel=1e-5), key
+
+
+def test_scores_keep_each_filter_of_a_task():
+    results = {
+        "results": {
+            "gsm8k": {
+                "alias": "gsm8k",
+                "exact_match,strict-match": 0.25,
+                "exact_match_stderr,strict-match": 0.01,
+                "exact_match,flexible-extract": 0.5,
+            },
+            "piqa": {"acc,none": 0.75, "acc_stderr,none": 0.02, "sample_len": 10},
+        }
     }
-    items = [json.loads(line) for line in (task_data.TASKS / "cloze.jsonl").open()][:4]
-    perplexity, accuracy = cloze_by_hand(tiny_hf_model, items)
-    assert found["tangled_tale_cloze/perplexity"] == pytest.approx(perplexity, rel=1e-4)
-    assert found["tangled_tale_cloze/acc"] == accuracy
-    # A random model over 2,048 tokens: a few bits per byte, not zero, not absurd.
-    assert 1.0 < found["tangled_tale_perplexity/bits_per_byte"] < 20.0
+    assert scores(results) == {
+        "gsm8k/exact_match,strict-match": 0.25,
+        "gsm8k/exact_match,flexible-extract": 0.5,
+        "piqa/acc": 0.75,
+    }
 
 
 def test_an_unknown_task_is_named_before_anything_is_loaded(tmp_path, capsys):

@@ -6,36 +6,38 @@ model first). Needs the ``eval`` extra (``lm-eval[hf]``, ``transformers``).
 """
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from titan_objectives.evaluation.task_data import TASKS
 from titan_objectives.hosts.common.run_record import ExportError
 
-TASKS = Path(__file__).resolve().parent / "tasks"
 NOT_SCORES = ("_stderr", "sample_len")
 INSTALL = "EVAL=1 ./scripts/setup.sh (or pip install 'titan-objectives[eval]')"
 
 
 def bundled_tasks() -> list[str]:
+    """The local tasks shipped in ``evaluation/tasks`` (one YAML file each)."""
     return sorted(path.stem for path in TASKS.glob("*.yaml"))
 
 
-def _lm_eval() -> Any:
-    try:
-        import lm_eval
-    except ImportError:
-        raise ExportError(
-            f"evaluate needs lm-evaluation-harness: install it with {INSTALL}"
-        ) from None
-    return lm_eval
+def require_eval_extra(command: str) -> None:
+    """A clear error, before any work, when the ``eval`` extra is not installed."""
+    import importlib.util
+
+    missing = [m for m in ("lm_eval", "transformers") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ExportError(f"{command} needs {' and '.join(missing)}: install them with {INSTALL}")
 
 
 def task_manager(tasks: list[str]) -> Any:
     """lm-eval's task index: the bundled tasks, and lm-eval's own only when a task asked
     for is not bundled (indexing them takes seconds). Unknown names are an error naming
     ``--tasks``, before any model is loaded."""
+    require_eval_extra("evaluate")
     from lm_eval.tasks import TaskManager
 
     bundled = bundled_tasks()
@@ -53,7 +55,8 @@ def task_manager(tasks: list[str]) -> Any:
 
 
 def check_export_folder(folder: Path) -> None:
-    missing = [name for name in ("config.json",) if not (folder / name).is_file()]
+    """``folder`` holds what ``export`` writes: a ``config.json`` and safetensors."""
+    missing = [] if (folder / "config.json").is_file() else ["config.json"]
     if not any(folder.glob("*.safetensors")):
         missing.append("*.safetensors")
     if missing:
@@ -65,6 +68,8 @@ def check_export_folder(folder: Path) -> None:
 
 @dataclass(frozen=True)
 class Evaluation:
+    """Where lm-eval's results went, and the results."""
+
     results_file: Path
     results: dict[str, Any]
     """lm-eval's results: ``results[task][metric,filter]`` and the run's settings."""
@@ -75,6 +80,17 @@ class Evaluation:
         return make_table(self.results)
 
 
+def _results_file(output_dir: Path) -> Path:
+    """A new ``results_<time>.json`` in ``output_dir`` (made now: an unwritable folder
+    fails before the evaluation, not after)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y-%m-%dT%H-%M-%S")
+    path, n = output_dir / f"results_{stamp}.json", 1
+    while path.exists():
+        path, n = output_dir / f"results_{stamp}_{n}.json", n + 1
+    return path
+
+
 def evaluate(
     model_folder: Path,
     tasks: list[str],
@@ -82,23 +98,25 @@ def evaluate(
     limit: int | None = None,
     batch_size: int = 16,
     device: str | None = None,
+    manager: Any = None,
 ) -> Evaluation:
-    """Score the exported model in ``model_folder`` on ``tasks``; lm-eval's results go to
-    ``output_dir/results_<time>.json``. The model reads text with a BOS token first, as
-    torchtitan's datasets trained it."""
-    lm_eval = _lm_eval()
+    """Score the exported model in ``model_folder`` on ``tasks`` (indexed by ``manager``,
+    made here if None); lm-eval's results go to ``output_dir/results_<time>.json``.
+    lm-eval's default BOS handling: a document scored whole follows a BOS token (its
+    prefix token), as torchtitan's datasets start documents; a context is read as it is
+    (``add_bos_token`` would also score a BOS after that prefix in rolling perplexity)."""
     check_export_folder(model_folder)
-    manager = task_manager(tasks)
+    manager = manager or task_manager(tasks)
+    path = _results_file(output_dir)
+    if set(tasks) <= set(bundled_tasks()):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local files only: no hub lookups
+    import lm_eval
     import torch
     from lm_eval.utils import handle_non_serializable
 
     results = lm_eval.simple_evaluate(
         model="hf",
-        model_args={
-            "pretrained": str(model_folder),
-            "dtype": "float32",
-            "add_bos_token": True,
-        },
+        model_args={"pretrained": str(model_folder), "dtype": "float32"},
         tasks=tasks,
         limit=limit,
         batch_size=batch_size,
@@ -106,18 +124,19 @@ def evaluate(
         task_manager=manager,
         log_samples=False,
     )
-    output_dir.mkdir(parents=True, exist_ok=True)
-    path = output_dir / f"results_{time.strftime('%Y-%m-%dT%H-%M-%S')}.json"
     path.write_text(json.dumps(results, indent=2, default=handle_non_serializable) + "\n")
     return Evaluation(path, results)
 
 
 def scores(results: dict[str, Any]) -> dict[str, float]:
-    """``task/metric`` -> value, from lm-eval's results (standard errors left out)."""
+    """``task/metric`` (``task/metric,filter`` for a filter other than ``none``) -> value,
+    from lm-eval's results (standard errors left out)."""
     found = {}
     for task, metrics in results["results"].items():
         for key, value in metrics.items():
-            metric = key.split(",", 1)[0]
+            metric, _, where = key.partition(",")
             if isinstance(value, (int, float)) and not metric.endswith(NOT_SCORES):
-                found[f"{task}/{metric}"] = float(value)
+                found[f"{task}/{metric}" + (f",{where}" if where not in ("", "none") else "")] = (
+                    float(value)
+                )
     return found

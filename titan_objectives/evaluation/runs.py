@@ -1,16 +1,20 @@
 """A run's dump folder or an export, as the exported model folder lm-eval reads."""
 
 import importlib
+import json
+import shutil
 from pathlib import Path
 
 import torch
 
-from titan_objectives.evaluation.harness import check_export_folder
 from titan_objectives.hosts import installed_host
 from titan_objectives.hosts.common.hf_export import (
+    EXPORT_RECORD,
     Export,
     LogitsAgreement,
+    checkpoint_written,
     export_run,
+    in_hf_format,
     logits_agreement,
     step_folder,
 )
@@ -29,31 +33,50 @@ def export(
     return export_run(run_dir, out, host.exportable, step, tokenizer)
 
 
-def verify(export: Export) -> LogitsAgreement:
+def verify(made: Export) -> LogitsAgreement:
     """The exported model's logits against the torchtitan model's, on random tokens."""
-    if export.model_state is None:
-        raise ExportError(
-            "--verify compares with the torchtitan model of a DCP checkpoint; this step was "
-            "saved in Hugging Face format (last_save_in_hf), which is exported as it is"
-        )
-    config = export.config
     batch, length = VERIFY_TOKENS
-    length = min(length, config["max_position_embeddings"])
+    length = min(length, made.config["max_position_embeddings"])
     generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, config["vocab_size"], (batch, length), generator=generator)
-    return logits_agreement(export.folder, export.model.logits_of(export.model_state), tokens)
+    tokens = torch.randint(0, made.config["vocab_size"], (batch, length), generator=generator)
+    return logits_agreement(made.folder, made.model.logits_of(made.model_state), tokens)
+
+
+def check_verifiable(run_dir: Path, step: int | None) -> None:
+    """``--verify`` builds the torchtitan model from a DCP checkpoint: say so before
+    exporting when the step was saved in Hugging Face format."""
+    _, folder = step_folder(run_dir, read_record(run_dir), step)
+    if in_hf_format(folder):
+        raise ExportError(
+            f"--verify compares with the torchtitan model of a DCP checkpoint; {folder} was "
+            "saved in Hugging Face format (last_save_in_hf): export it without --verify"
+        )
 
 
 def model_folder(directory: Path, step: int | None = None) -> Path:
     """``directory`` itself when it is an export; for a run's dump folder, its export at
-    ``step`` (default: the last checkpoint), written once to ``RUN/hf/step-N``."""
+    ``step`` (default: the last checkpoint) in ``RUN/hf/step-N``, made again when that
+    checkpoint was rewritten since (a retrained run)."""
     if not (directory / RECORD_NAME).is_file():
         if step is not None:
             raise ExportError(f"--step {step} applies to a run's dump folder, not to an export")
-        check_export_folder(directory)
         return directory
-    step, _ = step_folder(read_record(directory), step)
+    step, checkpoint = step_folder(directory, read_record(directory), step)
     folder = directory / "hf" / f"step-{step}"
-    if not folder.exists():
-        export(directory, folder, step)
+    made = folder / EXPORT_RECORD
+    if made.is_file():
+        if json.loads(made.read_text()).get("checkpoint_written") == checkpoint_written(checkpoint):
+            return folder
+        shutil.rmtree(folder)
+    export(directory, folder, step)
     return folder
+
+
+def results_folder(directory: Path) -> Path:
+    """Where ``evaluate`` writes by default: ``RUN/eval`` of the run ``directory`` is, or
+    that an export came from (if it is still there), else ``directory/eval``."""
+    if not (directory / RECORD_NAME).is_file() and (directory / EXPORT_RECORD).is_file():
+        run_dir = Path(json.loads((directory / EXPORT_RECORD).read_text())["run_dir"])
+        if (run_dir / RECORD_NAME).is_file():
+            return run_dir / "eval"
+    return directory / "eval"

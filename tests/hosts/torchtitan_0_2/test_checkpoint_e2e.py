@@ -180,6 +180,8 @@ def test_export_has_no_objective_modules_and_gives_the_same_logits(tmp_path):
         assert_transformers_computes(tmp_path / f"{run}_hf", tokens, expected)
     assert main(["export", str(tmp_path / "bf16"), "--out", str(tmp_path / "bf16_hf")]) == 0
     assert json.loads((tmp_path / "bf16_hf" / "config.json").read_text())["dtype"] == "bfloat16"
+    # The bf16 weights, computed in fp32: the trained logits up to bf16's rounding.
+    assert_transformers_computes(tmp_path / "bf16_hf", tokens, expected, 0.05, kl=1e-4)
 
     # `compare --evaluate`: each run exported and scored by lm-eval, one row per run.
     report = tmp_path / "report"

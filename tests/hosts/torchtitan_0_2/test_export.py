@@ -4,6 +4,7 @@ nothing left behind. (A trained run's export and evaluation: test_checkpoint_e2e
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -52,7 +53,7 @@ def saved_run(folder: Path, name: str, flavor: str = "debugmodel", step: int = 2
         flavor,
         as_record(args),
         str(TOKENIZER),
-        str(folder / "checkpoint"),
+        "checkpoint",
         ["ntp", "nitp"],
     )
     write_record(folder, record)
@@ -159,6 +160,21 @@ def test_bad_arguments_are_named_and_nothing_is_left_behind(tmp_path, capsys, mo
     assert list((tmp_path / "out").iterdir()) == []
 
 
+def test_a_moved_run_exports_from_its_last_complete_checkpoint(tmp_path):
+    """The record names the checkpoint folder relative to the run: a run copied off the
+    machine that trained it exports; a step folder without DCP's ``.metadata`` (a save
+    still being written, or cut short) is not a checkpoint."""
+    model, args = saved_run(tmp_path / "trained", "llama3")
+    shutil.copytree(tmp_path / "trained", tmp_path / "copied")
+    shutil.rmtree(tmp_path / "trained")
+    (tmp_path / "copied" / "checkpoint" / "step-9").mkdir()
+    assert main(["export", str(tmp_path / "copied"), "--out", str(tmp_path / "hf")]) == 0
+    assert json.loads((tmp_path / "hf" / "titan_objectives_export.json").read_text())["step"] == 2
+    tokens = torch.randint(0, args.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert_transformers_computes(tmp_path / "hf", tokens, model(tokens))
+
+
 def test_a_family_transformers_cannot_represent_is_named(tmp_path, capsys):
     record = RunRecord(
         "torchtitan_0_2",
@@ -166,13 +182,35 @@ def test_a_family_transformers_cannot_represent_is_named(tmp_path, capsys):
         "debugmodel",
         {},
         str(TOKENIZER),
-        str(tmp_path / "checkpoint"),
+        "checkpoint",
         ["ntp"],
     )
     write_record(tmp_path, record)
     (tmp_path / "checkpoint" / "step-1").mkdir(parents=True)
+    (tmp_path / "checkpoint" / "step-1" / ".metadata").touch()  # complete, as DCP leaves it
     error = export_error(["export", str(tmp_path), "--out", str(tmp_path / "hf")], capsys)
     assert "model 'deepseek_v3' cannot be exported for Hugging Face transformers" in error
     assert "DeepseekV3 routes experts by sigmoid scores only" in error
     assert "exportable models: llama3, qwen3" in error
     assert not (tmp_path / "hf").exists()
+
+
+def test_a_runs_export_is_made_once_and_again_after_retraining(tmp_path):
+    """``evaluate RUN_DIR`` exports to RUN_DIR/hf/step-N once; a checkpoint rewritten at
+    that step (the run trained again) is exported again. Results go to the run."""
+    import os
+
+    from titan_objectives.evaluation.runs import model_folder, results_folder
+
+    run = tmp_path / "run"
+    model, _ = saved_run(run, "llama3")
+    folder = model_folder(run)
+    assert folder == run / "hf" / "step-2"
+    made = (folder / "model.safetensors").stat().st_mtime_ns
+    assert model_folder(run) == folder
+    assert (folder / "model.safetensors").stat().st_mtime_ns == made
+    metadata = run / "checkpoint" / "step-2" / ".metadata"
+    os.utime(metadata, (metadata.stat().st_atime + 60, metadata.stat().st_mtime + 60))
+    assert model_folder(run) == folder
+    assert (folder / "model.safetensors").stat().st_mtime_ns != made
+    assert results_folder(run) == results_folder(folder) == run / "eval"

@@ -96,7 +96,7 @@ def test_a_saved_model_loads_in_transformers_with_the_same_logits(tmp_path, name
         flavor,
         as_record(config),
         str(TOKENIZER),
-        str(run / "checkpoint"),
+        "checkpoint",
         ["ntp", "nitp"],
     )
     write_record(run, record)
@@ -137,11 +137,12 @@ def test_bad_steps_and_families_are_named(tmp_path, capsys):
         "debugmodel",
         {},
         str(TOKENIZER),
-        str(tmp_path / "checkpoint"),
+        "checkpoint",
         ["ntp"],
     )
     write_record(tmp_path, record)
     (tmp_path / "checkpoint" / "step-1").mkdir(parents=True)
+    (tmp_path / "checkpoint" / "step-1" / ".metadata").touch()  # complete, as DCP leaves it
     assert main(["export", str(tmp_path), "--out", str(tmp_path / "a"), "--step", "3"]) == 2
     assert main(["export", str(tmp_path), "--out", str(tmp_path / "b")]) == 2
     errors = capsys.readouterr().err
@@ -158,11 +159,12 @@ def test_a_record_from_the_other_host_is_named(tmp_path, capsys):
         "debugmodel",
         {},
         str(TOKENIZER),
-        str(tmp_path / "checkpoint"),
+        "checkpoint",
         ["ntp"],
     )
     write_record(tmp_path, record)
     (tmp_path / "checkpoint" / "step-1").mkdir(parents=True)
+    (tmp_path / "checkpoint" / "step-1" / ".metadata").touch()  # complete, as DCP leaves it
     assert main(["export", str(Path(tmp_path)), "--out", str(tmp_path / "hf")]) == 2
     assert "trained on torchtitan_0_2; export it in that host's environment" in (
         capsys.readouterr().err
@@ -183,7 +185,7 @@ def saved_moe_run(folder: Path, route_scale: float = 1.0, expert_bias: bool = Fa
         "debugmodel_moe",
         as_record(config),
         str(TOKENIZER),
-        str(folder / "checkpoint"),
+        "checkpoint",
         ["ntp"],
     )
     write_record(folder, record)

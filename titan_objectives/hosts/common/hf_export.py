@@ -88,27 +88,39 @@ def without_routing_bias(to_hf: StateConversion) -> StateConversion:
             raise ExportError(
                 f"the checkpoint's experts were routed with a learned bias ({biased[0]}, from "
                 "MoE load balancing: load_balance_coeff), which this model's transformers "
-                "class has no place for"
+                "class has no place for; a run without that balancing exports"
             )
         return to_hf(state)
 
     return checked
 
 
+def _complete(step: Path) -> bool:
+    """DCP writes a checkpoint's ``.metadata`` last, torchtitan's HF save its
+    safetensors; a folder with neither is still being written, or was cut short."""
+    return (step / ".metadata").is_file() or bool(_hf_files(step))
+
+
 def checkpoint_steps(folder: Path) -> list[int]:
+    """The steps with a complete checkpoint in ``folder``."""
     if not folder.is_dir():
         return []
-    found = (STEP_FOLDER.fullmatch(p.name) for p in folder.iterdir() if p.is_dir())
+    found = (STEP_FOLDER.fullmatch(p.name) for p in folder.iterdir() if _complete(p))
     return sorted(int(match.group(1)) for match in found if match)
 
 
-def step_folder(record: RunRecord, step: int | None) -> tuple[int, Path]:
-    """The checkpoint to export: ``step``, or the last one."""
-    folder = Path(record.checkpoint_folder)
+def checkpoint_folder(run_dir: str | Path, record: RunRecord) -> Path:
+    """The run's checkpoint folder (recorded relative to the run: a moved run works)."""
+    return Path(run_dir) / record.checkpoint_folder
+
+
+def step_folder(run_dir: str | Path, record: RunRecord, step: int | None) -> tuple[int, Path]:
+    """The checkpoint to export: ``step``, or the last complete one."""
+    folder = checkpoint_folder(run_dir, record)
     steps = checkpoint_steps(folder)
     if not steps:
         raise ExportError(
-            f"the run has no checkpoint in {folder}: train with checkpoints on "
+            f"the run has no complete checkpoint in {folder}: train with checkpoints on "
             "([checkpoint] enable = true, or --checkpoint.enable; the last step is always saved)"
         )
     if step is None:
@@ -123,6 +135,11 @@ def step_folder(record: RunRecord, step: int | None) -> tuple[int, Path]:
 
 def _hf_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.safetensors"))
+
+
+def in_hf_format(step: Path) -> bool:
+    """Whether torchtitan saved this step in Hugging Face format (``last_save_in_hf``)."""
+    return bool(_hf_files(step))
 
 
 def _dcp_state(folder: Path, shapes: Shapes) -> dict[str, torch.Tensor]:
@@ -225,6 +242,11 @@ def _write_folder(out: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
+def checkpoint_written(step: Path) -> float:
+    """When the step's checkpoint was last written (a retrained run rewrites it)."""
+    return max(p.stat().st_mtime for p in step.iterdir())
+
+
 @dataclass(frozen=True)
 class Export:
     """What ``export_run`` wrote, and the tensors it wrote (for ``--verify``)."""
@@ -251,14 +273,16 @@ def export_run(
     out = Path(out)
     _check_out(out)
     record = read_record(run_dir)
-    step, folder = step_folder(record, step)
+    step, folder = step_folder(run_dir, record, step)
+    if not (tokenizer or record.tokenizer):
+        raise ExportError("the run names no tokenizer (model.hf_assets_path): pass --tokenizer DIR")
     tokenizer_dir = Path(tokenizer or record.tokenizer)
     tokenizer_files = _tokenizer_files(tokenizer_dir)
     model = exportable(record)
 
     expected_hf = model.to_hf({k: torch.empty(s, device="meta") for k, s in model.shapes.items()})
     model_state = None
-    if _hf_files(folder):
+    if in_hf_format(folder):
         hf_state = _safetensors_state(folder, set(expected_hf))
     else:
         model_state = _dcp_state(folder, model.shapes)
@@ -287,7 +311,7 @@ def export_run(
             "flavor": record.flavor,
             "host": record.host,
             "objectives_trained": record.stack,
-            "objectives_exported": [],
+            "checkpoint_written": checkpoint_written(folder),
         }
         (staging / EXPORT_RECORD).write_text(json.dumps(provenance, indent=2) + "\n")
 
@@ -313,7 +337,13 @@ def logits_agreement(
     hf_folder: str | Path, torchtitan_logits: Logits, tokens: torch.Tensor
 ) -> LogitsAgreement:
     """Both models' logits on ``tokens`` (batch, seq) on the CPU, the exported model in fp32."""
-    from transformers import AutoModelForCausalLM
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        raise ExportError(
+            "--verify loads the export with transformers: install the eval extra "
+            "(EVAL=1 ./scripts/setup.sh)"
+        ) from None
 
     hf_model = AutoModelForCausalLM.from_pretrained(str(hf_folder), dtype=torch.float32)
     hf_model.eval()

@@ -27,7 +27,7 @@ class RunRecord:
     """torchtitan's model name (``llama3``, ``qwen3``, ``deepseek_v3``)."""
 
     flavor: str
-    """0.2.2: the flavor (``debugmodel``); 0.3: ``module:config_function``."""
+    """torchtitan's flavor of the model (``debugmodel``): the base its arguments overlay."""
 
     model_args: dict[str, Any]
     """The model's arguments as trained (after torchtitan filled them from the config)."""
@@ -36,7 +36,8 @@ class RunRecord:
     """Absolute path of the tokenizer folder (``hf_assets_path``)."""
 
     checkpoint_folder: str
-    """Absolute path of the run's checkpoint folder (``step-N`` folders in it)."""
+    """The run's checkpoint folder (``step-N`` folders in it), relative to the run's dump
+    folder as torchtitan joins them (absolute if configured so)."""
 
     stack: list[str]
     """The objectives trained; none of their modules is part of an export."""

@@ -109,6 +109,6 @@ def run_record(job_config: Any, checked: CheckedConfig) -> tuple[str, RunRecord]
         flavor=job_config.model.flavor,
         model_args=as_record(model_config_of(job_config)),
         tokenizer=str(Path(tokenizer).resolve()) if tokenizer else "",
-        checkpoint_folder=str((Path(dump_folder) / job_config.checkpoint.folder).resolve()),
+        checkpoint_folder=job_config.checkpoint.folder,
         stack=list(checked.options),
     )

@@ -42,7 +42,10 @@ def _decoder(config: Any) -> dict[str, Any]:
 def _llama3(config: Any, shapes: Shapes) -> dict[str, Any]:
     rope = config.layers[0].attention.rope
     if rope.scaling not in ("llama", "none"):
-        raise ExportError(f"model llama3 with rope scaling {rope.scaling!r}: not exportable")
+        raise ExportError(
+            f"model llama3 with rope scaling {rope.scaling!r}: transformers' Llama takes "
+            "'llama' (Llama 3's) or 'none'"
+        )
     scaling = {"rope_type": "default"}
     if rope.scaling == "llama":
         scaling = {
@@ -103,7 +106,7 @@ def _qwen3(config: Any, shapes: Shapes) -> dict[str, Any]:
     layer = config.layers[0]
     if layer.attention.qk_norm is None:
         raise ExportError("model qwen3 without qk_norm: transformers' Qwen3 always has it")
-    moe = layer.moe is not None
+    moe = any(block.moe is not None for block in config.layers)
     return {
         "architectures": ["Qwen3ForCausalLM"],
         "model_type": "qwen3",
@@ -125,14 +128,14 @@ HF_CONFIGS: dict[str, Callable[[Any, Shapes], dict[str, Any]]] = {
 
 
 def _model_spec(record: RunRecord) -> Any:
-    registry = importlib.import_module(f"torchtitan.models.{record.model_name}").model_registry
-    try:
-        return registry(record.flavor)
-    except KeyError:
+    models = importlib.import_module(f"torchtitan.models.{record.model_name}")
+    flavors = getattr(models, f"{record.model_name}_configs", {})
+    if record.flavor not in flavors:
         raise ExportError(
             f"the run's model {record.model_name} flavor {record.flavor!r} is not in this "
-            "torchtitan"
-        ) from None
+            f"torchtitan; its flavors: {', '.join(flavors)}"
+        )
+    return models.model_registry(record.flavor)
 
 
 def exportable(record: RunRecord) -> ExportableModel:

@@ -129,6 +129,6 @@ def run_record(config: Any, checked: CheckedConfig) -> tuple[str, RunRecord]:
         flavor=config.model_spec.flavor,
         model_args=as_record(model_config_of(config)),
         tokenizer=str(Path(config.hf_assets_path).resolve()) if config.hf_assets_path else "",
-        checkpoint_folder=str((Path(config.dump_folder) / config.checkpoint.folder).resolve()),
+        checkpoint_folder=config.checkpoint.folder,
         stack=list(checked.options),
     )
