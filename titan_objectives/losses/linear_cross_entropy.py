@@ -188,6 +188,8 @@ def linear_sparse_cross_entropy_sum(
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+    # The positions this rank's tensor-parallel group holds (all, without context parallel).
+    target_ids, target_probs = sequence.in_group(target_ids), sequence.in_group(target_probs)
     mesh, first_row = None, 0
     if isinstance(weight, DTensor):
         if weight.device_mesh.ndim != 1 or tuple(weight.placements) != (Shard(0),):
@@ -256,7 +258,7 @@ def linear_cross_entropy_sum(
     if backend == "torch" and split:
         raise ValueError("PyTorch's linear_cross_entropy needs the head's whole vocabulary")
     if backend == "torch" or (backend == "auto" and not split and torch_has_linear_cross_entropy()):
-        return _torch_linear_cross_entropy(hidden, weight, labels, chunk_size)
+        return _torch_linear_cross_entropy(hidden, weight, sequence.in_group(labels), chunk_size)
     valid = labels != IGNORE_INDEX
     target_ids = torch.where(valid, labels, 0)[..., None]
     return linear_sparse_cross_entropy_sum(

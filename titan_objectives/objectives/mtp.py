@@ -171,7 +171,8 @@ class MultiTokenPrediction(Objective):
             return linear_cross_entropy_sum(
                 hidden, weight, labels, options.chunk_size, options.ce_backend, sequence
             )
-        return cross_entropy_sum(self.shared.logits(hidden), labels)
+        # The head's logits hold the positions of this rank's tensor-parallel group.
+        return cross_entropy_sum(self.shared.logits(hidden), sequence.in_group(labels))
 
     def _depth_loss(
         self,

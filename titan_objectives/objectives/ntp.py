@@ -62,5 +62,7 @@ class NextTokenPrediction(Objective):
                 features.sequence,
             )
         else:
-            loss_sum = cross_entropy_sum(features.logits, features.labels)
+            # The logits hold the positions of this rank's tensor-parallel group.
+            labels = features.sequence.in_group(features.labels)
+            loss_sum = cross_entropy_sum(features.logits, labels)
         return ObjectiveOutput(loss_sum)

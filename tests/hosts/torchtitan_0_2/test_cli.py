@@ -198,10 +198,11 @@ AUDIT = {
         ["--objectives.stack", "ntp,mtp", "--parallelism.pipeline_parallel_degree", "2"],
         "pipeline_parallel_degree = 2",
     ),
-    "context_parallel_with_nitp": (
+    "context_parallel_with_ptrr": (
         None,
-        ["--parallelism.context_parallel_degree", "2"],
-        "context_parallel_degree = 2",
+        ["--parallelism.context_parallel_degree", "2"]
+        + ["--parallelism.context_parallel_load_balancer", "ptrr"],
+        "parallelism.context_parallel_load_balancer = 'ptrr'",
     ),
     "reshard_always_with_chunked_ce": (
         None,

@@ -261,9 +261,11 @@ BAD_OVERRIDES = {
         ["--objectives.stack", "ntp,nitp", "--parallelism.pipeline_parallel_degree", "2"],
         r"pipeline_parallel_degree = 2: only a plain ntp stack",
     ),
-    "cli_context_parallel_nitp": (
-        ["--objectives.stack", "ntp,nitp", "--parallelism.context_parallel_degree", "2"],
-        r"context_parallel_degree = 2: context parallelism reorders",
+    "cli_context_parallel_mtp_beyond_a_chunk": (
+        ["--objectives.stack", "ntp,mtp", "--objectives.mtp.depth", "3"]
+        + ["--parallelism.context_parallel_degree", "4", "--training.seq_len", "16"],
+        r"training\.seq_len = 16 with parallelism\.context_parallel_degree = 4: a rank holds "
+        r"runs of 2 consecutive positions, and mtp shifts hidden states 3 positions ahead",
     ),
     "context_parallel_split": (
         ["--objectives.stack", "ntp", "--parallelism.context_parallel_degree", "4"]

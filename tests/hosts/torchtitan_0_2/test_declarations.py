@@ -38,7 +38,12 @@ PARALLEL_CASES = {
         "4",
     ],
     "reshard_after_forward_always": ["--parallelism.fsdp_reshard_after_forward", "always"],
-    "context_parallel": ["--parallelism.context_parallel_degree", "2"],
+    "context_parallel_run_too_short": [
+        "--parallelism.context_parallel_degree",
+        "4",
+        "--training.seq_len",
+        "16",
+    ],
 }
 
 
@@ -63,10 +68,14 @@ def test_a_plugin_reading_three_ahead_gets_the_errors_mtp_gets(installed_plugin)
     mtp = ["--objectives.stack", "ntp,mtp", "--objectives.mtp.depth", "3"]
     plugin = ["--objectives.stack", "ntp,third_token"]
     argvs = [[*base, *stack, *case] for case in PARALLEL_CASES.values() for stack in (mtp, plugin)]
-    # hidden_rms reads nothing ahead: under CP, which cannot run on CPU here, the config
-    # checks accept it. Without CP both stacks pass.
+    # hidden_rms reads nothing ahead: any CP layout serves it. Without these, both pass.
     argvs += [
-        [*base, "--objectives.stack", "ntp,hidden_rms", *PARALLEL_CASES["context_parallel"]],
+        [
+            *base,
+            "--objectives.stack",
+            "ntp,hidden_rms",
+            *PARALLEL_CASES["context_parallel_run_too_short"],
+        ],
         [*base, *mtp],
         [*base, *plugin],
     ]
@@ -82,7 +91,8 @@ def test_a_plugin_reading_three_ahead_gets_the_errors_mtp_gets(installed_plugin)
         assert as_template(from_mtp, "mtp") == as_template(from_plugin, "third_token"), case
     assert "reads hidden states 3 positions ahead" in verdicts[0]
     assert "reads hidden states 3 positions ahead" in verdicts[1]
-    assert "reads 3 position(s) ahead" in verdicts[5]
+    assert "a rank holds runs of 2 consecutive positions" in verdicts[5]
+    assert "third_token shifts hidden states 3 positions ahead" in verdicts[5]
     assert verdicts[-3:] == ["OK", "OK", "OK"]
 
 

@@ -113,19 +113,8 @@ def check_parallelism(
             "schedule on the last stage, which does not see other stages' hidden states); "
             "use FSDP instead"
         )
-    shifting = [name for name, need in needs.items() if need.lookahead > 0]
-    if parallelism.context_parallel_degree > 1 and shifting:
-        read_ahead = ", ".join(
-            f"{name}{settings(options[name])} reads {needs[name].lookahead} position(s) ahead"
-            for name in shifting
-        )
-        raise ObjectivesConfigError(
-            f"{named} with parallelism.context_parallel_degree = "
-            f"{parallelism.context_parallel_degree}: context parallelism reorders the "
-            f"sequence, and {read_ahead}; use FSDP or TP instead"
-        )
     if parallelism.context_parallel_degree > 1:
-        check_context_parallel_split(job_config)
+        check_context_parallel(job_config, stack)
     if parallelism.tensor_parallel_degree > 1:
         check_tensor_parallel(job_config, stack, block_class)
     head_readers = [name for name, need in needs.items() if need.output_weight]
@@ -134,6 +123,51 @@ def check_parallelism(
             f"parallelism.fsdp_reshard_after_forward = 'always' with "
             f"{', '.join(head_readers)}: they read the output head's weight after the forward, "
             "which 'always' frees; use 'default' or 'never'"
+        )
+
+
+def shortest_run(seq_len: int, degree: int, balanced: bool, tensor_parallel: int) -> int:
+    """The fewest consecutive positions any rank holds together: a group holds one chunk
+    per context-parallel rank (two, load-balanced) and splits them evenly over its
+    tensor-parallel ranks, whose shards may cut a chunk."""
+    chunk = seq_len // (2 * degree if balanced else degree)
+    group = chunk * (2 if balanced else 1)
+    shard = group // tensor_parallel
+    runs = []
+    for first in range(0, group, shard):
+        cuts = {first, first + shard} | {
+            c for c in range(chunk, group, chunk) if first < c < first + shard
+        }
+        ordered = sorted(cuts)
+        runs += [b - a for a, b in zip(ordered, ordered[1:], strict=False)]
+    return min(runs)
+
+
+def check_context_parallel(config: Any, stack: ObjectiveStack) -> None:
+    """The sequence splits into chunks as torchtitan lays them out, and every objective's
+    shift of hidden states stays within the run of consecutive positions a rank holds."""
+    parallelism = config.parallelism
+    balancer = parallelism.context_parallel_load_balancer
+    if balancer not in (None, "headtail"):
+        raise ObjectivesConfigError(
+            f"parallelism.context_parallel_load_balancer = {balancer!r}: the objectives "
+            "follow torchtitan's 'headtail' layout or none (None); 'ptrr' lays positions out "
+            "by the attention mask, which they do not read"
+        )
+    check_context_parallel_split(config)
+    degree = parallelism.context_parallel_degree
+    run = shortest_run(
+        config.training.seq_len, degree, balancer is not None, parallelism.tensor_parallel_degree
+    )
+    needs = stack.declarations()
+    too_far = {name: need.shard_reach for name, need in needs.items() if need.shard_reach > run}
+    if too_far:
+        reads = ", ".join(f"{name} shifts hidden states {reach}" for name, reach in too_far.items())
+        raise ObjectivesConfigError(
+            f"training.seq_len = {config.training.seq_len} with "
+            f"parallelism.context_parallel_degree = {degree}: a rank holds runs of {run} "
+            f"consecutive positions, and {reads} positions ahead; use a longer seq_len or a "
+            "smaller degree"
         )
 
 

@@ -68,7 +68,7 @@ class GeometryProbe:
         moments = torch.stack(
             [CovarianceMoments.of(hidden[key], local_valid).as_vector() for key in self.keys]
         )
-        if self.sequence.sharded:
+        if self.sequence.size > 1:  # the tensor-parallel shards of the group's positions
             moments = all_reduce(moments, "sum", self.sequence.mesh)
         self._moments = moments
         hidden = {key: self.sequence.gather(hidden[key]) for key in self.keys}

@@ -26,7 +26,7 @@ from titan_objectives.hosts.common.running_metrics import (
     ValidationTotals,
 )
 from titan_objectives.objective import ModelInfo, ObjectiveOptions, SharedModules
-from titan_objectives.sequence import SequenceShards
+from titan_objectives.sequence import ContextLayout, SequenceShards
 from titan_objectives.stack import ObjectiveStack, StackOutput
 
 logger = logging.getLogger(__name__)
@@ -87,6 +87,11 @@ class Host(Protocol):
         ``loss_parallel`` for vocabulary-sharded logits), training and validation."""
         ...
 
+    def context_layout(self) -> ContextLayout | None:
+        """Under context parallelism, which positions of a sequence this rank's group
+        holds, as the host's torchtitan shards inputs and labels; None without."""
+        ...
+
 
 def runs_torchtitans_own_step(pipeline_parallel_degree: int) -> bool:
     """Under pipeline parallelism the checks let only a plain ntp stack through: it is
@@ -99,6 +104,39 @@ def runs_torchtitans_own_step(pipeline_parallel_degree: int) -> bool:
         "(no objectives/* metrics)"
     )
     return True
+
+
+def whole_sequence_documents(documents_of: DocumentsOf, sequence: SequenceShards) -> DocumentsOf:
+    """``documents_of`` on the whole sequence: under context parallelism the model runs on
+    this rank's positions, and a document index counts documents from the start."""
+    if sequence.context is None:
+        return documents_of
+
+    def whole(value: Any) -> Any:
+        per_position = isinstance(value, torch.Tensor) and value.dim() == 2
+        return sequence.whole(value) if per_position and not value.is_floating_point() else value
+
+    return lambda args, kwargs: documents_of(
+        tuple(map(whole, args)), {key: whole(value) for key, value in kwargs.items()}
+    )
+
+
+def context_layout(
+    parallel_dims: Any, load_balancer: str | None, cp_shard: Callable[..., Any], device: Any
+) -> ContextLayout | None:
+    """The layout torchtitan's ``cp_shard`` (0.2.2 and 0.3 alike) gives a sequence under
+    context parallelism: it is asked to shard the positions themselves."""
+    if not parallel_dims.cp_enabled:
+        return None
+    mesh = parallel_dims.get_mesh("cp")
+
+    def positions_of(length: int) -> torch.Tensor:
+        (positions,), _ = cp_shard(
+            mesh, (torch.arange(length, device=device)[None],), None, load_balancer
+        )
+        return positions[0]
+
+    return ContextLayout(mesh, positions_of)
 
 
 def loss_mesh(parallel_dims: Any) -> DeviceMesh | None:
@@ -123,8 +161,11 @@ class ObjectiveRuntime:
         self.needs = self.stack.requirements()
         self.loss_context = host.loss_context
         self.loss_mesh = loss_mesh(dims)
-        # torchtitan's tensor parallelism is sequence parallel: objectives get shards.
-        self.sequence = SequenceShards(dims.get_mesh("tp") if dims.tp_enabled else None)
+        # torchtitan's tensor parallelism is sequence parallel, its context parallelism
+        # splits sequences into chunks: objectives get shards, and cross them through this.
+        self.sequence = SequenceShards(
+            dims.get_mesh("tp") if dims.tp_enabled else None, host.context_layout()
+        )
         self.metrics = ObjectiveMetrics()
         self.geometry = GeometryHook.build(
             checked.geometry,
@@ -139,7 +180,7 @@ class ObjectiveRuntime:
             model,
             host.model_layout(),
             self.needs | self.geometry.requirements(),
-            host.documents_of(),
+            whole_sequence_documents(host.documents_of(), self.sequence),
         )
         self.nonfinite: NonFiniteGuard | None = None
         if checked.nonfinite != "off":
@@ -164,8 +205,11 @@ class ObjectiveRuntime:
         backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
     ) -> torch.Tensor:
         """One micro-batch: ``run_model()`` is the model's forward (its logits, or its
-        final hidden states when nothing reads the logits); returns the loss torchtitan
-        reports (this rank's weighted sum / global valid tokens)."""
+        final hidden states when nothing reads the logits), ``labels`` as the host's
+        torchtitan gives them (under context parallelism, this rank's positions: the
+        objectives get them whole); returns the loss torchtitan reports (this rank's
+        weighted sum / global valid tokens)."""
+        labels = self.sequence.whole(labels)
         with self.loss_context():
             with autocast or contextlib.nullcontext():
                 with self.hidden_states.capture() as captured:
@@ -207,10 +251,11 @@ class ObjectiveRuntime:
         with torch.no_grad(), self.hidden_states.capture(keep_logits=keep_logits) as captured:
 
             def score(pred: torch.Tensor, labels: torch.Tensor) -> StackOutput:
+                labels = self.sequence.whole(labels)
                 self.geometry.sample_validation(captured, labels, step)
                 with self.loss_context():
                     output = self.score(captured, pred, labels)
-                totals.add(output, labels)
+                totals.add(output, self.sequence.in_group(labels))  # this group's tokens
                 return output
 
             yield score

@@ -112,17 +112,20 @@ class DecoderSharedModules:
             block.init_weights()
 
     def run_block(self, block: nn.Module, hidden: torch.Tensor, context: dict) -> torch.Tensor:
-        return _run_block(block, hidden, self._rope(), context.get("attention_masks"))
+        # Under context parallelism the trunk's blocks take each position's place in the
+        # sequence (``positions``) for their rotary embeddings: so do the objectives'.
+        rope, masks = self._rope(), context.get("attention_masks")
+        return _run_block(block, hidden, rope, masks, context.get("positions"))
 
 
 @torch.compiler.disable
 def _run_block(
-    block: nn.Module, hidden: torch.Tensor, rope: torch.Tensor, masks: Any
+    block: nn.Module, hidden: torch.Tensor, rope: torch.Tensor, masks: Any, positions: Any
 ) -> torch.Tensor:
     """A block outside any compiled objective graph: torchtitan already gave it the trunk
     blocks' compile, activation checkpointing and FSDP hooks, which a second, enclosing
     compile would trace through (and fails to, with AC and TP)."""
-    return block(hidden, rope, masks)
+    return block(hidden, rope, masks, positions)
 
 
 def model_info(model_args: Any, seq_len: int, shared: DecoderSharedModules | None) -> ModelInfo:

@@ -8,12 +8,17 @@ from typing import Any
 import torch
 import torchtitan.protocols.train_spec as train_spec_module
 from torchtitan.components.optimizer import build_optimizers_with_moe_load_balancing
+from torchtitan.distributed.context_parallel import cp_shard
 from torchtitan.train import Trainer
 
 from titan_objectives.hosts.common import moe_balance
 from titan_objectives.hosts.common.capture import DecoderLayout, DocumentsOf
 from titan_objectives.hosts.common.run_record import write_record
-from titan_objectives.hosts.common.runtime import ObjectiveRuntime, runs_torchtitans_own_step
+from titan_objectives.hosts.common.runtime import (
+    ObjectiveRuntime,
+    context_layout,
+    runs_torchtitans_own_step,
+)
 from titan_objectives.hosts.torchtitan_0_2.model_adapter import (
     LAYOUT,
     ROUTER_BUFFERS,
@@ -23,6 +28,7 @@ from titan_objectives.hosts.torchtitan_0_2.preflight import check_config, run_re
 from titan_objectives.hosts.torchtitan_0_2.seams import extend_trainer_objects
 from titan_objectives.hosts.torchtitan_0_2.spec import wrap_train_spec
 from titan_objectives.hosts.torchtitan_0_2.validation import ObjectiveValidator
+from titan_objectives.sequence import ContextLayout
 
 
 @contextmanager
@@ -75,6 +81,14 @@ class ObjectiveTrainer(Trainer):
             moe_balance.install(
                 self.optimizers, checked.stack, [mesh] if mesh else [], ROUTER_BUFFERS
             )
+
+    def context_layout(self) -> ContextLayout | None:
+        return context_layout(
+            self.parallel_dims,
+            self.job_config.parallelism.context_parallel_load_balancer,
+            cp_shard,
+            self.device,
+        )
 
     def model_layout(self) -> DecoderLayout:
         return LAYOUT

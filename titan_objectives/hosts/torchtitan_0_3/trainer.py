@@ -15,6 +15,7 @@ import spmd_types as spmd
 import torch
 from torch.distributed.tensor.parallel import loss_parallel
 from torchtitan.components.optimizer import register_moe_load_balancing_hook
+from torchtitan.distributed.context_parallel import cp_shard
 from torchtitan.trainer import Trainer
 
 from titan_objectives.config import Objectives
@@ -24,6 +25,7 @@ from titan_objectives.hosts.common.run_record import write_record
 from titan_objectives.hosts.common.runtime import (
     CheckedConfig,
     ObjectiveRuntime,
+    context_layout,
     runs_torchtitans_own_step,
 )
 from titan_objectives.hosts.torchtitan_0_3.components import (
@@ -40,6 +42,7 @@ from titan_objectives.hosts.torchtitan_0_3.preflight import check_config, run_re
 from titan_objectives.hosts.torchtitan_0_3.seams import extend_trainer_objects
 from titan_objectives.hosts.torchtitan_0_3.spec import parallelize
 from titan_objectives.hosts.torchtitan_0_3.validation import ObjectiveValidator
+from titan_objectives.sequence import ContextLayout
 
 # How torchtitan 0.3's train_step says it stops on a non-finite loss (see seams.py).
 NON_FINITE_STOP = "Loss is not finite"
@@ -112,6 +115,14 @@ class ObjectiveTrainer(Trainer):
         with torch.no_grad():
             stack.init_weights()
         model.objectives = stack
+
+    def context_layout(self) -> ContextLayout | None:
+        return context_layout(
+            self.parallel_dims,
+            self.config.parallelism.context_parallel_load_balancer,
+            cp_shard,
+            self.device,
+        )
 
     def model_layout(self) -> DecoderLayout:
         return LAYOUT
