@@ -37,7 +37,8 @@ class ZLoss(Objective):
     """coefficient * log(Z)^2 per scored token (PaLM's z-loss)."""
 
     Options = ZLossOptions
-    # Per position, on logits and labels that cover the whole sequence on every rank.
+    # Per position, on the logits of this rank's tensor-parallel group (the whole
+    # sequence without context parallelism) and the labels of the same positions.
     sequence_parallel = True
 
     def requirements(self) -> Requirements:
@@ -45,7 +46,7 @@ class ZLoss(Objective):
 
     def forward(self, features: Features) -> ObjectiveOutput:
         log_z = vocabulary.logsumexp(features.logits)
-        valid = features.labels != IGNORE_INDEX
+        valid = features.sequence.in_group(features.labels) != IGNORE_INDEX
         per_token = self.options.coefficient * log_z.square()
         loss_sum = torch.where(valid, per_token, 0.0).sum()
         mean_log_z = MeanMetric(torch.where(valid, log_z, 0.0).sum().detach(), valid.sum())

@@ -5,7 +5,9 @@ process, from one seed checkpoint, with and without torchtitan's load balancing.
 from pathlib import Path
 
 import pytest
+import torch
 
+from tests.helpers import pip_install
 from tests.hosts.torchtitan_0_2.test_parallelism_e2e import (
     PROBE,
     assert_same_gradients,
@@ -40,3 +42,70 @@ def test_ntp_under_context_parallel_matches_one_process(tmp_path: Path, module: 
     assert_same_numbers(logged, tags, steps=3)
     if module == "objectives":
         assert_same_gradients(tmp_path, list(runs))
+
+
+STACK = (
+    "--objectives.stack",
+    "ntp,nitp,mtp,top",
+    "--objectives.mtp.depth",
+    "2",
+    "--objectives.top.window",
+    "8",
+    "--training.steps",
+    "3",
+)
+TAGS = (
+    "objectives/ntp/loss",
+    "objectives/nitp/loss",
+    "objectives/mtp/loss",
+    "objectives/top/loss",
+    "loss_metrics/global_avg_loss",
+    "grad_norm",
+)
+
+
+def assert_gradients_within(folder: Path, runs: list[str], share: float) -> None:
+    """The whole gradients ``trainer_probes`` saved at step 1 (embedding, a block, final
+    norm, head, NITP projector, MTP projection, TOP head) equal one process's to ``share``
+    of each tensor's largest entry."""
+    one = torch.load(folder / "one" / "gradients.pt")
+    for name in runs:
+        gradients = torch.load(folder / name / "gradients.pt")
+        for key, expected in one.items():
+            worst = (gradients[key] - expected).abs().max().item() / expected.abs().max().item()
+            print(f"{name} {key}: largest difference / largest gradient {worst:.1e}")
+            assert worst < share, (name, key, worst)
+
+
+def test_every_objective_under_context_parallel_matches_one_process(tmp_path, twin_corpus):
+    """ntp + nitp + mtp (D = 2) + top under CP 2 (load-balanced, and not), CP 2 x FSDP 2
+    (each data-parallel rank reads its own copy of the corpus) and CP 2 x TP 2: labels and
+    documents are shifted on the whole sequence, hidden states cross chunk edges, and the
+    losses, grad norm and whole gradients equal one process's."""
+    common = (*STACK, "--training.dataset_path", str(twin_corpus))
+    runs = {
+        "cp": (2, CP),
+        "cp_no_balancing": (2, (*CP, "--parallelism.context_parallel_load_balancer", "None")),
+        "cp_fsdp": (4, (*CP[:2], "--parallelism.data_parallel_shard_degree", "2")),
+        "cp_tp": (4, (*CP, "--parallelism.tensor_parallel_degree", "2")),
+    }
+    logged = run_from_one_seed(tmp_path, common, runs, **PROBE)
+    assert_same_numbers(logged, TAGS, steps=3)
+    assert_gradients_within(tmp_path, list(runs), 1e-6)
+
+
+@pytest.fixture(scope="module")
+def plugin_site(tmp_path_factory) -> Path:
+    from tests.hosts.torchtitan_0_2.test_registry import PLUGIN
+
+    return pip_install(PLUGIN, tmp_path_factory.mktemp("cp_plugin_site"))
+
+
+def test_plugins_reading_ahead_under_context_parallel_match_one_process(tmp_path, plugin_site):
+    """A plugin from another package that reads labels 3 positions ahead through the head
+    (third_token), and one that reads hidden states 2 ahead (two_ahead_hidden), get the
+    built-ins' treatment: their losses under CP 2 equal one process's."""
+    common = ("--objectives.stack", "ntp,third_token,two_ahead_hidden", "--training.steps", "3")
+    logged = run_from_one_seed(tmp_path, common, {"cp": (2, CP)}, extra_pythonpath=str(plugin_site))
+    tags = ("objectives/third_token/loss", "objectives/two_ahead_hidden/loss", "grad_norm")
+    assert_same_numbers(logged, tags, steps=3)

@@ -68,7 +68,8 @@ def test_a_plugin_reading_three_ahead_gets_the_errors_mtp_gets(installed_plugin)
     mtp = ["--objectives.stack", "ntp,mtp", "--objectives.mtp.depth", "3"]
     plugin = ["--objectives.stack", "ntp,third_token"]
     argvs = [[*base, *stack, *case] for case in PARALLEL_CASES.values() for stack in (mtp, plugin)]
-    # hidden_rms reads nothing ahead: any CP layout serves it. Without these, both pass.
+    # hidden_rms does not declare sequence_parallel: refused under CP as under TP. Without
+    # these settings, both stacks pass.
     argvs += [
         [
             *base,
@@ -93,7 +94,8 @@ def test_a_plugin_reading_three_ahead_gets_the_errors_mtp_gets(installed_plugin)
     assert "reads hidden states 3 positions ahead" in verdicts[1]
     assert "a rank holds runs of 2 consecutive positions" in verdicts[5]
     assert "third_token shifts hidden states 3 positions ahead" in verdicts[5]
-    assert verdicts[-3:] == ["OK", "OK", "OK"]
+    assert "hidden_rms, which cannot run with parallelism.context_parallel_degree" in verdicts[-3]
+    assert verdicts[-2:] == ["OK", "OK"]
 
 
 def test_no_decision_in_the_glue_depends_on_a_builtins_name():

@@ -25,6 +25,12 @@ GRADIENTS = (
     "norm.weight",
     "output.weight",
 )
+# Saved too when the stack has them.
+OBJECTIVE_GRADIENTS = (
+    "objectives.nitp.projector.w1.weight",
+    "objectives.mtp.depths.0.projection.weight",
+    "objectives.top.head.weight",
+)
 
 
 class ValidateOnly(ObjectiveTrainer):
@@ -39,7 +45,7 @@ class DumpGradients(ObjectiveTrainer):
         if self.step == 1:
             params = dict(self.model_parts[0].named_parameters())
             whole = {}
-            for name in GRADIENTS:
+            for name in (*GRADIENTS, *(n for n in OBJECTIVE_GRADIENTS if n in params)):
                 grad = params[name].grad
                 whole[name] = grad.full_tensor() if isinstance(grad, DTensor) else grad.clone()
             if torch.distributed.get_rank() == 0:

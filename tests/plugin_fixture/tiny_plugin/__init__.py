@@ -97,4 +97,22 @@ class ThirdToken(Objective):
     def forward(self, features: Features) -> ObjectiveOutput:
         labels = shift_left(features.labels, 3, IGNORE_INDEX)
         labels = labels.masked_fill(~features.within_document(3), IGNORE_INDEX)
-        return ObjectiveOutput(cross_entropy_sum(self.shared.logits(features.final_hidden), labels))
+        logits = self.shared.logits(features.final_hidden)  # the group's positions
+        return ObjectiveOutput(cross_entropy_sum(logits, features.sequence.in_group(labels)))
+
+
+class TwoAheadHidden(Objective):
+    """Pulls h_t towards the stop-gradient h_{t + 2} of the same document: it reads hidden
+    states 2 positions ahead (``hidden_lookahead``), through ``features.sequence``."""
+
+    sequence_parallel = True
+
+    def requirements(self) -> Requirements:
+        return Requirements(final_hidden=True, lookahead=2, hidden_lookahead=2)
+
+    def forward(self, features: Features) -> ObjectiveOutput:
+        sequence, hidden = features.sequence, features.final_hidden.float()
+        ahead = sequence.shift_left(hidden.detach(), 2, 0.0)
+        valid = sequence.local((features.labels != IGNORE_INDEX) & features.within_document(2))
+        per_token = (hidden - ahead).pow(2).mean(-1)
+        return ObjectiveOutput(sequence.sum(torch.where(valid, per_token, 0.0).sum()))

@@ -156,6 +156,17 @@ def check_context_parallel(config: Any, stack: ObjectiveStack) -> None:
         )
     check_context_parallel_split(config)
     degree = parallelism.context_parallel_degree
+    unsupported = [
+        name for name, objective in stack.objectives().items() if not objective.sequence_parallel
+    ]
+    if unsupported:
+        raise ObjectivesConfigError(
+            f"{SECTION}.stack has {', '.join(unsupported)}, which cannot run with "
+            f"parallelism.context_parallel_degree = {degree}: each rank holds chunks of every "
+            "sequence, and the objective does not declare sequence_parallel = True (that it "
+            "reads positions through features.sequence; see docs/writing-objectives.md); "
+            "use FSDP (data_parallel_shard_degree) instead"
+        )
     run = shortest_run(
         config.training.seq_len, degree, balancer is not None, parallelism.tensor_parallel_degree
     )
