@@ -78,16 +78,26 @@ def assert_gradients_within(folder: Path, runs: list[str], share: float) -> None
 
 
 def test_every_objective_under_context_parallel_matches_one_process(tmp_path, twin_corpus):
-    """ntp + nitp + mtp (D = 2) + top under CP 2 (load-balanced, and not), CP 2 x FSDP 2
-    (each data-parallel rank reads its own copy of the corpus) and CP 2 x TP 2: labels and
-    documents are shifted on the whole sequence, hidden states cross chunk edges, and the
-    losses, grad norm and whole gradients equal one process's."""
+    """ntp + nitp + mtp (D = 2) + top under CP 2 (load-balanced, and not; accumulating two
+    micro-batches), CP 2 x FSDP 2 (each data-parallel rank reads its own copy of the
+    corpus) and CP 2 x TP 2 with compiled objectives and selective AC: labels and documents
+    are shifted on the whole sequence, hidden states cross chunk edges, and the losses,
+    grad norm and whole gradients equal one process's."""
     common = (*STACK, "--training.dataset_path", str(twin_corpus))
+    compiled = (
+        "--compile.enable",
+        "--compile.components",
+        "loss",
+        "--activation_checkpoint.mode",
+        "selective",
+    )
+    accumulate = ("--training.local_batch_size", "2", "--training.global_batch_size", "4")
     runs = {
         "cp": (2, CP),
         "cp_no_balancing": (2, (*CP, "--parallelism.context_parallel_load_balancer", "None")),
+        "cp_accumulate": (2, (*CP, *accumulate)),
         "cp_fsdp": (4, (*CP[:2], "--parallelism.data_parallel_shard_degree", "2")),
-        "cp_tp": (4, (*CP, "--parallelism.tensor_parallel_degree", "2")),
+        "cp_tp": (4, (*CP, "--parallelism.tensor_parallel_degree", "2", *compiled)),
     }
     logged = run_from_one_seed(tmp_path, common, runs, **PROBE)
     assert_same_numbers(logged, TAGS, steps=3)

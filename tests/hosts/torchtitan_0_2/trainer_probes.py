@@ -8,6 +8,7 @@ trainer with a test probe, for what the logs do not show.
 """
 
 import os
+import re
 
 from titan_objectives.hosts.torchtitan_0_2.runtime import cpu as cpu_runtime
 
@@ -43,7 +44,10 @@ class DumpGradients(ObjectiveTrainer):
     def forward_backward_step(self, **kwargs) -> torch.Tensor:
         loss = super().forward_backward_step(**kwargs)
         if self.step == 1:
-            params = dict(self.model_parts[0].named_parameters())
+            params = {  # as named in a checkpoint: without compile's and AC's wrappers
+                re.sub(r"\.(_orig_mod|_checkpoint_wrapped_module)", "", name): parameter
+                for name, parameter in self.model_parts[0].named_parameters()
+            }
             whole = {}
             for name in (*GRADIENTS, *(n for n in OBJECTIVE_GRADIENTS if n in params)):
                 grad = params[name].grad
