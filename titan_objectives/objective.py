@@ -167,14 +167,14 @@ class Requirements:
     """The largest k such that position t reads ``labels[:, t + k]``, an input at t + k or
     a hidden state at t + k (NTP 0; NITP 1; MTP its depth D, whose last module scores
     ``labels[:, t + D]``; TOP W - 1, its window being ``labels[:, t .. t + W - 1]``).
-    Under context parallelism, which reorders the sequence, only objectives with 0 (right
-    per position) may run."""
+    Labels are whole under every parallelism; hidden states follow ``hidden_lookahead``."""
 
     hidden_lookahead: int | None = None
     """The largest offset at which it reads *hidden states* (``features.sequence.
-    shift_left``); under tensor parallelism they are sequence shards, and a shard must hold
-    at least this many positions. ``None``: the same as ``lookahead``; TOP, which reads only
-    labels ahead, declares 0."""
+    shift_left``); under tensor parallelism they are sequence shards, under context
+    parallelism chunks, and each run of consecutive positions a rank holds must be at least
+    this long. ``None``: the same as ``lookahead``; TOP, which reads only labels ahead,
+    declares 0."""
 
     output_weight: bool = False
     """Reads the LM head's weight outside the model's forward (``SharedModules``): it
@@ -226,8 +226,9 @@ class Features:
     position, ``[batch, seq]`` over the whole sequence; ``None`` when every position sees
     all earlier ones. Use ``within_document`` rather than reading it."""
     sequence: SequenceShards = UNSHARDED
-    """Which positions the hidden states hold; ``labels``, ``logits`` and ``documents``
-    always cover the whole sequence. Shift and sum over positions through it."""
+    """Which positions the hidden states hold; ``labels`` and ``documents`` always cover
+    the whole sequence, ``logits`` the positions of ``sequence.in_group`` (the whole
+    sequence but under context parallelism). Shift and sum over positions through it."""
 
     def within_document(self, k: int) -> torch.Tensor:
         """``[batch, seq]`` bool over the whole sequence: position t may read position
