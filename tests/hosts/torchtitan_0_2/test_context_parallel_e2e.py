@@ -44,6 +44,15 @@ def test_ntp_under_context_parallel_matches_one_process(tmp_path: Path, module: 
         assert_same_gradients(tmp_path, list(runs))
 
 
+# The heads' chunked cross-entropy (PyTorch's kernel) equals the plain one to fp32 order.
+CHUNKED = (
+    "--objectives.ntp.chunk_size",
+    "48",
+    "--objectives.mtp.chunk_size",
+    "40",
+    "--objectives.top.chunk_size",
+    "48",
+)
 STACK = (
     "--objectives.stack",
     "ntp,nitp,mtp,top",
@@ -54,6 +63,19 @@ STACK = (
     "--training.steps",
     "3",
 )
+MEASURED = (
+    "--objectives.geometry.freq",
+    "1",
+    "--objectives.geometry.layers",
+    "2",
+    "--validation.enable",
+    "--validation.freq",
+    "3",
+    "--validation.steps",
+    "1",
+    "--validation.seq_len",
+    "64",
+)
 TAGS = (
     "objectives/ntp/loss",
     "objectives/nitp/loss",
@@ -62,6 +84,10 @@ TAGS = (
     "loss_metrics/global_avg_loss",
     "grad_norm",
 )
+# The NITP paper's effective rank: covariance moments of every token, summed over ranks (of
+# one micro-batch: accumulating runs measure their last).
+GEOMETRY = ("geometry/final/effective_rank", "geometry/layer_2/effective_rank")
+VALIDATED = ("validation/objectives/nitp/loss", "validation/objectives/mtp/loss")
 
 
 def assert_gradients_within(folder: Path, runs: list[str], share: float) -> None:
@@ -79,11 +105,12 @@ def assert_gradients_within(folder: Path, runs: list[str], share: float) -> None
 
 def test_every_objective_under_context_parallel_matches_one_process(tmp_path, twin_corpus):
     """ntp + nitp + mtp (D = 2) + top under CP 2 (load-balanced, and not; accumulating two
-    micro-batches), CP 2 x FSDP 2 (each data-parallel rank reads its own copy of the
-    corpus) and CP 2 x TP 2 with compiled objectives and selective AC: labels and documents
-    are shifted on the whole sequence, hidden states cross chunk edges, and the losses,
-    grad norm and whole gradients equal one process's."""
-    common = (*STACK, "--training.dataset_path", str(twin_corpus))
+    micro-batches; with the heads' chunked cross-entropy; with compiled objectives and
+    selective AC), CP 2 x FSDP 2 (each data-parallel rank reads its own copy of the
+    corpus) and CP 2 x TP 2: labels and documents are shifted on the whole sequence, hidden states
+    cross chunk edges, and the losses, grad norm, the paper's effective rank, validation
+    losses and whole gradients equal one process's."""
+    common = (*STACK, *MEASURED, "--training.dataset_path", str(twin_corpus))
     compiled = (
         "--compile.enable",
         "--compile.components",
@@ -96,11 +123,19 @@ def test_every_objective_under_context_parallel_matches_one_process(tmp_path, tw
         "cp": (2, CP),
         "cp_no_balancing": (2, (*CP, "--parallelism.context_parallel_load_balancer", "None")),
         "cp_accumulate": (2, (*CP, *accumulate)),
+        "cp_chunked": (2, (*CP, *CHUNKED)),
+        "cp_compiled": (2, (*CP, *compiled)),
         "cp_fsdp": (4, (*CP[:2], "--parallelism.data_parallel_shard_degree", "2")),
-        "cp_tp": (4, (*CP, "--parallelism.tensor_parallel_degree", "2", *compiled)),
+        "cp_tp": (4, (*CP, "--parallelism.tensor_parallel_degree", "2")),
     }
     logged = run_from_one_seed(tmp_path, common, runs, **PROBE)
     assert_same_numbers(logged, TAGS, steps=3)
+    assert_same_numbers({k: v for k, v in logged.items() if k != "cp_accumulate"}, GEOMETRY, 3)
+    for tag in VALIDATED:  # validation under CP scores the whole sequences too
+        # (not cp_fsdp: its data-parallel ranks validate on different documents)
+        for name in set(logged) - {"cp_fsdp"}:
+            run = logged[name]
+            assert run[tag][3] == pytest.approx(logged["one"][tag][3], rel=1e-4), (name, tag)
     assert_gradients_within(tmp_path, list(runs), 1e-6)
 
 
