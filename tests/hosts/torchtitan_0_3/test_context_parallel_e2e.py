@@ -66,7 +66,8 @@ def test_ntp_under_context_parallel_matches_one_process(tmp_path):
 
 def test_every_objective_under_context_parallel_matches_one_process(tmp_path, twin_corpus):
     """ntp + nitp + mtp (D = 2) + top, FlexAttention with block-causal masks (documents
-    found on the whole sequence), under CP 2, CP 2 x FSDP 2 and CP 2 x TP 2 (4 processes):
+    found on the whole sequence), the debug config's selective AC, under CP 2 (also with
+    compiled objectives, and accumulating two micro-batches), CP 2 x FSDP 2 and CP 2 x TP 2:
     losses and grad norm over 3 steps, and Adam's first moments after step 3, equal one
     process's."""
     common = (
@@ -88,9 +89,12 @@ def test_every_objective_under_context_parallel_matches_one_process(tmp_path, tw
         "--checkpoint.no-last_save_model_only",
     )
     train(tmp_path / "seed", *common, "--checkpoint.create_seed_checkpoint")
+    accumulate = ("--training.local_batch_size", "1", "--training.global_batch_size", "2")
     runs = {
         "one": (1, ()),
         "cp": (2, CP),
+        "cp_compiled": (2, (*CP, "--compile.enable", "--compile.components", "loss")),
+        "cp_accumulate": (2, (*CP, *accumulate)),
         "cp_fsdp": (4, (*CP[:2], "--parallelism.data_parallel_shard_degree", "2")),
         "cp_tp": (4, (*CP, "--parallelism.tensor_parallel_degree", "2")),
     }
@@ -116,7 +120,7 @@ def test_every_objective_under_context_parallel_matches_one_process(tmp_path, tw
         "objectives.top.head.weight",
     )
     expected = first_moments(tmp_path / "one" / "checkpoint" / "step-3", parameters)
-    for name in ("cp", "cp_fsdp", "cp_tp"):
+    for name in list(runs)[1:]:
         worst = max(
             abs(logged[name][tag][step] / logged["one"][tag][step] - 1)
             for tag in tags
