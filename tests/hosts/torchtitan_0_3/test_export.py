@@ -130,19 +130,17 @@ def test_a_trained_run_exports_and_is_scored(tmp_path):
     assert (tmp_path / "hf" / "step-4" / "model.safetensors").is_file()  # the last step
 
 
+def run_without_weights(folder: Path, host: str, model: str) -> None:
+    """A run record and a complete (empty) checkpoint at step 1: what the export checks
+    before it reads any tensor."""
+    record = RunRecord(host, model, "debugmodel", {}, str(TOKENIZER), "checkpoint", ["ntp"])
+    write_record(folder, record)
+    (folder / "checkpoint" / "step-1").mkdir(parents=True)
+    (folder / "checkpoint" / "step-1" / ".metadata").touch()  # complete, as DCP leaves it
+
+
 def test_bad_steps_and_families_are_named(tmp_path, capsys):
-    record = RunRecord(
-        "torchtitan_0_3",
-        "deepseek_v3",
-        "debugmodel",
-        {},
-        str(TOKENIZER),
-        "checkpoint",
-        ["ntp"],
-    )
-    write_record(tmp_path, record)
-    (tmp_path / "checkpoint" / "step-1").mkdir(parents=True)
-    (tmp_path / "checkpoint" / "step-1" / ".metadata").touch()  # complete, as DCP leaves it
+    run_without_weights(tmp_path, "torchtitan_0_3", "deepseek_v3")
     assert main(["export", str(tmp_path), "--out", str(tmp_path / "a"), "--step", "3"]) == 2
     assert main(["export", str(tmp_path), "--out", str(tmp_path / "b")]) == 2
     errors = capsys.readouterr().err
@@ -153,19 +151,8 @@ def test_bad_steps_and_families_are_named(tmp_path, capsys):
 
 
 def test_a_record_from_the_other_host_is_named(tmp_path, capsys):
-    record = RunRecord(
-        "torchtitan_0_2",
-        "llama3",
-        "debugmodel",
-        {},
-        str(TOKENIZER),
-        "checkpoint",
-        ["ntp"],
-    )
-    write_record(tmp_path, record)
-    (tmp_path / "checkpoint" / "step-1").mkdir(parents=True)
-    (tmp_path / "checkpoint" / "step-1" / ".metadata").touch()  # complete, as DCP leaves it
-    assert main(["export", str(Path(tmp_path)), "--out", str(tmp_path / "hf")]) == 2
+    run_without_weights(tmp_path, "torchtitan_0_2", "llama3")
+    assert main(["export", str(tmp_path), "--out", str(tmp_path / "hf")]) == 2
     assert "trained on torchtitan_0_2; export it in that host's environment" in (
         capsys.readouterr().err
     )

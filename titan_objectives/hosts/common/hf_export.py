@@ -41,13 +41,22 @@ NOT_REPRESENTABLE = {
 }
 
 
-def unexportable(model_name: str, exportable: list[str]) -> ExportError:
-    """The error for a model no ``config.json`` of ours describes."""
-    why = NOT_REPRESENTABLE.get(model_name, "no transformers class matching torchtitan's here")
-    return ExportError(
-        f"model {model_name!r} cannot be exported for Hugging Face transformers: {why}; "
-        f"exportable models: {', '.join(exportable)}"
-    )
+def check_exportable(record: RunRecord, host: str, families: list[str]) -> None:
+    """The run was trained on this ``host``, and its model is one of the ``families``
+    it has a ``config.json`` for."""
+    if record.host != host:
+        raise ExportError(
+            f"the run was trained on {record.host}; export it in that host's environment "
+            f"(this is {host})"
+        )
+    if record.model_name not in families:
+        why = NOT_REPRESENTABLE.get(
+            record.model_name, "no transformers class matching torchtitan's here"
+        )
+        raise ExportError(
+            f"model {record.model_name!r} cannot be exported for Hugging Face transformers: "
+            f"{why}; exportable models: {', '.join(families)}"
+        )
 
 
 Shapes = dict[str, torch.Size]

@@ -13,7 +13,7 @@ from titan_objectives.hosts.common.hf_export import (
     ExportableModel,
     Logits,
     Shapes,
-    unexportable,
+    check_exportable,
     without_routing_bias,
 )
 from titan_objectives.hosts.common.run_record import ExportError, RunRecord, overlay
@@ -125,13 +125,7 @@ def model_args_of(record: RunRecord) -> Any:
 
 
 def exportable(record: RunRecord) -> ExportableModel:
-    if record.host != HOST:
-        raise ExportError(
-            f"the run was trained on {record.host}; export it in that host's environment "
-            f"(this is {HOST})"
-        )
-    if record.model_name not in HF_CONFIGS:
-        raise unexportable(record.model_name, list(HF_CONFIGS))
+    check_exportable(record, HOST, list(HF_CONFIGS))
     spec = get_train_spec(record.model_name)
     args = model_args_of(record)
     with torch.device("meta"):

@@ -12,7 +12,7 @@ from titan_objectives.hosts.common.hf_export import (
     ExportableModel,
     Logits,
     Shapes,
-    unexportable,
+    check_exportable,
     without_routing_bias,
 )
 from titan_objectives.hosts.common.run_record import ExportError, RunRecord, overlay
@@ -139,13 +139,7 @@ def _model_spec(record: RunRecord) -> Any:
 
 
 def exportable(record: RunRecord) -> ExportableModel:
-    if record.host != HOST:
-        raise ExportError(
-            f"the run was trained on {record.host}; export it in that host's environment "
-            f"(this is {HOST})"
-        )
-    if record.model_name not in HF_CONFIGS:
-        raise unexportable(record.model_name, list(HF_CONFIGS))
+    check_exportable(record, HOST, list(HF_CONFIGS))
     spec = _model_spec(record)
     config = overlay(spec.model, record.model_args)
     with torch.device("meta"):
