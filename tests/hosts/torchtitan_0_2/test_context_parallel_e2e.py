@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tests.helpers import pip_install
+from tests.hosts.torchtitan_0_2.test_moe_e2e import expert_biases
 from tests.hosts.torchtitan_0_2.test_parallelism_e2e import (
     PROBE,
     assert_same_gradients,
@@ -154,3 +155,34 @@ def test_plugins_reading_ahead_under_context_parallel_match_one_process(tmp_path
     logged = run_from_one_seed(tmp_path, common, {"cp": (2, CP)}, extra_pythonpath=str(plugin_site))
     tags = ("objectives/third_token/loss", "objectives/two_ahead_hidden/loss", "grad_norm")
     assert_same_numbers(logged, tags, steps=3)
+
+
+def test_deepseek_v3_under_context_parallel_matches_one_process(tmp_path, twin_corpus):
+    """DeepSeek-V3 (MLA, whose values are narrower than its keys; MoE blocks, MTP's
+    included, with their routers balanced) with ntp + nitp + mtp + top under CP 2: losses,
+    grad norm, whole gradients and every router's bias equal one process's."""
+    common = (
+        "--model.name",
+        "deepseek_v3",
+        "--objectives.stack",
+        "ntp,nitp,mtp,top",
+        "--objectives.top.window",
+        "8",
+        "--training.seq_len",
+        "32",
+        "--training.local_batch_size",
+        "2",
+        "--training.dataset_path",
+        str(twin_corpus),
+        "--training.steps",
+        "3",
+        "--checkpoint.no-last_save_model_only",  # keep the routers' biases at the end
+    )
+    logged = run_from_one_seed(tmp_path, common, {"cp": (2, CP)}, **PROBE)
+    assert_same_numbers(logged, (*TAGS[:4], "grad_norm"), steps=3)
+    assert_gradients_within(tmp_path, ["cp"], 1e-6)
+    reference = expert_biases(tmp_path / "one" / "ckpt" / "step-3")
+    assert reference["objectives.mtp.depths.0.block.moe.expert_bias"].abs().max() > 0
+    biases = expert_biases(tmp_path / "cp" / "ckpt" / "step-3")
+    for key, value in reference.items():
+        torch.testing.assert_close(biases[key], value, msg=key)

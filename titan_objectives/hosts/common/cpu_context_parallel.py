@@ -6,13 +6,19 @@ CPU, SDPA runs ``aten._scaled_dot_product_flash_attention_for_cpu``, which has n
 and no sharding rule. This gives that kernel and its backward the same treatment: the
 local shards go through torch's own ``_templated_ring_attention`` (and its backward), with
 its load-balanced causal schedule, and the results come back sharded on the sequence.
-With CUDA present the CPU runtime is not applied and torch's own kernels run.
+The CPU kernel takes values only as wide as the keys, so narrower values (DeepSeek's
+MLA) are padded with zeros for it and its output cut back; without that, SDPA falls back
+to its math path, which DTensor cannot run. With CUDA present the CPU runtime is not
+applied and torch's own kernels run.
 """
 
+import functools
 import importlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Shard
 
 aten = torch.ops.aten
@@ -96,9 +102,29 @@ def _backward(op_call: Any, args: tuple, kwargs: dict) -> tuple[DTensor, ...]:
     return _sharded(mesh, grads)
 
 
+def _values_as_wide_as_keys(sdpa: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``sdpa`` that pads sequence-sharded values narrower than the keys with zeros (their
+    output columns are zero and are cut off), so that the CPU kernel can take them."""
+
+    @functools.wraps(sdpa)
+    def attention(query: Any, key: Any, value: Any, *args: Any, **kwargs: Any) -> Any:
+        width = value.shape[-1]
+        if not isinstance(value, DTensor) or width == key.shape[-1]:
+            return sdpa(query, key, value, *args, **kwargs)
+        padded = F.pad(value.to_local(), (0, key.shape[-1] - width))
+        value = DTensor.from_local(padded, value.device_mesh, value.placements, run_check=False)
+        out = sdpa(query, key, value, *args, **kwargs)
+        narrowed = out.to_local()[..., :width]
+        return DTensor.from_local(narrowed, out.device_mesh, out.placements, run_check=False)
+
+    return attention
+
+
 def ring_attention_for_cpu_sdpa() -> None:
     """Register the CPU kernel's handlers where torch's context parallel takes its
-    handlers from when it is enabled (``custom_ops``)."""
+    handlers from when it is enabled (``custom_ops``), and give SDPA the values' padding
+    (torch's context parallel wraps whatever ``F.scaled_dot_product_attention`` is)."""
     handlers = _attention_module().custom_ops
     handlers[aten._scaled_dot_product_flash_attention_for_cpu.default] = _forward
     handlers[aten._scaled_dot_product_flash_attention_for_cpu_backward.default] = _backward
+    F.scaled_dot_product_attention = _values_as_wide_as_keys(F.scaled_dot_product_attention)
