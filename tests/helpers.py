@@ -1,9 +1,17 @@
 """Run real torchtitan trainings in subprocesses and read back what they logged."""
 
 import os
+import re
 import subprocess
 import sys
+from collections.abc import Iterable
 from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.tensor import DTensor
 
 from titan_objectives.config import StackEntry
 from titan_objectives.objective import ModelInfo, ObjectiveOptions
@@ -150,6 +158,68 @@ def torchrun(
     if check and result.returncode != 0:
         raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout[-6000:]}")
     return result
+
+
+def save_whole_gradients(model: torch.nn.Module, names: Iterable[str], path: str) -> None:
+    """Rank 0 saves the whole gradients of those of ``names`` the model has (named as a
+    checkpoint names them: without compile's and AC's wrappers) to ``path``; every rank
+    takes part in gathering sharded ones."""
+    parameters = {
+        re.sub(r"\.(_orig_mod|_checkpoint_wrapped_module)", "", name): parameter
+        for name, parameter in model.named_parameters()
+    }
+    whole = {}
+    for name in (n for n in names if n in parameters):
+        grad = parameters[name].grad
+        whole[name] = grad.full_tensor() if isinstance(grad, DTensor) else grad.clone()
+    if torch.distributed.get_rank() == 0:
+        torch.save(whole, path)
+
+
+def expert_biases(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The MoE routers' load-balancing biases in a DCP checkpoint (torchtitan 0.2.2 names
+    them ``expert_bias``, 0.3 ``expert_bias_E``)."""
+    metadata = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    names = [k for k in metadata if k.endswith(("expert_bias", "expert_bias_E"))]
+    state = {k: torch.zeros(metadata[k].size) for k in names}
+    dcp.load(state, checkpoint_id=str(checkpoint))
+    return state
+
+
+def assert_same_numbers(
+    logged: dict, tags: tuple[str, ...], steps: int, scale: dict | None = None, absolute: float = 0
+) -> None:
+    """Every run's ``tags`` equal the single-process ones (times ``scale[(run, tag)]``) to
+    1e-4 relative, or ``absolute``."""
+    one, scale = logged["one"], scale or {}
+    for name, run in logged.items():
+        expected = {
+            tag: {step: one[tag][step] * scale.get((name, tag), 1) for step in one[tag]}
+            for tag in tags
+        }
+        worst = max(
+            abs(run[tag][step] / expected[tag][step] - 1)
+            for tag in tags
+            for step in range(1, steps + 1)
+        )
+        print(f"{name}: largest relative difference from one process {worst:.1e}")
+        for tag in tags:
+            for step in range(1, steps + 1):
+                close = pytest.approx(expected[tag][step], rel=1e-4, abs=absolute)
+                assert run[tag][step] == close, (name, tag, step)
+
+
+def assert_gradients_within(folder: Path, runs: list[str], share: float) -> None:
+    """The whole gradients a trainer probe saved at step 1 (``save_whole_gradients``:
+    embedding, a block, final norm, head, NITP projector, MTP projection, TOP head) equal
+    one process's to ``share`` of each tensor's largest entry."""
+    one = torch.load(folder / "one" / "gradients.pt")
+    for name in runs:
+        gradients = torch.load(folder / name / "gradients.pt")
+        for key, expected in one.items():
+            worst = (gradients[key] - expected).abs().max().item() / expected.abs().max().item()
+            print(f"{name} {key}: largest difference / largest gradient {worst:.1e}")
+            assert worst < share, (name, key, worst)
 
 
 def run_module(module: str, *args: str, timeout: int = 120, env: dict | None = None):

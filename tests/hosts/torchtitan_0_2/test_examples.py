@@ -7,11 +7,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import ROOT, pip_install, scalars, train
+from tests.helpers import (
+    ROOT,
+    assert_gradients_within,
+    assert_same_numbers,
+    pip_install,
+    scalars,
+    train,
+)
 from tests.hosts.torchtitan_0_2.test_parallelism_e2e import (
     PROBE,
-    assert_same_gradients,
-    assert_same_numbers,
     run_from_one_seed,
 )
 
@@ -93,7 +98,7 @@ def test_z_loss_under_tensor_parallel_matches_one_process(tmp_path, z_loss_site,
     assert (
         logged["one"]["objectives/z_loss/loss"][1] > 0.3 * logged["one"]["objectives/ntp/loss"][1]
     )
-    assert_same_gradients(tmp_path, ["tp", "tp_no_loss_parallel"])
+    assert_gradients_within(tmp_path, ["tp", "tp_no_loss_parallel"], 1e-4)
 
 
 @pytest.fixture(scope="module")

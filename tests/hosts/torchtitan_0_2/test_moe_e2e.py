@@ -3,11 +3,8 @@ own MoE blocks and their routers are load-balanced (FSDP2, TP and EP equivalence
 test_parallelism_e2e.py)."""
 
 import pytest
-import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
 
-from tests.helpers import scalars, train
+from tests.helpers import expert_biases, scalars, train
 
 pytestmark = pytest.mark.slow
 
@@ -26,13 +23,6 @@ FULL = (
     "ckpt",
     "--checkpoint.no-last_save_model_only",
 )
-
-
-def expert_biases(checkpoint) -> dict[str, torch.Tensor]:
-    metadata = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
-    state = {k: torch.zeros(metadata[k].size) for k in metadata if k.endswith("expert_bias")}
-    dcp.load(state, checkpoint_id=str(checkpoint))
-    return state
 
 
 EXPERT_PARALLEL = ("--parallelism.expert_parallel_degree", "2")

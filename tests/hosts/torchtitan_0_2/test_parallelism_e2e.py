@@ -12,8 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import scalars, train
-from tests.hosts.torchtitan_0_2.test_moe_e2e import expert_biases
+from tests.helpers import (
+    assert_gradients_within,
+    assert_same_numbers,
+    expert_biases,
+    scalars,
+    train,
+)
 from titan_objectives.losses import torch_has_linear_cross_entropy
 
 pytestmark = [pytest.mark.slow, pytest.mark.long]
@@ -36,42 +41,6 @@ def run_from_one_seed(
         logged[name] = scalars(folder / name)
         logged[name]["stdout"] = result.stdout
     return logged
-
-
-def assert_same_numbers(
-    logged: dict, tags: tuple[str, ...], steps: int, scale: dict | None = None, absolute: float = 0
-) -> None:
-    """Every run's ``tags`` equal the single-process ones (times ``scale[(run, tag)]``) to
-    1e-4 relative, or ``absolute``."""
-    one, scale = logged["one"], scale or {}
-    for name, run in logged.items():
-        expected = {
-            tag: {step: one[tag][step] * scale.get((name, tag), 1) for step in one[tag]}
-            for tag in tags
-        }
-        worst = max(
-            abs(run[tag][step] / expected[tag][step] - 1)
-            for tag in tags
-            for step in range(1, steps + 1)
-        )
-        print(f"{name}: largest relative difference from one process {worst:.1e}")
-        for tag in tags:
-            for step in range(1, steps + 1):
-                close = pytest.approx(expected[tag][step], rel=1e-4, abs=absolute)
-                assert run[tag][step] == close, (name, tag, step)
-
-
-def assert_same_gradients(folder: Path, runs: list[str]) -> None:
-    """The whole gradients ``trainer_probes`` saved after step 1's backward equal the
-    single-process ones (relative to each tensor's largest entry: 1e-4)."""
-    one = torch.load(folder / "one" / "gradients.pt")
-    for name in runs:
-        gradients = torch.load(folder / name / "gradients.pt")
-        for key, expected in one.items():
-            scale = expected.abs().max().item()
-            worst = (gradients[key] - expected).abs().max().item() / scale
-            print(f"{name} {key}: largest difference / largest gradient {worst:.1e}")
-            torch.testing.assert_close(gradients[key], expected, rtol=1e-4, atol=1e-4 * scale)
 
 
 PROBE = {
@@ -137,7 +106,7 @@ def test_chunked_losses_under_tp_and_fsdp_match_single_process(tmp_path, twin_co
         "grad_norm",
     )
     assert_same_numbers(logged, tags, steps=3)
-    assert_same_gradients(tmp_path, list(runs))
+    assert_gradients_within(tmp_path, list(runs), 1e-4)
 
 
 def test_llama3_full_stack_under_tp_2d_ddp_and_hsdp_matches_single_process(tmp_path, twin_corpus):

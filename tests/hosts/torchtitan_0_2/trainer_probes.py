@@ -8,15 +8,14 @@ trainer with a test probe, for what the logs do not show.
 """
 
 import os
-import re
 
 from titan_objectives.hosts.torchtitan_0_2.runtime import cpu as cpu_runtime
 
 cpu_runtime.activate()
 
 import torch  # noqa: E402
-from torch.distributed.tensor import DTensor  # noqa: E402
 
+from tests.helpers import save_whole_gradients  # noqa: E402
 from titan_objectives import train  # noqa: E402
 from titan_objectives.hosts.torchtitan_0_2.trainer import ObjectiveTrainer  # noqa: E402
 
@@ -44,16 +43,8 @@ class DumpGradients(ObjectiveTrainer):
     def forward_backward_step(self, **kwargs) -> torch.Tensor:
         loss = super().forward_backward_step(**kwargs)
         if self.step == 1:
-            params = {  # as named in a checkpoint: without compile's and AC's wrappers
-                re.sub(r"\.(_orig_mod|_checkpoint_wrapped_module)", "", name): parameter
-                for name, parameter in self.model_parts[0].named_parameters()
-            }
-            whole = {}
-            for name in (*GRADIENTS, *(n for n in OBJECTIVE_GRADIENTS if n in params)):
-                grad = params[name].grad
-                whole[name] = grad.full_tensor() if isinstance(grad, DTensor) else grad.clone()
-            if torch.distributed.get_rank() == 0:
-                torch.save(whole, f"{self.job_config.job.dump_folder}/gradients.pt")
+            path = f"{self.job_config.job.dump_folder}/gradients.pt"
+            save_whole_gradients(self.model_parts[0], (*GRADIENTS, *OBJECTIVE_GRADIENTS), path)
         return loss
 
 

@@ -31,10 +31,13 @@ TINY = [
 ]
 
 
-def train(folder: Path, config: str, *overrides: str, nproc: int = 1, module=HOST):
+def train(
+    folder: Path, config: str, *overrides: str, nproc: int = 1, module=HOST, **torchrun_kwargs
+):
     return torchrun(
         [*module, "--config", config, "--dump_folder", str(folder), *TINY, *overrides],
         nproc=nproc,
+        **torchrun_kwargs,
     )
 
 
