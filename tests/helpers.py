@@ -160,20 +160,29 @@ def torchrun(
     return result
 
 
-def save_whole_gradients(model: torch.nn.Module, names: Iterable[str], path: str) -> None:
-    """Rank 0 saves the whole gradients of those of ``names`` the model has (named as a
-    checkpoint names them: without compile's and AC's wrappers) to ``path``; every rank
-    takes part in gathering sharded ones."""
-    parameters = {
-        re.sub(r"\.(_orig_mod|_checkpoint_wrapped_module)", "", name): parameter
-        for name, parameter in model.named_parameters()
-    }
+def save_whole_gradients(parts: list[torch.nn.Module], names: Iterable[str], folder: str) -> None:
+    """Each rank saves the whole gradients of those of ``names`` its model parts (its
+    pipeline stages) have, named as a checkpoint names them (without compile's and AC's
+    wrappers), to ``folder/gradients.<rank>.pt``; sharded ones are gathered by every rank
+    that holds a shard."""
     whole = {}
-    for name in (n for n in names if n in parameters):
-        grad = parameters[name].grad
-        whole[name] = grad.full_tensor() if isinstance(grad, DTensor) else grad.clone()
-    if torch.distributed.get_rank() == 0:
-        torch.save(whole, path)
+    for part in parts:
+        parameters = {
+            re.sub(r"\.(_orig_mod|_checkpoint_wrapped_module)", "", name): parameter
+            for name, parameter in part.named_parameters()
+        }
+        for name in (n for n in names if n in parameters):
+            grad = parameters[name].grad
+            whole[name] = grad.full_tensor() if isinstance(grad, DTensor) else grad.clone()
+    torch.save(whole, f"{folder}/gradients.{torch.distributed.get_rank()}.pt")
+
+
+def saved_gradients(folder: Path) -> dict[str, torch.Tensor]:
+    """The whole gradients every rank of a run saved (``save_whole_gradients``)."""
+    gradients = {}
+    for path in sorted(folder.glob("gradients.*.pt")):
+        gradients.update(torch.load(path))
+    return gradients
 
 
 def expert_biases(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -213,9 +222,9 @@ def assert_gradients_within(folder: Path, runs: list[str], share: float) -> None
     """The whole gradients a trainer probe saved at step 1 (``save_whole_gradients``:
     embedding, a block, final norm, head, NITP projector, MTP projection, TOP head) equal
     one process's to ``share`` of each tensor's largest entry."""
-    one = torch.load(folder / "one" / "gradients.pt")
+    one = saved_gradients(folder / "one")
     for name in runs:
-        gradients = torch.load(folder / name / "gradients.pt")
+        gradients = saved_gradients(folder / name)
         for key, expected in one.items():
             worst = (gradients[key] - expected).abs().max().item() / expected.abs().max().item()
             print(f"{name} {key}: largest difference / largest gradient {worst:.1e}")

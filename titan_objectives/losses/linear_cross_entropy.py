@@ -146,24 +146,21 @@ class _LinearSparseCrossEntropy(torch.autograd.Function):
         if with_grads:
             # Accumulated in fp32, kept in the weight's dtype, as autograd would return it.
             grad_weight = grad_weight.to(weight.dtype)
-        ctx.save_for_backward(grad_hidden, grad_weight)
+        # Kept on ctx rather than saved: the first backward scales them in place.
+        ctx.grads, ctx.scaled = (grad_hidden, grad_weight), False
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        # Scaled in place, as Liger-Kernel does: the saved gradients are used once (a
-        # second backward through this graph would need retain_graph, which losses never do).
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return (
-            grad_hidden.mul_(grad_loss.to(grad_hidden.dtype)),
-            grad_weight.mul_(grad_loss.to(grad_weight.dtype)),
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
+        # Scaled in place, as Liger-Kernel does, once: a zero-bubble pipeline schedule
+        # runs this node's backward a second time (its weight pass replays the graph with
+        # the same output gradient), which gets the gradients already scaled.
+        grad_hidden, grad_weight = ctx.grads
+        if not ctx.scaled:
+            grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
+            grad_weight.mul_(grad_loss.to(grad_weight.dtype))
+            ctx.scaled = True
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
 @torch.compiler.disable

@@ -4,7 +4,7 @@ trainer with a test probe, for what the logs do not show.
 - ``validate_only``: builds the trainer and runs one validation, no training step (flex
   attention runs forward on CPU, but has no backward there);
 - ``dump_gradients``: trains as usual and saves, after step 1's backward and before
-  clipping, the whole gradients of a few parameters to ``<dump_folder>/gradients.pt``.
+  clipping, the whole gradients of a few parameters to ``<dump_folder>/gradients.<rank>.pt``.
 """
 
 import os
@@ -22,6 +22,7 @@ from titan_objectives.hosts.torchtitan_0_2.trainer import ObjectiveTrainer  # no
 GRADIENTS = (
     "tok_embeddings.weight",
     "layers.0.attention.wq.weight",
+    "layers.5.attention.wq.weight",  # the last block: on another pipeline stage
     "norm.weight",
     "output.weight",
 )
@@ -43,8 +44,8 @@ class DumpGradients(ObjectiveTrainer):
     def forward_backward_step(self, **kwargs) -> torch.Tensor:
         loss = super().forward_backward_step(**kwargs)
         if self.step == 1:
-            path = f"{self.job_config.job.dump_folder}/gradients.pt"
-            save_whole_gradients(self.model_parts[0], (*GRADIENTS, *OBJECTIVE_GRADIENTS), path)
+            names = (*GRADIENTS, *OBJECTIVE_GRADIENTS)
+            save_whole_gradients(self.model_parts, names, self.job_config.job.dump_folder)
         return loss
 
 

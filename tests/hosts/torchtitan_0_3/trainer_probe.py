@@ -4,7 +4,7 @@
 
 - ``report_only`` (the default): builds, reports what it built, and trains nothing;
 - ``dump_gradients``: trains as usual and saves, after step 1's backward and before
-  clipping, the whole gradients of a few parameters to ``<dump_folder>/gradients.pt``.
+  clipping, the whole gradients of a few parameters to ``<dump_folder>/gradients.<rank>.pt``.
 """
 
 import os
@@ -41,8 +41,7 @@ class DumpGradients(ObjectiveTrainer):
     def forward_backward_step(self, **kwargs) -> torch.Tensor:
         loss = super().forward_backward_step(**kwargs)
         if self.step == 1:
-            path = f"{self.config.dump_folder}/gradients.pt"
-            save_whole_gradients(self.model_parts[0], GRADIENTS, path)
+            save_whole_gradients(self.model_parts, GRADIENTS, self.config.dump_folder)
         return loss
 
 

@@ -32,6 +32,13 @@ class ModelLayout(Protocol):
 
     def output_head(self, model: nn.Module) -> nn.Module: ...
 
+    def holds_layer(self, model: nn.Module, layer: int) -> bool:
+        """Whether this model (a pipeline stage holds some of the modules) has the module
+        of hidden state ``layer``."""
+        ...
+
+    def holds_output_head(self, model: nn.Module) -> bool: ...
+
 
 @dataclass(frozen=True)
 class DecoderLayout:
@@ -48,6 +55,14 @@ class DecoderLayout:
 
     def output_head(self, model: nn.Module) -> nn.Module:
         return getattr(model, self.head)
+
+    def holds_layer(self, model: nn.Module, layer: int) -> bool:
+        if layer == 0:
+            return model.tok_embeddings is not None
+        return str(layer - 1) in model.layers
+
+    def holds_output_head(self, model: nn.Module) -> bool:
+        return getattr(model, self.head) is not None
 
 
 def documents_ending_at(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -130,7 +145,8 @@ class HiddenStateTap:
     so the model's own forward runs unchanged and nothing is recomputed or copied; the
     model's own pre-hook records its keyword arguments, so training and validation give
     the objectives the same context from one place. Register after parallelization:
-    compile and AC replace the block modules.
+    compile and AC replace the block modules. On a pipeline stage only the modules the
+    stage holds are hooked (the final norm and head are on the last stage).
     """
 
     def __init__(
@@ -144,11 +160,12 @@ class HiddenStateTap:
         self._keep_logits = False
         self._documents_of = documents_of
         model.register_forward_pre_hook(self._keep_context, with_kwargs=True)
-        if needs.final_hidden:
+        holds_head = layout.holds_output_head(model)
+        if needs.final_hidden and holds_head:
             layout.final_norm(model).register_forward_hook(self._keep("final"))
-        for layer in sorted(needs.layers):
+        for layer in sorted(k for k in needs.layers if layout.holds_layer(model, k)):
             layout.layer_module(model, layer).register_forward_hook(self._keep(layer))
-        if not needs.logits:
+        if not needs.logits and holds_head:
             # Nobody reads the logits: let the head run on zero positions.
             layout.output_head(model).register_forward_pre_hook(self._skip_positions)
 
@@ -175,6 +192,17 @@ class HiddenStateTap:
                 self._capture.hidden[key] = sequence_shard(output)
 
         return hook
+
+    @property
+    def current(self) -> ForwardCapture | None:
+        """The capture forward passes record into now (None: not armed)."""
+        return self._capture
+
+    def new_forward(self) -> ForwardCapture | None:
+        """If armed, a new capture for the next forward (a pipeline stage's micro-batch)."""
+        if self._capture is not None:
+            self._capture = ForwardCapture()
+        return self._capture
 
     @contextmanager
     def capture(self, keep_logits: bool = False) -> Iterator[ForwardCapture]:

@@ -93,6 +93,19 @@ def warn_if_nothing_reads_the_head(needs: dict[str, Requirements]) -> None:
         )
 
 
+def check_pipeline_parallel(job_config: Any) -> None:
+    """What the objectives do not run under pipeline parallelism yet."""
+    degree = (
+        f"parallelism.pipeline_parallel_degree = {job_config.parallelism.pipeline_parallel_degree}"
+    )
+    if job_config.objectives.geometry.freq > 0:
+        raise ObjectivesConfigError(
+            f"{SECTION}.geometry.freq = {job_config.objectives.geometry.freq} with {degree}: "
+            "the geometry metrics are not measured under pipeline parallelism yet; set "
+            f"{SECTION}.geometry.freq = 0"
+        )
+
+
 def check_parallelism(
     job_config: Any, stack: ObjectiveStack, block_class: type[nn.Module] | None = None
 ) -> None:
@@ -100,19 +113,8 @@ def check_parallelism(
     the model's blocks, which the model's own parallelization splits)."""
     options, needs = stack.options(), stack.declarations()
     parallelism = job_config.parallelism
-    named = f"{SECTION}.stack = {list(options)!r}"
-    # torchtitan's own loss path, which every parallelism supports. The one decision on a
-    # built-in's name: it is a statement about torchtitan's step, not about an objective.
-    plain_ntp = list(options) == ["ntp"] and options["ntp"] == type(options["ntp"])()
-
-    if parallelism.pipeline_parallel_degree > 1 and not plain_ntp:
-        raise ObjectivesConfigError(
-            f"{named} with parallelism.pipeline_parallel_degree = "
-            f"{parallelism.pipeline_parallel_degree}: only a plain ntp stack (default options) "
-            "runs under pipeline parallelism (the loss is computed inside torchtitan's "
-            "schedule on the last stage, which does not see other stages' hidden states); "
-            "use FSDP instead"
-        )
+    if parallelism.pipeline_parallel_degree > 1:
+        check_pipeline_parallel(job_config)
     if parallelism.context_parallel_degree > 1:
         check_context_parallel(job_config, stack)
     if parallelism.tensor_parallel_degree > 1:

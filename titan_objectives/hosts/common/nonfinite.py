@@ -17,6 +17,7 @@ import logging
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch.distributed.device_mesh import DeviceMesh
 
@@ -33,9 +34,10 @@ class NonFiniteGuard:
         names: list[str],
         policy: str,
         optimizers: Any,
-        mesh: DeviceMesh | None,
+        mesh: DeviceMesh | dist.ProcessGroup | None,
         device: torch.device,
     ):
+        """``mesh``: the ranks whose flags decide together (None: this rank alone)."""
         self.names, self.policy, self.mesh = names, policy, mesh
         self._optimizers = optimizers.optimizers
         # Fused per parameter group (torchtitan 0.3 sets it there, 0.2.2 in the defaults

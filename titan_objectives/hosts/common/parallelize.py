@@ -55,8 +55,9 @@ def parallelize_with_objectives(
     its own plan, AC, compile and FSDP2 unit. Keep ``model.objectives`` away from the
     host's root ``fully_shard`` (attach it after) unless the host needs it inside.
     """
-    blocks = owned_blocks(stack, type(model.layers[str(len(model.layers) - 1)]))
-    first_lent = len(model.layers)
+    blocks = owned_blocks(stack, shared.block_class())
+    # After the model's own keys (a pipeline stage keeps the model's numbering).
+    first_lent = 1 + max((int(key) for key in model.layers), default=-1)
     for i, (parent, attribute) in enumerate(blocks):
         model.layers[str(first_lent + i)] = getattr(parent, attribute)
     model = parallelize_model(model)

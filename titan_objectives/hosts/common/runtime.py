@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
@@ -20,6 +21,7 @@ from titan_objectives.config import GeometryOptions
 from titan_objectives.hosts.common.capture import DocumentsOf, HiddenStateTap, ModelLayout
 from titan_objectives.hosts.common.geometry_probe import GeometryHook
 from titan_objectives.hosts.common.nonfinite import NonFiniteGuard
+from titan_objectives.hosts.common.pipeline import PipelineTaps
 from titan_objectives.hosts.common.running_metrics import (
     ObjectiveMetrics,
     StepMetrics,
@@ -146,13 +148,14 @@ def loss_mesh(parallel_dims: Any) -> DeviceMesh | None:
 
 class ObjectiveRuntime:
     """The stack's training step, metrics, geometry, non-finite guard and validation
-    scoring, for one model (``model``: the model part that holds ``model.objectives``)."""
+    scoring, for the model parts this rank holds (``parts``: the model, or under pipeline
+    parallelism this rank's stages, the last of which holds ``model.objectives``)."""
 
     def __init__(
         self,
         host: Host,
         checked: CheckedConfig,
-        model: nn.Module,
+        parts: list[nn.Module],
         optimizers: Any,
         validation: bool,
     ):
@@ -176,16 +179,22 @@ class ObjectiveRuntime:
             self.sequence,
             validation,
         )
-        self.hidden_states = HiddenStateTap(
-            model,
-            host.model_layout(),
-            self.needs | self.geometry.requirements(),
-            whole_sequence_documents(host.documents_of(), self.sequence),
-        )
+        needs = self.needs | self.geometry.requirements()
+        documents_of = whole_sequence_documents(host.documents_of(), self.sequence)
+        self.pipeline: PipelineTaps | None = None
+        self._global_valid_tokens: torch.Tensor | None = None
+        if dims.pp_enabled:
+            n_layers = checked.model_info.n_layers
+            self.pipeline = PipelineTaps(parts, host.model_layout(), needs, documents_of, n_layers)
+        else:
+            (model,) = parts
+            self.hidden_states = HiddenStateTap(model, host.model_layout(), needs, documents_of)
         self.nonfinite: NonFiniteGuard | None = None
         if checked.nonfinite != "off":
+            # Under pipeline parallelism only the last stage scores: every stage follows it.
+            guard_group = dist.group.WORLD if dims.pp_enabled else self.loss_mesh
             self.nonfinite = NonFiniteGuard(
-                list(self.stack), checked.nonfinite, optimizers, self.loss_mesh, host.device
+                list(self.stack), checked.nonfinite, optimizers, guard_group, host.device
             )
 
     def start_step(self, step: int) -> None:
@@ -220,10 +229,46 @@ class ObjectiveRuntime:
             # Free the logits and hidden states before backward, as torchtitan does.
             del pred, captured
             backward(loss)
+        self._record(output, global_valid_tokens)
+        return loss
+
+    def _record(self, output: StackOutput, global_valid_tokens: torch.Tensor) -> None:
+        """One micro-batch's metrics and non-finite flags."""
         self.metrics.add(output, global_valid_tokens)
         if self.nonfinite is not None:
             self.nonfinite.record([out.loss_sum for out in output.outputs.values()])
-        return loss
+
+    def pipeline_forward_backward(
+        self,
+        run_schedule: Callable[[list | None], None],
+        global_valid_tokens: torch.Tensor,
+        has_last_stage: bool,
+    ) -> torch.Tensor | None:
+        """One batch through torchtitan's pipeline schedule (``run_schedule(losses)``),
+        which calls ``pipeline_loss`` on the last stage for each micro-batch. Returns, on
+        the last stage, the loss torchtitan reports (this rank's weighted sum / global
+        valid tokens); None elsewhere."""
+        assert self.pipeline is not None
+        self._global_valid_tokens = global_valid_tokens
+        losses = [] if has_last_stage else None
+        with self.pipeline.capture():
+            run_schedule(losses)
+        if losses is None:
+            return None
+        for output in self.pipeline.micro_batches(len(losses)):
+            self._record(output, global_valid_tokens)
+        return torch.sum(torch.stack(losses))
+
+    def pipeline_loss(self, pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One micro-batch's loss on the last stage, right after its forward there: the
+        stack on the stage's capture, divided by the step's global valid tokens as the
+        one-process step divides it (torchtitan 0.2.2's own pipeline loss is not)."""
+        assert self.pipeline is not None and self._global_valid_tokens is not None
+        labels = self.sequence.whole(labels)
+        with self.loss_context():
+            output = self.score(self.pipeline.last_capture(), pred, labels)
+        self.pipeline.keep(output)
+        return output.weighted_loss_sum / self._global_valid_tokens
 
     def score(self, captured: Any, pred: torch.Tensor, labels: torch.Tensor) -> StackOutput:
         """The stack on one forward's capture; training and validation alike."""

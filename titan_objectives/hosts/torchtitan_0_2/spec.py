@@ -11,14 +11,16 @@ from typing import Any
 
 from torch import nn
 from torchtitan.components.validate import build_validator
-from torchtitan.protocols.train_spec import ParallelizeFunction, TrainSpec
+from torchtitan.protocols.train_spec import ParallelizeFunction, PipeliningFunction, TrainSpec
 
 from titan_objectives.hosts.common.parallelize import (
     ObjectiveParallelism,
     parallelize_with_objectives,
 )
+from titan_objectives.hosts.common.pipeline import PipelineLoss
 from titan_objectives.hosts.common.runtime import CheckedConfig
 from titan_objectives.hosts.torchtitan_0_2.metrics import build_objective_metrics_processor
+from titan_objectives.hosts.torchtitan_0_2.model_adapter import LAYOUT
 from titan_objectives.hosts.torchtitan_0_2.validation import build_objective_validator
 
 
@@ -31,7 +33,8 @@ def model_class_with_objectives(model_cls: type[nn.Module], checked: CheckedConf
 
         def init_weights(self, *args: Any, **kwargs: Any) -> None:
             super().init_weights(*args, **kwargs)
-            self.objectives.init_weights()
+            if self.objectives is not None:  # pipeline stages but the last have none
+                self.objectives.init_weights()
 
     ModelWithObjectives.__name__ = ModelWithObjectives.__qualname__ = (
         f"{model_cls.__name__}WithObjectives"
@@ -69,6 +72,14 @@ def parallelize(
     parallel_dims: Any,
     job_config: Any,
 ) -> nn.Module:
+    """torchtitan's parallelization of the model (or of one pipeline stage of it), and
+    the objectives', which join the stage that holds the head (``pipeline``)."""
+    if parallel_dims.pp_enabled:
+        # torchtitan's split leaves each stage an emptied copy of the stack.
+        model.objectives = None
+        if not LAYOUT.holds_output_head(model):
+            return parallelize_fn(model, parallel_dims, job_config)
+        checked.shared.bind(model)
     if parallel_dims.fsdp_enabled:
         # Out of torchtitan's root fully_shard; without FSDP, DDP must see them.
         del model.objectives
@@ -81,7 +92,25 @@ def parallelize(
     )
 
 
-def wrap_train_spec(base: TrainSpec, checked: CheckedConfig) -> TrainSpec:
+def pipeline(
+    pipelining_fn: PipeliningFunction,
+    loss: PipelineLoss,
+    model: nn.Module,
+    parallel_dims: Any,
+    job_config: Any,
+    device: Any,
+    model_args: Any,
+    parallelize_fn: ParallelizeFunction,
+    loss_fn: Any,
+) -> Any:
+    """torchtitan's pipeline split and schedule, with the objectives' loss in the schedule
+    (``loss``, bound to the runtime once the trainer has built it)."""
+    return pipelining_fn(model, parallel_dims, job_config, device, model_args, parallelize_fn, loss)
+
+
+def wrap_train_spec(
+    base: TrainSpec, checked: CheckedConfig, pipeline_loss: PipelineLoss
+) -> TrainSpec:
     if base.build_metrics_processor_fn is not None:
         raise NotImplementedError(
             "titan-objectives cannot yet combine with a TrainSpec that has its own metrics "
@@ -94,6 +123,7 @@ def wrap_train_spec(base: TrainSpec, checked: CheckedConfig) -> TrainSpec:
         base,
         model_cls=model_class_with_objectives(base.model_cls, checked),
         parallelize_fn=partial(parallelize, base.parallelize_fn, checked),
+        pipelining_fn=base.pipelining_fn and partial(pipeline, base.pipelining_fn, pipeline_loss),
         build_metrics_processor_fn=build_objective_metrics_processor,
         build_validator_fn=validator_fn,
     )

@@ -13,12 +13,9 @@ from torchtitan.train import Trainer
 
 from titan_objectives.hosts.common import moe_balance
 from titan_objectives.hosts.common.capture import DecoderLayout, DocumentsOf
+from titan_objectives.hosts.common.pipeline import PipelineLoss
 from titan_objectives.hosts.common.run_record import write_record
-from titan_objectives.hosts.common.runtime import (
-    ObjectiveRuntime,
-    context_layout,
-    runs_torchtitans_own_step,
-)
+from titan_objectives.hosts.common.runtime import ObjectiveRuntime, context_layout
 from titan_objectives.hosts.torchtitan_0_2.model_adapter import (
     LAYOUT,
     ROUTER_BUFFERS,
@@ -57,21 +54,17 @@ class ObjectiveTrainer(Trainer):
     def __init__(self, job_config: Any):
         checked = check_config(job_config)
         write_record(*run_record(job_config, checked))
-        degree = job_config.parallelism.pipeline_parallel_degree
-        self.pipeline_passthrough = runs_torchtitans_own_step(degree)
         name = job_config.model.name
-        spec = None
-        if not self.pipeline_passthrough:
-            spec = wrap_train_spec(train_spec_module.get_train_spec(name), checked)
+        pipeline_loss = PipelineLoss()
+        spec = wrap_train_spec(train_spec_module.get_train_spec(name), checked, pipeline_loss)
         with _train_spec_override(name, spec):
             super().__init__(job_config)
-        if self.pipeline_passthrough:
-            return
 
         extend_trainer_objects(self)
         self.objectives = ObjectiveRuntime(
-            self, checked, self.model_parts[0], self.optimizers, job_config.validation.enable
+            self, checked, self.model_parts, self.optimizers, job_config.validation.enable
         )
+        pipeline_loss.score = self.objectives.pipeline_loss
         self.metrics_processor.objective_values = self.objectives.reduced_metrics
         if isinstance(getattr(self, "validator", None), ObjectiveValidator):
             self.validator.attach(self.objectives)
@@ -103,8 +96,6 @@ class ObjectiveTrainer(Trainer):
         return documents_by_eos(self.model_args, eos_id)
 
     def train_step(self, data_iterator: Any) -> None:
-        if self.pipeline_passthrough:
-            return super().train_step(data_iterator)
         self.objectives.start_step(self.step)
         super().train_step(data_iterator)
         logs_now = (
@@ -120,13 +111,13 @@ class ObjectiveTrainer(Trainer):
         labels: torch.Tensor,
         global_valid_tokens: torch.Tensor,
     ) -> torch.Tensor:
-        if self.pipeline_passthrough:
-            return super().forward_backward_step(
-                input_dict=input_dict, labels=labels, global_valid_tokens=global_valid_tokens
-            )
         inputs, labels, extra_inputs, extra_kwargs = self.post_dataloading_process(
             input_dict, labels
         )
+        if self.parallel_dims.pp_enabled:
+            return self._pipeline_forward_backward(
+                inputs, labels, {**extra_inputs, **extra_kwargs}, global_valid_tokens
+            )
         model = self.model_parts[0]
         with self.train_context():
             return self.objectives.forward_backward(
@@ -135,3 +126,27 @@ class ObjectiveTrainer(Trainer):
                 global_valid_tokens,
                 autocast=self.maybe_enable_amp,
             )
+
+    def _pipeline_forward_backward(
+        self,
+        inputs: torch.Tensor,
+        labels: torch.Tensor,
+        kwargs: dict[str, Any],
+        global_valid_tokens: torch.Tensor,
+    ) -> torch.Tensor:
+        """torchtitan's pipeline step, its schedule scoring each micro-batch with the
+        objectives on the last stage."""
+
+        def run_schedule(losses: list | None) -> None:
+            args = (inputs,) if self.pp_has_first_stage else ()
+            target = labels if self.pp_has_last_stage else None
+            self.pp_schedule.step(
+                *args, **kwargs, target=target, losses=losses, return_outputs=False
+            )
+
+        with self.train_context():
+            loss = self.objectives.pipeline_forward_backward(
+                run_schedule, global_valid_tokens, self.pp_has_last_stage
+            )
+        # As torchtitan: the ranks without the last stage report -1.
+        return torch.tensor([-1.0], device=self.device) if loss is None else loss

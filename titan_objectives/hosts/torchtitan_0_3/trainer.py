@@ -76,7 +76,7 @@ class ObjectiveTrainer(Trainer):
         model._skip_lm_head = not checked.stack.requirements().logits
         extend_trainer_objects(self)
         self.objectives = ObjectiveRuntime(
-            self, checked, model, self.optimizers, config.validator.enable
+            self, checked, [model], self.optimizers, config.validator.enable
         )
         self.metrics_processor.objective_values = self.objectives.reduced_metrics
         if isinstance(getattr(self, "validator", None), ObjectiveValidator):

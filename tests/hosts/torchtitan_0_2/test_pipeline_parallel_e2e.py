@@ -1,0 +1,76 @@
+"""Pipeline parallelism (torchtitan 0.2.2, CPU, gloo): every objective scores each
+micro-batch inside torchtitan's schedule on the last stage, the hidden states it reads from
+earlier blocks carried there, and the run equals one process from one seed checkpoint."""
+
+import pytest
+
+from tests.helpers import assert_gradients_within, assert_same_numbers
+from tests.hosts.torchtitan_0_2.test_parallelism_e2e import PROBE, run_from_one_seed
+
+pytestmark = [pytest.mark.slow, pytest.mark.long]
+
+PP = ("--parallelism.pipeline_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "1")
+STACK = (
+    "--objectives.stack",
+    "ntp,nitp,mtp,top",
+    "--objectives.mtp.depth",
+    "2",
+    "--objectives.top.window",
+    "8",
+    "--objectives.geometry.freq",
+    "0",
+    "--training.steps",
+    "3",
+)
+TAGS = (
+    "objectives/ntp/loss",
+    "objectives/nitp/loss",
+    "objectives/mtp/loss",
+    "objectives/top/loss",
+    "loss_metrics/global_avg_loss",
+    "grad_norm",
+)
+
+
+def schedule(name: str, *more: str) -> tuple[str, ...]:
+    return (*PP, "--parallelism.pipeline_parallel_schedule", name, *more)
+
+
+def test_every_objective_under_every_schedule_matches_one_process(tmp_path):
+    """ntp + nitp + mtp (D = 2) + top under PP 2 with 4 micro-batches, with each schedule
+    (the interleaved ones with 2 stages per rank; ZBV's V puts the first and last stages
+    on rank 0): losses, grad norm and step 1's whole gradients equal one process's."""
+    schedules = ("GPipe", "1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble")
+    runs = {name: (2, schedule(name)) for name in schedules}
+    logged = run_from_one_seed(tmp_path, STACK, runs, **PROBE)
+    for name in schedules:
+        stages = 2 if name in ("GPipe", "1F1B") else 4
+        used = f"Using pipeline schedule {name} with 4 microbatches and {stages} stages"
+        assert used in logged[name]["stdout"], name
+    assert_same_numbers(logged, TAGS, steps=3)
+    assert_gradients_within(tmp_path, list(runs), 1e-6)
+
+
+def test_pipeline_with_the_other_dimensions_matches_one_process(tmp_path, twin_corpus):
+    """PP 2 (1F1B) x FSDP 2 and PP 2 x TP 2 (4 processes; each data-parallel rank reads
+    its own copy of the corpus), PP 2 with compiled objectives and selective AC, and PP 2
+    accumulating two batches of 2 micro-batches: losses, grad norm and step 1's whole
+    gradients equal one process's."""
+    common = (*STACK, "--training.dataset_path", str(twin_corpus))
+    compiled = (
+        "--compile.enable",
+        "--compile.components",
+        "loss",
+        "--activation_checkpoint.mode",
+        "selective",
+    )
+    accumulate = ("--training.local_batch_size", "2", "--training.global_batch_size", "4")
+    runs = {
+        "pp_fsdp": (4, (*PP[:2], "--parallelism.data_parallel_shard_degree", "2")),
+        "pp_tp": (4, (*PP, "--parallelism.tensor_parallel_degree", "2")),
+        "pp_compiled": (2, (*PP, *compiled)),
+        "pp_accumulate": (2, (*PP, *accumulate)),
+    }
+    logged = run_from_one_seed(tmp_path, common, runs, **PROBE)
+    assert_same_numbers(logged, TAGS, steps=3)
+    assert_gradients_within(tmp_path, list(runs), 1e-6)
