@@ -9,7 +9,12 @@ from tests.hosts.torchtitan_0_2.test_parallelism_e2e import PROBE, run_from_one_
 
 pytestmark = [pytest.mark.slow, pytest.mark.long]
 
-PP = ("--parallelism.pipeline_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "1")
+PP = (
+    "--parallelism.pipeline_parallel_degree",
+    "2",
+    "--parallelism.data_parallel_shard_degree",
+    "1",
+)
 STACK = (
     "--objectives.stack",
     "ntp,nitp,mtp,top",

@@ -111,7 +111,7 @@ def check_parallelism(
 ) -> None:
     """The job's parallelism against what the stacked objectives declare (``block_class``:
     the model's blocks, which the model's own parallelization splits)."""
-    options, needs = stack.options(), stack.declarations()
+    needs = stack.declarations()
     parallelism = job_config.parallelism
     if parallelism.pipeline_parallel_degree > 1:
         check_pipeline_parallel(job_config)
