@@ -22,12 +22,14 @@ CP = ("--parallelism.context_parallel_degree", "2", "--parallelism.data_parallel
 def test_ntp_under_context_parallel_matches_one_process(tmp_path: Path, module: str):
     """Both CP ranks read the same batch (one data-parallel rank): each holds half of
     every sequence (the head and tail quarters with load balancing), attention crosses
-    them by ring attention; losses, grad norm and whole gradients equal one process's.
+    them by ring attention (keys and values all-gathered, or passed all-to-all); losses,
+    grad norm and whole gradients equal one process's.
     ``baseline`` is torchtitan's own trainer, ``objectives`` the stack's (ntp)."""
     common = ("--objectives.stack", "ntp", "--training.steps", "3")
     runs = {
         "cp": (2, CP),
         "cp_no_balancing": (2, (*CP, "--parallelism.context_parallel_load_balancer", "None")),
+        "cp_alltoall": (2, (*CP, "--parallelism.context_parallel_rotate_method", "alltoall")),
     }
     if module == "baseline":
         kwargs = {"module": "titan_objectives.hosts.torchtitan_0_2.baseline"}
