@@ -23,7 +23,9 @@ STACK = (
     "--objectives.top.window",
     "8",
     "--objectives.geometry.freq",
-    "0",
+    "1",
+    "--objectives.geometry.layers",
+    "2",
     "--training.steps",
     "3",
 )
@@ -37,6 +39,18 @@ TAGS = (
 )
 
 
+# The NITP paper's effective rank of the first micro-batch (carried to the last stage when
+# its block is on another), as one process accumulating micro-batches of the same size has.
+GEOMETRY = ("geometry/final/effective_rank", "geometry/layer_2/effective_rank")
+ONE_SEQUENCE_AT_A_TIME = ("--training.local_batch_size", "1", "--training.global_batch_size", "4")
+
+
+def assert_same_geometry(logged: dict, runs: list[str]) -> None:
+    """The runs' geometry equals the one-process run's that accumulates micro-batches."""
+    reference = {"one": logged["one_accumulating"]}
+    assert_same_numbers({**reference, **{name: logged[name] for name in runs}}, GEOMETRY, 3)
+
+
 def schedule(name: str, *more: str) -> tuple[str, ...]:
     return (*PP, "--parallelism.pipeline_parallel_schedule", name, *more)
 
@@ -47,13 +61,15 @@ def test_every_objective_under_every_schedule_matches_one_process(tmp_path):
     on rank 0): losses, grad norm and step 1's whole gradients equal one process's."""
     schedules = ("GPipe", "1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble")
     runs = {name: (2, schedule(name)) for name in schedules}
-    logged = run_from_one_seed(tmp_path, STACK, runs, **PROBE)
+    reference = {"one_accumulating": (1, ONE_SEQUENCE_AT_A_TIME)}
+    logged = run_from_one_seed(tmp_path, STACK, {**runs, **reference}, **PROBE)
     for name in schedules:
         stages = 2 if name in ("GPipe", "1F1B") else 4
         used = f"Using pipeline schedule {name} with 4 microbatches and {stages} stages"
         assert used in logged[name]["stdout"], name
     assert_same_numbers(logged, TAGS, steps=3)
     assert_gradients_within(tmp_path, list(runs), 1e-6)
+    assert_same_geometry(logged, list(runs))
 
 
 def test_pipeline_with_the_other_dimensions_matches_one_process(tmp_path, twin_corpus):
@@ -76,6 +92,8 @@ def test_pipeline_with_the_other_dimensions_matches_one_process(tmp_path, twin_c
         "pp_compiled": (2, (*PP, *compiled)),
         "pp_accumulate": (2, (*PP, *accumulate)),
     }
-    logged = run_from_one_seed(tmp_path, common, runs, **PROBE)
+    reference = {"one_accumulating": (1, ONE_SEQUENCE_AT_A_TIME)}
+    logged = run_from_one_seed(tmp_path, common, {**runs, **reference}, **PROBE)
     assert_same_numbers(logged, TAGS, steps=3)
     assert_gradients_within(tmp_path, list(runs), 1e-6)
+    assert_same_geometry(logged, list(runs))

@@ -93,19 +93,6 @@ def warn_if_nothing_reads_the_head(needs: dict[str, Requirements]) -> None:
         )
 
 
-def check_pipeline_parallel(job_config: Any) -> None:
-    """What the objectives do not run under pipeline parallelism yet."""
-    degree = (
-        f"parallelism.pipeline_parallel_degree = {job_config.parallelism.pipeline_parallel_degree}"
-    )
-    if job_config.objectives.geometry.freq > 0:
-        raise ObjectivesConfigError(
-            f"{SECTION}.geometry.freq = {job_config.objectives.geometry.freq} with {degree}: "
-            "the geometry metrics are not measured under pipeline parallelism yet; set "
-            f"{SECTION}.geometry.freq = 0"
-        )
-
-
 def check_parallelism(
     job_config: Any, stack: ObjectiveStack, block_class: type[nn.Module] | None = None
 ) -> None:
@@ -113,8 +100,6 @@ def check_parallelism(
     the model's blocks, which the model's own parallelization splits)."""
     needs = stack.declarations()
     parallelism = job_config.parallelism
-    if parallelism.pipeline_parallel_degree > 1:
-        check_pipeline_parallel(job_config)
     if parallelism.context_parallel_degree > 1:
         check_context_parallel(job_config, stack)
     if parallelism.tensor_parallel_degree > 1:

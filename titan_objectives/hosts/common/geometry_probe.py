@@ -170,9 +170,14 @@ class GeometryHook:
         self._due = self.probe is not None and bool(self.freq) and step % self.freq == 0
         self._sampled = False
 
+    @property
+    def wants_sample(self) -> bool:
+        """A measured step whose first micro-batch has not been sampled yet."""
+        return self._due and not self._sampled
+
     def sample_training(self, captured: Any, labels: torch.Tensor) -> None:
         """The first micro-batch of a measured step."""
-        if self._due and not self._sampled:
+        if self.wants_sample:
             self.probe.take_sample(captured.hidden, seed=self._step, valid=labels != IGNORE_INDEX)
             self._sampled = True
 

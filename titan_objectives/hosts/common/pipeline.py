@@ -137,11 +137,12 @@ class PipelineTaps:
             if last:
                 self.last = self.stages[-1]
         self.scored: list[StackOutput] = []
+        self.held: list[tuple[ForwardCapture, torch.Tensor]] = []
 
     @contextmanager
     def capture(self) -> Iterator[None]:
         """Around a schedule step: every stage forward records into a new capture."""
-        self.scored = []
+        self.scored, self.held = [], []
         with ExitStack() as stack:
             for stage in self.stages:
                 stack.enter_context(stage.tap.capture())
@@ -155,13 +156,26 @@ class PipelineTaps:
             raise RuntimeError("the objectives' loss ran on a rank without the last stage")
         return captured
 
-    def keep(self, output: StackOutput) -> None:
+    def keep(
+        self, output: StackOutput, captured: ForwardCapture, labels: torch.Tensor, sample: bool
+    ) -> None:
+        """What the step keeps of a scored micro-batch: its detached losses and metrics,
+        and (``sample``: for the geometry) the first two micro-batches' hidden states."""
         self.scored.append(_detached(output))
+        if sample and len(self.held) < 2:
+            hidden = {key: value.detach() for key, value in captured.hidden.items()}
+            self.held.append((ForwardCapture(hidden=hidden), labels))
 
     def micro_batches(self, count: int) -> list[StackOutput]:
         """The last ``count`` scored micro-batches: the schedule's first step also scores
-        its shape inference's made-up inputs, before the real micro-batches."""
+        its metadata inference's made-up inputs, before the real micro-batches."""
         return self.scored[len(self.scored) - count :]
+
+    def first_micro_batch(self, count: int) -> tuple[ForwardCapture, torch.Tensor] | None:
+        """The capture and labels of the first of the last ``count`` scored micro-batches,
+        if held."""
+        index = len(self.scored) - count
+        return self.held[index] if index < len(self.held) else None
 
 
 class PipelineLoss:

@@ -257,6 +257,9 @@ class ObjectiveRuntime:
             return None
         for output in self.pipeline.micro_batches(len(losses)):
             self._record(output, global_valid_tokens)
+        first = self.pipeline.first_micro_batch(len(losses))
+        if first is not None:
+            self.geometry.sample_training(*first)
         return torch.sum(torch.stack(losses))
 
     def pipeline_loss(self, pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -265,9 +268,10 @@ class ObjectiveRuntime:
         one-process step divides it (torchtitan 0.2.2's own pipeline loss is not)."""
         assert self.pipeline is not None and self._global_valid_tokens is not None
         labels = self.sequence.whole(labels)
+        captured = self.pipeline.last_capture()
         with self.loss_context():
-            output = self.score(self.pipeline.last_capture(), pred, labels)
-        self.pipeline.keep(output)
+            output = self.score(captured, pred, labels)
+        self.pipeline.keep(output, captured, labels, sample=self.geometry.wants_sample)
         return output.weighted_loss_sum / self._global_valid_tokens
 
     def score(self, captured: Any, pred: torch.Tensor, labels: torch.Tensor) -> StackOutput:
