@@ -116,3 +116,29 @@ class TwoAheadHidden(Objective):
         valid = sequence.local((features.labels != IGNORE_INDEX) & features.within_document(2))
         per_token = (hidden - ahead).pow(2).mean(-1)
         return ObjectiveOutput(sequence.sum(torch.where(valid, per_token, 0.0).sum()))
+
+
+@dataclass
+class EarlyExitOptions(ObjectiveOptions):
+    layer: int = 1
+    """The block whose output predicts the next token (as the paper numbers layers)."""
+
+
+class EarlyExit(Objective):
+    """Cross-entropy of the next token from block ``layer``'s output, through the model's
+    shared output head: it reads a middle layer (and trains it) and the head's weight."""
+
+    Options = EarlyExitOptions
+    sequence_parallel = True
+
+    def __init__(self, options: ObjectiveOptions, model):
+        super().__init__(options, model)
+        self.shared = model.shared
+
+    def requirements(self) -> Requirements:
+        return Requirements(layers=frozenset({self.options.layer}), output_weight=True)
+
+    def forward(self, features: Features) -> ObjectiveOutput:
+        logits = self.shared.logits(features.layers[self.options.layer])
+        labels = features.sequence.in_group(features.labels)
+        return ObjectiveOutput(cross_entropy_sum(logits, labels))
