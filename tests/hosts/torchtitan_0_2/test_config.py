@@ -257,9 +257,30 @@ BAD_OVERRIDES = {
         r"objectives\.nitp\.target_layer = 6 is not allowed; expected an integer in 0\.\.5 "
         r"for a model with 6 blocks",
     ),
-    "cli_pipeline_parallel_nitp": (
-        ["--objectives.stack", "ntp,nitp", "--parallelism.pipeline_parallel_degree", "2"],
-        r"pipeline_parallel_degree = 2: only a plain ntp stack",
+    "pipeline_fewer_micro_batches_than_stages": (
+        ["--objectives.stack", "ntp,nitp", "--parallelism.pipeline_parallel_degree", "2"]
+        + ["--parallelism.pipeline_parallel_schedule", "Interleaved1F1B"]
+        + ["--training.local_batch_size", "2"],
+        r"training\.local_batch_size = 2 with parallelism\.pipeline_parallel_microbatch_size "
+        r"= 1 gives 2 micro-batches for 4 pipeline stages \(Interleaved1F1B\): the objectives "
+        r"need a whole number of micro-batches, at least one per stage",
+    ),
+    "pipeline_schedule_without_objectives": (
+        ["--objectives.stack", "ntp,mtp", "--parallelism.pipeline_parallel_degree", "2"]
+        + ["--parallelism.pipeline_parallel_schedule", "DualPipeV"],
+        r"parallelism\.pipeline_parallel_schedule = 'DualPipeV' with objectives\.stack = "
+        r"\['ntp', 'mtp'\]: the objectives score micro-batches under GPipe, 1F1B, "
+        r"Interleaved1F1B, LoopedBFS, InterleavedZeroBubble, ZBVZeroBubble; use one of them",
+    ),
+    "pipeline_stage_without_the_final_norm": (
+        ["--objectives.stack", "ntp,nitp", "--parallelism.pipeline_parallel_degree", "2"]
+        + ["--parallelism.module_fqns_per_model_part"]
+        + [
+            '[["tok_embeddings", "layers.0", "layers.1", "layers.2", "norm"], '
+            '["layers.3", "layers.4", "layers.5", "output"]]'
+        ],
+        r"the objectives read the final norm's output on the last stage; put 'norm' and the "
+        r"output head in the last part",
     ),
     "cli_context_parallel_mtp_beyond_a_chunk": (
         ["--objectives.stack", "ntp,mtp", "--objectives.mtp.depth", "3"]

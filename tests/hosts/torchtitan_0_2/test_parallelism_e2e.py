@@ -244,22 +244,3 @@ def test_deepseek_v3_tensor_and_expert_parallel_match_single_process(tmp_path, t
         for key, value in reference.items():
             torch.testing.assert_close(biases[key], value, msg=f"{name}: {key}")
     assert expert_biases(tmp_path / "tp" / "ckpt" / "step-3")[mtp_router].abs().max() > 0
-
-
-def test_pipeline_parallel_plain_ntp_is_torchtitans_own_run(tmp_path):
-    """Under PP a plain ntp stack is torchtitan's training step, bit for bit (including
-    torchtitan 0.2.2's PP gradient scaling, upstream issue #2972)."""
-    pp = (
-        "--objectives.stack",
-        "ntp",
-        "--training.steps",
-        "3",
-        "--parallelism.pipeline_parallel_degree",
-        "2",
-    )
-    ours = train(tmp_path / "ours", *pp, nproc=2)
-    assert "Pipeline parallel with a plain ntp stack" in ours.stdout
-    train(tmp_path / "plain", *pp, nproc=2, module="titan_objectives.hosts.torchtitan_0_2.baseline")
-    ours_tb, plain_tb = scalars(tmp_path / "ours"), scalars(tmp_path / "plain")
-    for tag in ("loss_metrics/global_avg_loss", "grad_norm"):
-        assert ours_tb[tag] == plain_tb[tag] and len(plain_tb[tag]) == 3, tag

@@ -8,6 +8,7 @@ import pytest
 
 from tests.helpers import assert_gradients_within, assert_same_numbers, expert_biases, pip_install
 from tests.hosts.torchtitan_0_2.test_parallelism_e2e import PROBE, run_from_one_seed
+from titan_objectives.hosts.common.checks import PIPELINE_SCHEDULES
 
 pytestmark = [pytest.mark.slow, pytest.mark.long]
 
@@ -59,14 +60,15 @@ def schedule(name: str, *more: str) -> tuple[str, ...]:
 
 def test_every_objective_under_every_schedule_matches_one_process(tmp_path):
     """ntp + nitp + mtp (D = 2) + top under PP 2 with 4 micro-batches, with each schedule
-    (the interleaved ones with 2 stages per rank; ZBV's V puts the first and last stages
-    on rank 0): losses, grad norm and step 1's whole gradients equal one process's."""
-    schedules = ("GPipe", "1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble")
+    the objectives run under (the looped ones with 2 stages per rank; ZBV's V puts the
+    first and last stages on rank 0): losses, grad norm, step 1's whole gradients and the
+    geometry equal one process's."""
+    schedules = PIPELINE_SCHEDULES
     runs = {name: (2, schedule(name)) for name in schedules}
     reference = {"one_accumulating": (1, ONE_SEQUENCE_AT_A_TIME)}
     logged = run_from_one_seed(tmp_path, STACK, {**runs, **reference}, **PROBE)
     for name in schedules:
-        stages = 2 if name in ("GPipe", "1F1B") else 4
+        stages = 2 * PIPELINE_SCHEDULES[name]
         used = f"Using pipeline schedule {name} with 4 microbatches and {stages} stages"
         assert used in logged[name]["stdout"], name
     assert_same_numbers(logged, TAGS, steps=3)

@@ -67,7 +67,7 @@ def check_objectives(
     block_class = (
         info.shared.block_class() if job_config.parallelism.tensor_parallel_degree > 1 else None
     )
-    check_parallelism(job_config, stack, block_class)
+    check_parallelism(job_config, stack, info.n_layers, block_class)
     logger.info(run_summary(stack))
     geometry = dataclasses.replace(section.geometry)
     return CheckedConfig(info, stack, section.nonfinite, geometry)
@@ -93,13 +93,105 @@ def warn_if_nothing_reads_the_head(needs: dict[str, Requirements]) -> None:
         )
 
 
+# The pipeline schedules the objectives run under, each tested equal to one process, with
+# their default stages per rank. DualPipeV needs an accelerator (untested here), and its
+# expert-parallel overlap runs a backward beside a stage's forward and loss.
+PIPELINE_SCHEDULES = {
+    "GPipe": 1,
+    "1F1B": 1,
+    "Interleaved1F1B": 2,
+    "LoopedBFS": 2,
+    "InterleavedZeroBubble": 2,
+    "ZBVZeroBubble": 2,
+}
+
+
+def pipeline_stages(parallelism: Any, n_layers: int) -> int:
+    """How many stages torchtitan cuts the model into (its own rule)."""
+    if parallelism.module_fqns_per_model_part:
+        return len(parallelism.module_fqns_per_model_part)
+    per_stage = parallelism.pipeline_parallel_layers_per_stage
+    if per_stage is None:
+        schedule = PIPELINE_SCHEDULES[parallelism.pipeline_parallel_schedule]
+        return parallelism.pipeline_parallel_degree * schedule
+    weights = (
+        parallelism.pipeline_parallel_first_stage_less_layers
+        + parallelism.pipeline_parallel_last_stage_less_layers
+    )
+    return math.ceil((n_layers + weights) / per_stage)
+
+
+def check_pipeline_parallel(job_config: Any, stack: ObjectiveStack, n_layers: int) -> None:
+    """The schedule, micro-batches and stage split against what the objectives need: each
+    micro-batch is scored on the last stage, which every layer they read must reach."""
+    parallelism = job_config.parallelism
+    named = f"{SECTION}.stack = {list(stack.options())!r}"
+    if parallelism.pipeline_parallel_schedule_csv:
+        raise ObjectivesConfigError(
+            f"parallelism.pipeline_parallel_schedule_csv = "
+            f"{parallelism.pipeline_parallel_schedule_csv!r} with {named}: the objectives run "
+            f"under torchtitan's named schedules ({', '.join(PIPELINE_SCHEDULES)}); leave it empty"
+        )
+    schedule = parallelism.pipeline_parallel_schedule
+    if schedule not in PIPELINE_SCHEDULES:
+        raise ObjectivesConfigError(
+            f"parallelism.pipeline_parallel_schedule = {schedule!r} with {named}: the objectives "
+            f"score micro-batches under {', '.join(PIPELINE_SCHEDULES)}; use one of them"
+        )
+    local, micro = (
+        job_config.training.local_batch_size,
+        parallelism.pipeline_parallel_microbatch_size,
+    )
+    stages = pipeline_stages(parallelism, n_layers)
+    if local % micro or local // micro < stages:
+        raise ObjectivesConfigError(
+            f"training.local_batch_size = {local} with "
+            f"parallelism.pipeline_parallel_microbatch_size = {micro} gives {local / micro:g} "
+            f"micro-batches for {stages} pipeline stages ({schedule}): the objectives need a "
+            "whole number of micro-batches, at least one per stage; raise "
+            "training.local_batch_size or lower the micro-batch size"
+        )
+    if parallelism.module_fqns_per_model_part:
+        check_stage_modules(parallelism.module_fqns_per_model_part, stack, n_layers)
+
+
+def check_stage_modules(parts: list[list[str]], stack: ObjectiveStack, n_layers: int) -> None:
+    """A user's split (``parallelism.module_fqns_per_model_part``): the final norm on the
+    last stage, every layer an objective reads on some stage, blocks in model order."""
+    where = {name: index for index, part in enumerate(parts) for name in part}
+    named = f"parallelism.module_fqns_per_model_part = {parts!r}"
+    if where.get("norm") != len(parts) - 1:
+        raise ObjectivesConfigError(
+            f"{named}: the objectives read the final norm's output on the last stage; put "
+            "'norm' and the output head in the last part"
+        )
+    modules = ["tok_embeddings", *(f"layers.{k}" for k in range(n_layers))]
+    stage_of = [where.get(module) for module in modules]
+    for name, needs in stack.declarations().items():
+        missing = [k for k in sorted(needs.layers) if stage_of[k] is None]
+        if missing:
+            raise ObjectivesConfigError(
+                f"{named}: {name} reads layer(s) {missing}, whose module ({modules[missing[0]]}) "
+                "no stage holds; give every block and the embeddings a stage"
+            )
+    held = [stage for stage in stage_of if stage is not None]
+    if held != sorted(held):
+        raise ObjectivesConfigError(
+            f"{named}: the blocks must follow the model's order over the stages (the layers "
+            "the objectives read are carried forward to the last stage)"
+        )
+
+
 def check_parallelism(
-    job_config: Any, stack: ObjectiveStack, block_class: type[nn.Module] | None = None
+    job_config: Any, stack: ObjectiveStack, n_layers: int, block_class: type[nn.Module] | None
 ) -> None:
-    """The job's parallelism against what the stacked objectives declare (``block_class``:
-    the model's blocks, which the model's own parallelization splits)."""
+    """The job's parallelism against what the stacked objectives declare, for a model of
+    ``n_layers`` blocks (``block_class``: the model's blocks, which the model's own
+    parallelization splits)."""
     needs = stack.declarations()
     parallelism = job_config.parallelism
+    if parallelism.pipeline_parallel_degree > 1:
+        check_pipeline_parallel(job_config, stack, n_layers)
     if parallelism.context_parallel_degree > 1:
         check_context_parallel(job_config, stack)
     if parallelism.tensor_parallel_degree > 1:
