@@ -272,6 +272,12 @@ BAD_OVERRIDES = {
         r"\['ntp', 'mtp'\]: the objectives score micro-batches under GPipe, 1F1B, "
         r"Interleaved1F1B, LoopedBFS, InterleavedZeroBubble, ZBVZeroBubble; use one of them",
     ),
+    "pipeline_validation_under_zbv": (
+        ["--objectives.stack", "ntp,nitp", "--parallelism.pipeline_parallel_degree", "2"]
+        + ["--parallelism.pipeline_parallel_schedule", "ZBVZeroBubble", "--validation.enable"],
+        r"validation\.enable with parallelism\.pipeline_parallel_schedule = 'ZBVZeroBubble': "
+        r"torch cannot evaluate under this schedule",
+    ),
     "pipeline_stage_without_the_final_norm": (
         ["--objectives.stack", "ntp,nitp", "--parallelism.pipeline_parallel_degree", "2"]
         + ["--parallelism.module_fqns_per_model_part"]

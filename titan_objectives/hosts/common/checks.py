@@ -155,6 +155,27 @@ def check_pipeline_parallel(job_config: Any, stack: ObjectiveStack, n_layers: in
         check_stage_modules(parallelism.module_fqns_per_model_part, stack, n_layers)
 
 
+# Schedules whose evaluation torch cannot run: ZBV's asks a stage for a backward it does
+# not have (torch 2.13 and 2.14; plain torchtitan validation fails the same way).
+SCHEDULES_WITHOUT_EVALUATION = ("ZBVZeroBubble",)
+
+
+def check_pipeline_validation(job_config: Any, validation_flag: str) -> None:
+    """Validation under pipeline parallelism runs the schedule's evaluation."""
+    schedule = job_config.parallelism.pipeline_parallel_schedule
+    if (
+        job_config.parallelism.pipeline_parallel_degree > 1
+        and schedule in SCHEDULES_WITHOUT_EVALUATION
+    ):
+        usable = [name for name in PIPELINE_SCHEDULES if name not in SCHEDULES_WITHOUT_EVALUATION]
+        raise ObjectivesConfigError(
+            f"{validation_flag} with parallelism.pipeline_parallel_schedule = {schedule!r}: "
+            f"torch cannot evaluate under this schedule (its evaluation asks a stage for a "
+            f"backward it does not have); use one of {', '.join(usable)}, or turn "
+            f"{validation_flag} off"
+        )
+
+
 def check_stage_modules(parts: list[list[str]], stack: ObjectiveStack, n_layers: int) -> None:
     """A user's split (``parallelism.module_fqns_per_model_part``): the final norm on the
     last stage, every layer an objective reads on some stage, blocks in model order."""

@@ -136,16 +136,17 @@ class PipelineTaps:
             self.stages.append(StageTap(part, tap, carry))
             if last:
                 self.last = self.stages[-1]
-        self.scored: list[StackOutput] = []
+        self.scored: list[tuple[StackOutput, torch.Tensor]] = []
         self.held: list[tuple[ForwardCapture, torch.Tensor]] = []
 
     @contextmanager
-    def capture(self) -> Iterator[None]:
-        """Around a schedule step: every stage forward records into a new capture."""
+    def capture(self, keep_logits: bool = False) -> Iterator[None]:
+        """Around schedule steps (a training batch, or a validation pass): every stage
+        forward records into a new capture; the scored micro-batches start afresh."""
         self.scored, self.held = [], []
         with ExitStack() as stack:
             for stage in self.stages:
-                stack.enter_context(stage.tap.capture())
+                stack.enter_context(stage.tap.capture(keep_logits))
             yield
 
     def last_capture(self) -> ForwardCapture:
@@ -159,23 +160,23 @@ class PipelineTaps:
     def keep(
         self, output: StackOutput, captured: ForwardCapture, labels: torch.Tensor, sample: bool
     ) -> None:
-        """What the step keeps of a scored micro-batch: its detached losses and metrics,
-        and (``sample``: for the geometry) the first two micro-batches' hidden states."""
-        self.scored.append(_detached(output))
+        """What is kept of a scored micro-batch: its detached losses and metrics with its
+        labels, and (``sample``: for the geometry) the first two's hidden states."""
+        self.scored.append((_detached(output), labels))
         if sample and len(self.held) < 2:
             hidden = {key: value.detach() for key, value in captured.hidden.items()}
             self.held.append((ForwardCapture(hidden=hidden), labels))
 
-    def micro_batches(self, count: int) -> list[StackOutput]:
-        """The last ``count`` scored micro-batches: the schedule's first step also scores
-        its metadata inference's made-up inputs, before the real micro-batches."""
-        return self.scored[len(self.scored) - count :]
-
-    def first_micro_batch(self, count: int) -> tuple[ForwardCapture, torch.Tensor] | None:
-        """The capture and labels of the first of the last ``count`` scored micro-batches,
-        if held."""
-        index = len(self.scored) - count
-        return self.held[index] if index < len(self.held) else None
+    def scored_micro_batches(
+        self, per_step: int
+    ) -> tuple[list[tuple[StackOutput, torch.Tensor]], tuple[ForwardCapture, torch.Tensor] | None]:
+        """The real micro-batches scored since ``capture`` began, each schedule step
+        having ``per_step`` of them (at least 2: one per stage), with the first one's held
+        capture: a schedule's first step after a switch between training and evaluation
+        first scores its metadata inference's made-up inputs (torch 2.13 and later)."""
+        made_up = len(self.scored) % per_step
+        first = self.held[made_up] if made_up < len(self.held) else None
+        return self.scored[made_up:], first
 
 
 class PipelineLoss:

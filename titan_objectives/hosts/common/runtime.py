@@ -183,6 +183,8 @@ class ObjectiveRuntime:
         documents_of = whole_sequence_documents(host.documents_of(), self.sequence)
         self.pipeline: PipelineTaps | None = None
         self._global_valid_tokens: torch.Tensor | None = None
+        self._micro_batches = 0  # per pipeline schedule step, once one has run
+        self._validation_loss: Callable[..., torch.Tensor] | None = None
         if dims.pp_enabled:
             n_layers = checked.model_info.n_layers
             self.pipeline = PipelineTaps(parts, host.model_layout(), needs, documents_of, n_layers)
@@ -255,9 +257,10 @@ class ObjectiveRuntime:
             run_schedule(losses)
         if losses is None:
             return None
-        for output in self.pipeline.micro_batches(len(losses)):
+        self._micro_batches = len(losses)
+        scored, first = self.pipeline.scored_micro_batches(len(losses))
+        for output, _ in scored:
             self._record(output, global_valid_tokens)
-        first = self.pipeline.first_micro_batch(len(losses))
         if first is not None:
             self.geometry.sample_training(*first)
         return torch.sum(torch.stack(losses))
@@ -265,7 +268,10 @@ class ObjectiveRuntime:
     def pipeline_loss(self, pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One micro-batch's loss on the last stage, right after its forward there: the
         stack on the stage's capture, divided by the step's global valid tokens as the
-        one-process step divides it (torchtitan 0.2.2's own pipeline loss is not)."""
+        one-process step divides it (torchtitan 0.2.2's own pipeline loss is not). During
+        validation, the validator's loss (``validation``)."""
+        if self._validation_loss is not None:
+            return self._validation_loss(pred, labels)
         assert self.pipeline is not None and self._global_valid_tokens is not None
         labels = self.sequence.whole(labels)
         captured = self.pipeline.last_capture()
@@ -291,23 +297,54 @@ class ObjectiveRuntime:
         return self.metrics.reduce(self.loss_mesh)
 
     @contextlib.contextmanager
-    def validation(self, step: int, metrics_logger: Any, keep_logits: bool = False):
+    def validation(
+        self,
+        step: int,
+        metrics_logger: Any,
+        keep_logits: bool = False,
+        loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    ):
         """Around a torchtitan validation pass: yields a function that scores one batch
         (``score(pred, labels) -> StackOutput``) from the forward just run; logs every
-        objective's validation loss and the geometry afterwards."""
+        objective's validation loss and the geometry afterwards. Under pipeline
+        parallelism the schedule's loss function is ``loss`` meanwhile (the validator's,
+        which scores), and the batches' micro-batches are totalled after the pass."""
         totals = ValidationTotals()
         self.geometry.start_validation()
-        with torch.no_grad(), self.hidden_states.capture(keep_logits=keep_logits) as captured:
+        if self.pipeline is None:
+            with torch.no_grad(), self.hidden_states.capture(keep_logits=keep_logits) as captured:
 
-            def score(pred: torch.Tensor, labels: torch.Tensor) -> StackOutput:
-                labels = self.sequence.whole(labels)
-                self.geometry.sample_validation(captured, labels, step)
-                with self.loss_context():
-                    output = self.score(captured, pred, labels)
-                totals.add(output, self.sequence.in_group(labels))  # this group's tokens
-                return output
+                def score(pred: torch.Tensor, labels: torch.Tensor) -> StackOutput:
+                    labels = self.sequence.whole(labels)
+                    self.geometry.sample_validation(captured, labels, step)
+                    with self.loss_context():
+                        output = self.score(captured, pred, labels)
+                    totals.add(output, self.sequence.in_group(labels))  # this group's tokens
+                    return output
 
-            yield score
+                yield score
+        else:
+            with torch.no_grad(), self.pipeline.capture(keep_logits=keep_logits):
+                self._validation_loss = loss
+                try:
+                    yield self._score_pipeline_validation
+                finally:
+                    self._validation_loss = None
+            if self.pipeline.last is not None:
+                scored, first = self.pipeline.scored_micro_batches(self._micro_batches)
+                for output, labels in scored:
+                    totals.add(output, self.sequence.in_group(labels))
+                if first is not None:
+                    self.geometry.sample_validation(*first, step)
         logged = totals.reduce(self.loss_mesh)
         logged.update(self.geometry.validation_values(step))
         metrics_logger.log(logged, step)
+
+    def _score_pipeline_validation(self, pred: torch.Tensor, labels: torch.Tensor) -> StackOutput:
+        """A validation micro-batch on the last stage (kept, totalled after the pass)."""
+        labels = self.sequence.whole(labels)
+        captured = self.pipeline.last_capture()
+        with self.loss_context():
+            output = self.score(captured, pred, labels)
+        self.pipeline.keep(output, captured, labels, sample=True)
+        return output

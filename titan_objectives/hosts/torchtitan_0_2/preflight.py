@@ -15,7 +15,7 @@ from titan_objectives.config import (
     read_toml,
 )
 from titan_objectives.hosts.common.argv import flag_value
-from titan_objectives.hosts.common.checks import check_objectives
+from titan_objectives.hosts.common.checks import check_objectives, check_pipeline_validation
 from titan_objectives.hosts.common.corpus import DATASET_NAME, corpus_files
 from titan_objectives.hosts.common.run_record import RunRecord, as_record
 from titan_objectives.hosts.common.runtime import CheckedConfig
@@ -95,6 +95,8 @@ def check_config(job_config: Any) -> CheckedConfig:
         f"model.name = {name!r} (flavor {flavor!r})",
         TORCH_DTYPE_MAP[job_config.training.dtype],
     )
+    if job_config.validation.enable:
+        check_pipeline_validation(job_config, "validation.enable")
     _check_paths(job_config)
     return checked
 

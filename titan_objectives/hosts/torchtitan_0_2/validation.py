@@ -31,7 +31,10 @@ class ObjectiveValidator(Validator):
     @torch.no_grad()
     def validate(self, model_parts: list, step: int) -> None:
         logger = self.metrics_processor.logger
-        with self.runtime.validation(step, logger, keep_logits=True) as self._score:
+        validation = self.runtime.validation(
+            step, logger, keep_logits=True, loss=self.objectives_loss
+        )
+        with validation as self._score:
             super().validate(model_parts, step)
 
     def objectives_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
