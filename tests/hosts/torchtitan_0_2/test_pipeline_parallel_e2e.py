@@ -70,6 +70,17 @@ def assert_same_geometry(logged: dict, runs: list[str]) -> None:
     assert_same_numbers({**reference, **{name: logged[name] for name in runs}}, GEOMETRY, 3)
 
 
+# The heads' chunked cross-entropy (its gradients made in the forward).
+CHUNKED = (
+    "--objectives.ntp.chunk_size",
+    "48",
+    "--objectives.mtp.chunk_size",
+    "40",
+    "--objectives.top.chunk_size",
+    "48",
+)
+
+
 def schedule(name: str, *more: str) -> tuple[str, ...]:
     return (*PP, "--parallelism.pipeline_parallel_schedule", name, *more)
 
@@ -99,9 +110,10 @@ def test_every_objective_under_every_schedule_matches_one_process(tmp_path):
 
 def test_pipeline_with_the_other_dimensions_matches_one_process(tmp_path, twin_corpus):
     """PP 2 (1F1B) x FSDP 2 and PP 2 x TP 2 (4 processes; each data-parallel rank reads
-    its own copy of the corpus), PP 2 with compiled objectives and selective AC, and PP 2
-    accumulating two batches of 2 micro-batches: losses, grad norm and step 1's whole
-    gradients equal one process's."""
+    its own copy of the corpus), PP 2 with compiled objectives and selective AC, PP 2
+    accumulating two batches of 2 micro-batches, and the heads' chunked cross-entropy
+    under a zero-bubble schedule (whose weight pass runs its backward again): losses,
+    grad norm, step 1's whole gradients and the geometry equal one process's."""
     common = (*STACK, "--training.dataset_path", str(twin_corpus))
     compiled = (
         "--compile.enable",
@@ -116,6 +128,7 @@ def test_pipeline_with_the_other_dimensions_matches_one_process(tmp_path, twin_c
         "pp_tp": (4, (*PP, "--parallelism.tensor_parallel_degree", "2")),
         "pp_compiled": (2, (*PP, *compiled)),
         "pp_accumulate": (2, (*PP, *accumulate)),
+        "pp_chunked_zero_bubble": (2, (*schedule("InterleavedZeroBubble"), *CHUNKED)),
     }
     reference = {"one_accumulating": (1, ONE_SEQUENCE_AT_A_TIME)}
     logged = run_from_one_seed(tmp_path, common, {**runs, **reference}, **PROBE)

@@ -44,11 +44,15 @@ TAGS = (
 
 
 def run_from_one_seed(
-    folder: Path, common: tuple, runs: dict[str, tuple[int, tuple]], **train_kwargs
+    folder: Path,
+    common: tuple,
+    runs: dict[str, tuple[int, tuple]],
+    sizes: tuple = SIZES,
+    **train_kwargs,
 ) -> dict:
-    """Train ``one`` (1 process) and each of ``runs`` 3 steps from the same seed
-    checkpoint, with the gradient probe; ``train_kwargs`` go to every ``train``."""
-    common = (*common, *SIZES, "--training.steps", "3", *CHECKPOINTS)
+    """Train ``one`` (1 process) and each of ``runs`` 3 steps of ``sizes`` from the same
+    seed checkpoint, with the gradient probe; ``train_kwargs`` go to every ``train``."""
+    common = (*common, *sizes, "--training.steps", "3", *CHECKPOINTS)
     train(folder / "seed", *common, "--checkpoint.create_seed_checkpoint", **train_kwargs)
     logged = {}
     for name, (nproc, overrides) in {"one": (1, ()), **runs}.items():

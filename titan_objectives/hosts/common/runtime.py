@@ -95,19 +95,6 @@ class Host(Protocol):
         ...
 
 
-def runs_torchtitans_own_step(pipeline_parallel_degree: int) -> bool:
-    """Under pipeline parallelism the checks let only a plain ntp stack through: it is
-    torchtitan's own loss, computed inside its pipeline schedule, so the host's trainer
-    runs torchtitan's step untouched."""
-    if pipeline_parallel_degree <= 1:
-        return False
-    logger.info(
-        "Pipeline parallel with a plain ntp stack: torchtitan's own training step "
-        "(no objectives/* metrics)"
-    )
-    return True
-
-
 def whole_sequence_documents(documents_of: DocumentsOf, sequence: SequenceShards) -> DocumentsOf:
     """``documents_of`` on the whole sequence: under context parallelism the model runs on
     this rank's positions, and a document index counts documents from the start."""
@@ -242,28 +229,25 @@ class ObjectiveRuntime:
 
     def pipeline_forward_backward(
         self,
-        run_schedule: Callable[[list | None], None],
+        run_schedule: Callable[[], torch.Tensor],
+        micro_batches: int,
         global_valid_tokens: torch.Tensor,
-        has_last_stage: bool,
-    ) -> torch.Tensor | None:
-        """One batch through torchtitan's pipeline schedule (``run_schedule(losses)``),
-        which calls ``pipeline_loss`` on the last stage for each micro-batch. Returns, on
-        the last stage, the loss torchtitan reports (this rank's weighted sum / global
-        valid tokens); None elsewhere."""
+    ) -> torch.Tensor:
+        """One batch of ``micro_batches`` through the host's pipeline step
+        (``run_schedule()``, which returns what the host reports), whose schedule calls
+        ``pipeline_loss`` on the last stage for each micro-batch."""
         assert self.pipeline is not None
         self._global_valid_tokens = global_valid_tokens
-        losses = [] if has_last_stage else None
+        self._micro_batches = micro_batches
         with self.pipeline.capture():
-            run_schedule(losses)
-        if losses is None:
-            return None
-        self._micro_batches = len(losses)
-        scored, first = self.pipeline.scored_micro_batches(len(losses))
-        for output, _ in scored:
-            self._record(output, global_valid_tokens)
-        if first is not None:
-            self.geometry.sample_training(*first)
-        return torch.sum(torch.stack(losses))
+            loss = run_schedule()
+        if self.pipeline.last is not None:
+            scored, first = self.pipeline.scored_micro_batches(micro_batches)
+            for output, _ in scored:
+                self._record(output, global_valid_tokens)
+            if first is not None:
+                self.geometry.sample_training(*first)
+        return loss
 
     def pipeline_loss(self, pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One micro-batch's loss on the last stage, right after its forward there: the

@@ -135,18 +135,23 @@ class ObjectiveTrainer(Trainer):
         global_valid_tokens: torch.Tensor,
     ) -> torch.Tensor:
         """torchtitan's pipeline step, its schedule scoring each micro-batch with the
-        objectives on the last stage."""
+        objectives on the last stage (whose losses are divided by the global valid tokens
+        already); the ranks without the last stage report -1, as torchtitan's do."""
 
-        def run_schedule(losses: list | None) -> None:
+        def run_schedule() -> torch.Tensor:
+            losses = [] if self.pp_has_last_stage else None
             args = (inputs,) if self.pp_has_first_stage else ()
             target = labels if self.pp_has_last_stage else None
             self.pp_schedule.step(
                 *args, **kwargs, target=target, losses=losses, return_outputs=False
             )
+            if losses is None:
+                return torch.tensor([-1.0], device=self.device)
+            return torch.sum(torch.stack(losses)).to(self.device)
 
+        parallelism = self.job_config.parallelism
+        micro_batches = inputs.shape[0] // parallelism.pipeline_parallel_microbatch_size
         with self.train_context():
-            loss = self.objectives.pipeline_forward_backward(
-                run_schedule, global_valid_tokens, self.pp_has_last_stage
+            return self.objectives.pipeline_forward_backward(
+                run_schedule, micro_batches, global_valid_tokens
             )
-        # As torchtitan: the ranks without the last stage report -1.
-        return torch.tensor([-1.0], device=self.device) if loss is None else loss

@@ -11,7 +11,11 @@ from torchtitan.models.common.attention import FlexAttention
 from torchtitan.models.common.decoder import Decoder
 
 from titan_objectives.config import SECTION, ObjectivesConfigError
-from titan_objectives.hosts.common.checks import check_context_parallel_split, check_objectives
+from titan_objectives.hosts.common.checks import (
+    check_context_parallel_split,
+    check_objectives,
+    check_pipeline_validation,
+)
 from titan_objectives.hosts.common.corpus import DATASET_NAME, corpus_files
 from titan_objectives.hosts.common.run_record import RunRecord, as_record
 from titan_objectives.hosts.common.runtime import CheckedConfig
@@ -112,6 +116,8 @@ def check_config(config: Any) -> CheckedConfig:
         HostedObjectiveStack,
     )
     _check_runtime(config)
+    if config.validator.enable:
+        check_pipeline_validation(config, "validator.enable")
     _check_flex_context_parallel(config, model_config)
     _check_paths(config)
     if config.checkpoint.create_seed_checkpoint and not config.checkpoint.enable:

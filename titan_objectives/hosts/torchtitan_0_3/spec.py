@@ -9,7 +9,9 @@ from titan_objectives.hosts.common.parallelize import (
     ObjectiveParallelism,
     parallelize_with_objectives,
 )
+from titan_objectives.hosts.common.pipeline import PipelineLoss
 from titan_objectives.hosts.common.runtime import CheckedConfig
+from titan_objectives.hosts.torchtitan_0_3.model_adapter import LAYOUT
 
 
 def objective_parallelism(kwargs: dict[str, Any]) -> ObjectiveParallelism:
@@ -42,7 +44,9 @@ def parallelize(
 ) -> nn.Module:
     """torchtitan's parallelize function, then the stack's; the stack joins the model
     afterwards, out of torchtitan's root ``fully_shard``, and before the optimizer sees
-    the parameters."""
+    the parameters. Under pipeline parallelism it joins the stage that holds the head."""
+    if kwargs["parallel_dims"].pp_enabled and not LAYOUT.holds_output_head(model):
+        return parallelize_fn(model, **kwargs)
     checked.shared.bind(model)
     return parallelize_with_objectives(
         model,
@@ -51,3 +55,11 @@ def parallelize(
         lambda m: parallelize_fn(m, **kwargs),
         objective_parallelism(kwargs),
     )
+
+
+def pipeline(pipelining_fn: Any, loss: PipelineLoss, model: nn.Module, **kwargs: Any) -> Any:
+    """torchtitan's pipeline split and schedule, with the objectives' loss in the schedule
+    (``loss``, bound to the runtime once the trainer has built it; it divides by the
+    global valid tokens itself, so torchtitan's ``global_valid_tokens`` is not used)."""
+    kwargs["loss_fn"] = lambda pred, labels, **_: (loss(pred, labels), {})
+    return pipelining_fn(model, **kwargs)

@@ -21,13 +21,9 @@ from torchtitan.trainer import Trainer
 from titan_objectives.config import Objectives
 from titan_objectives.hosts.common import moe_balance
 from titan_objectives.hosts.common.capture import DecoderLayout, DocumentsOf
+from titan_objectives.hosts.common.pipeline import PipelineLoss
 from titan_objectives.hosts.common.run_record import write_record
-from titan_objectives.hosts.common.runtime import (
-    CheckedConfig,
-    ObjectiveRuntime,
-    context_layout,
-    runs_torchtitans_own_step,
-)
+from titan_objectives.hosts.common.runtime import CheckedConfig, ObjectiveRuntime, context_layout
 from titan_objectives.hosts.torchtitan_0_3.components import (
     ObjectiveCheckpointManager,
     ObjectiveMetricsProcessor,
@@ -40,7 +36,7 @@ from titan_objectives.hosts.torchtitan_0_3.model_adapter import (
 )
 from titan_objectives.hosts.torchtitan_0_3.preflight import check_config, run_record
 from titan_objectives.hosts.torchtitan_0_3.seams import extend_trainer_objects
-from titan_objectives.hosts.torchtitan_0_3.spec import parallelize
+from titan_objectives.hosts.torchtitan_0_3.spec import parallelize, pipeline
 from titan_objectives.hosts.torchtitan_0_3.validation import ObjectiveValidator
 from titan_objectives.sequence import ContextLayout
 
@@ -59,25 +55,21 @@ class ObjectiveTrainer(Trainer):
     def __init__(self, config: Config):
         checked = check_config(config)
         write_record(*run_record(config, checked))
-        degree = config.parallelism.pipeline_parallel_degree
-        self.pipeline_passthrough = runs_torchtitans_own_step(degree)
-        if self.pipeline_passthrough:
-            super().__init__(config)
-            return
-        self._build_objectives_components(config, checked)
+        pipeline_loss = PipelineLoss()
+        self._build_objectives_components(config, checked, pipeline_loss)
         super().__init__(config)
         if config.checkpoint.create_seed_checkpoint:
             self._attach_objectives_for_the_seed(checked)
             return
 
-        model = self.model_parts[0]
         # The model returns logits only when an objective reads them; its own loss
-        # function (config.loss) is not used.
-        model._skip_lm_head = not checked.stack.requirements().logits
+        # function (config.loss) is not used. The last stage holds the head.
+        self.model_parts[-1]._skip_lm_head = not checked.stack.requirements().logits
         extend_trainer_objects(self)
         self.objectives = ObjectiveRuntime(
-            self, checked, [model], self.optimizers, config.validator.enable
+            self, checked, self.model_parts, self.optimizers, config.validator.enable
         )
+        pipeline_loss.score = self.objectives.pipeline_loss
         self.metrics_processor.objective_values = self.objectives.reduced_metrics
         if isinstance(getattr(self, "validator", None), ObjectiveValidator):
             self.validator.attach(self.objectives)
@@ -91,12 +83,17 @@ class ObjectiveTrainer(Trainer):
             moe_balance.install(self.optimizers, checked.stack, meshes, ROUTER_BUFFERS)
 
     @staticmethod
-    def _build_objectives_components(config: Config, checked: CheckedConfig) -> None:
-        """The config classes that make the objectives' components, and the parallelize
-        function that attaches the stack."""
+    def _build_objectives_components(
+        config: Config, checked: CheckedConfig, pipeline_loss: PipelineLoss
+    ) -> None:
+        """The config classes that make the objectives' components, the parallelize
+        function that attaches the stack, and the pipeline schedule's loss."""
         spec = config.model_spec
         config.model_spec = dataclasses.replace(
-            spec, parallelize_fn=partial(parallelize, spec.parallelize_fn, checked)
+            spec,
+            parallelize_fn=partial(parallelize, spec.parallelize_fn, checked),
+            pipelining_fn=spec.pipelining_fn
+            and partial(pipeline, spec.pipelining_fn, pipeline_loss),
         )
         config.metrics = as_config(config.metrics, ObjectiveMetricsProcessor.Config, "metrics")
         config.checkpoint = as_config(
@@ -136,8 +133,6 @@ class ObjectiveTrainer(Trainer):
         return loss_parallel() if self.parallel_dims.tp_enabled else contextlib.nullcontext()
 
     def train_step(self, data_iterator: Any) -> None:
-        if self.pipeline_passthrough:
-            return super().train_step(data_iterator)
         self.objectives.start_step(self.step)
         try:
             super().train_step(data_iterator)
@@ -167,6 +162,17 @@ class ObjectiveTrainer(Trainer):
                 labels,
                 global_valid_tokens,
                 backward=_backward_untyped,
+            )
+
+    def pp_forward_backward_step(self, **kwargs: Any) -> torch.Tensor:
+        """torchtitan's pipeline step, its schedule scoring each micro-batch with the
+        objectives on the last stage (whose losses are divided by the global valid tokens
+        already)."""
+        with self.train_context():
+            return self.objectives.pipeline_forward_backward(
+                lambda: super(ObjectiveTrainer, self).pp_forward_backward_step(**kwargs),
+                len(kwargs["input_dict_mbs"]),
+                kwargs["global_valid_tokens"],
             )
 
 

@@ -36,7 +36,10 @@ class ObjectiveValidator(Validator):
 
     def validate(self, model_parts: list, step: int) -> None:
         logger = self.metrics_processor.logger
-        with self.runtime.validation(step, logger) as self._score:
+        # Under pipeline parallelism the schedule's loss function is the runtime's, which
+        # hands validation micro-batches to this one.
+        loss = lambda pred, labels: self.objectives_loss(pred, labels)[0]  # noqa: E731
+        with self.runtime.validation(step, logger, loss=loss) as self._score:
             super().validate(model_parts, step)
 
     @torch.no_grad()

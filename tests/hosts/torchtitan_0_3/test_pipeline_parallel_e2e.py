@@ -1,0 +1,146 @@
+"""Pipeline parallelism (torchtitan 0.3, CPU, gloo): every objective scores each
+micro-batch inside torchtitan's schedule on the last stage, the hidden states it reads from
+earlier blocks carried there, and the run equals one process from one seed checkpoint."""
+
+import pytest
+import torch
+
+from tests.helpers import assert_gradients_within, assert_same_numbers, expert_biases, pip_install
+from tests.hosts.torchtitan_0_3.test_config_and_plugins import PLUGIN
+from tests.hosts.torchtitan_0_3.test_context_parallel_e2e import run_from_one_seed
+from titan_objectives.hosts.common.checks import PIPELINE_SCHEDULES
+
+pytestmark = [pytest.mark.slow, pytest.mark.long]
+
+# 4 micro-batches of one sequence (the 0.3 CP tests' runner trains 3 steps of these sizes).
+SIZES = ("--training.seq_len", "64", "--training.local_batch_size", "4")
+PP = (
+    "--parallelism.pipeline_parallel_degree",
+    "2",
+    "--parallelism.data_parallel_shard_degree",
+    "1",
+)
+STACK = (
+    "--objectives.stack",
+    "ntp,nitp,mtp,top",
+    "--objectives.mtp.depth",
+    "2",
+    "--objectives.top.window",
+    "8",
+    "--objectives.geometry.freq",
+    "1",
+    "--objectives.geometry.layers",
+    "2",
+)
+TAGS = (
+    "objectives/ntp/loss",
+    "objectives/nitp/loss",
+    "objectives/mtp/loss",
+    "objectives/top/loss",
+    "grad_norm",
+)
+VALIDATE = ("--validator.enable", "--validator.freq", "3", "--validator.steps", "1")
+VALIDATED = (
+    "validation/objectives/ntp/loss",
+    "validation/objectives/nitp/loss",
+    "validation/objectives/mtp/loss",
+    "validation/objectives/top/loss",
+)
+# The NITP paper's effective rank of the first micro-batch, as one process accumulating
+# micro-batches of the same size has it.
+GEOMETRY = ("geometry/final/effective_rank", "geometry/layer_2/effective_rank")
+ONE_SEQUENCE_AT_A_TIME = ("--training.local_batch_size", "1", "--training.global_batch_size", "4")
+
+
+CHUNKED = (
+    "--objectives.ntp.chunk_size",
+    "48",
+    "--objectives.mtp.chunk_size",
+    "40",
+    "--objectives.top.chunk_size",
+    "48",
+)
+
+
+def schedule(name: str) -> tuple[str, ...]:
+    return (*PP, "--parallelism.pipeline_parallel_schedule", name)
+
+
+def assert_same_geometry(logged: dict, runs: list[str]) -> None:
+    reference = {"one": logged["one_accumulating"]}
+    assert_same_numbers({**reference, **{name: logged[name] for name in runs}}, GEOMETRY, 3)
+
+
+def test_every_objective_under_every_schedule_matches_one_process(tmp_path):
+    """ntp + nitp + mtp (D = 2) + top under PP 2 with 4 micro-batches, with each schedule
+    the objectives run under, validating (but ZBV, which torch cannot evaluate): losses,
+    grad norm, step 1's whole gradients, the geometry and validation equal one
+    process's."""
+    runs = {name: (2, schedule(name)) for name in PIPELINE_SCHEDULES}
+    runs["ZBVZeroBubble"] = (2, (*schedule("ZBVZeroBubble"), "--validator.no-enable"))
+    reference = {"one_accumulating": (1, ONE_SEQUENCE_AT_A_TIME)}
+    common = ("llama3_debug", *STACK, *VALIDATE)
+    logged = run_from_one_seed(tmp_path, common, {**runs, **reference}, sizes=SIZES)
+    assert_same_numbers(logged, TAGS, steps=3)
+    assert_gradients_within(tmp_path, list(runs), 1e-6)
+    assert_same_geometry(logged, list(runs))
+    for name in set(runs) - {"ZBVZeroBubble"}:
+        for tag in VALIDATED:
+            assert logged[name][tag][3] == pytest.approx(logged["one"][tag][3], rel=1e-5), tag
+
+
+def test_pipeline_with_the_other_dimensions_matches_one_process(tmp_path, twin_corpus):
+    """PP 2 (1F1B) x FSDP 2 and PP 2 x TP 2 (4 processes; each data-parallel rank reads
+    its own copy of the corpus), PP 2 with compiled objectives (and the debug config's
+    selective AC), PP 2 accumulating two batches of 2 micro-batches, and the heads'
+    chunked cross-entropy under a zero-bubble schedule (its weight pass runs the
+    backward again)."""
+    common = ("llama3_debug", *STACK, "--dataloader.dataset_path", str(twin_corpus))
+    accumulate = ("--training.local_batch_size", "2", "--training.global_batch_size", "4")
+    runs = {
+        "pp_fsdp": (4, (*PP[:2], "--parallelism.data_parallel_shard_degree", "2")),
+        "pp_tp": (4, (*PP, "--parallelism.tensor_parallel_degree", "2")),
+        "pp_compiled": (2, (*PP, "--compile.enable", "--compile.components", "loss")),
+        "pp_accumulate": (2, (*PP, *accumulate)),
+        "pp_chunked_zero_bubble": (2, (*schedule("InterleavedZeroBubble"), *CHUNKED)),
+    }
+    reference = {"one_accumulating": (1, ONE_SEQUENCE_AT_A_TIME)}
+    logged = run_from_one_seed(tmp_path, common, {**runs, **reference}, sizes=SIZES)
+    assert_same_numbers(logged, TAGS, steps=3)
+    assert_gradients_within(tmp_path, list(runs), 1e-6)
+    assert_same_geometry(logged, list(runs))
+
+
+def test_deepseek_v3_under_pipeline_parallel_matches_one_process(tmp_path, twin_corpus):
+    """DeepSeek-V3 (MoE blocks, MTP's MoE block on the last stage, routers balanced) with
+    ntp + nitp + mtp + top under PP 2: losses, grad norm, whole gradients at step 1 and,
+    torch 2.14 restoring module buffers after the schedule's metadata inference, every
+    router's bias after step 3 equal one process's."""
+    common = ("deepseek_v3_debug", *STACK, "--dataloader.dataset_path", str(twin_corpus))
+    logged = run_from_one_seed(tmp_path, common, {"pp": (2, PP)}, sizes=SIZES)
+    assert_same_numbers(logged, TAGS, steps=3)
+    assert_gradients_within(tmp_path, ["pp"], 1e-5)  # the experts' sums in another order
+    reference = expert_biases(tmp_path / "one" / "checkpoint" / "step-3")
+    assert reference["objectives.mtp.depths.0.block.moe.expert_bias_E"].abs().max() > 0
+    biases = expert_biases(tmp_path / "pp" / "checkpoint" / "step-3")
+    for key, value in reference.items():
+        torch.testing.assert_close(biases[key], value, msg=key)
+
+
+def test_plugins_under_pipeline_parallel_match_one_process(tmp_path, tmp_path_factory):
+    """Plugins from another package: one training block 1's output (first stage, carried
+    to the last) through the head (early_exit), one reading labels 3 ahead through the
+    head (third_token), one reading hidden states 2 ahead (two_ahead_hidden)."""
+    site = pip_install(PLUGIN, tmp_path_factory.mktemp("pp_plugin_site"))
+    stack = "ntp,early_exit,third_token,two_ahead_hidden"
+    common = ("llama3_debug", "--objectives.stack", stack)
+    runs = {"pp": (2, schedule("Interleaved1F1B"))}
+    logged = run_from_one_seed(tmp_path, common, runs, sizes=SIZES, extra_pythonpath=str(site))
+    tags = (
+        "objectives/early_exit/loss",
+        "objectives/third_token/loss",
+        "objectives/two_ahead_hidden/loss",
+        "grad_norm",
+    )
+    assert_same_numbers(logged, tags, steps=3)
+    assert_gradients_within(tmp_path, ["pp"], 1e-6)
