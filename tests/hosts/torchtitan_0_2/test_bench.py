@@ -1,5 +1,6 @@
 """The benchmark scripts run (CPU smoke mode); their figures are not asserted."""
 
+import re
 import subprocess
 import sys
 
@@ -10,21 +11,11 @@ from tests.helpers import ROOT
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.long
-def test_bench_tiny_prints_the_chosen_stacks():
-    stacks = "ntp,torchtitan (plain),ntp+nitp"
+def bench_rows(*args: str) -> dict[str, list[str]]:
+    """``scripts/bench.py --tiny ARGS``: its table's cells by row name, in order."""
     result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts" / "bench.py"),
-            "--tiny",
-            "--stacks",
-            stacks,
-            "--steps",
-            "4",
-            "--warmup",
-            "1",
-        ],
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--tiny", "--steps", "4"]
+        + ["--warmup", "1", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -33,11 +24,27 @@ def test_bench_tiny_prints_the_chosen_stacks():
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     lines = result.stdout.splitlines()
     rows = [line for line in lines if line.startswith("| ") and not line.startswith("| stack")]
-    names = [row.split("|")[1].strip() for row in rows]
-    assert names == stacks.split(",")
-    flops = {name: row.split("|")[7].strip() for name, row in zip(names, rows, strict=True)}
+    return {row.split("|")[1].strip(): [c.strip() for c in row.split("|")[2:-1]] for row in rows}
+
+
+@pytest.mark.long
+def test_bench_tiny_prints_the_chosen_stacks():
+    stacks = "ntp,torchtitan (plain),ntp+nitp"
+    rows = bench_rows("--stacks", stacks, "--rounds", "1")
+    assert list(rows) == stacks.split(",")
+    flops = {name: cells[5] for name, cells in rows.items()}
     assert flops["ntp"] == flops["torchtitan (plain)"] == "+0.0%"
     assert float(flops["ntp+nitp"].rstrip("%")) > 0
+
+
+@pytest.mark.long
+def test_bench_pipeline_parallel_alternates_rounds():
+    """Under PP 2, plain torchtitan and a stack, each against ntp in the same round: the
+    median of 2 rounds' ratios with their spread (``ntp`` against itself: exactly 0)."""
+    rows = bench_rows("--pp", "2", "--rounds", "2", "--stacks", "ntp,ntp+nitp")
+    assert list(rows) == ["ntp", "ntp+nitp"]
+    assert rows["ntp"][3].startswith("+0.0% (+0.0 to +0.0)")
+    assert re.fullmatch(r"[+-]\d+\.\d% \([+-]\d+\.\d to [+-]\d+\.\d\).*", rows["ntp+nitp"][3])
 
 
 def test_bench_loss_small():

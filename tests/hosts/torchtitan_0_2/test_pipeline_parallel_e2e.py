@@ -88,12 +88,16 @@ def schedule(name: str, *more: str) -> tuple[str, ...]:
 def test_every_objective_under_every_schedule_matches_one_process(tmp_path):
     """ntp + nitp + mtp (D = 2) + top under PP 2 with 4 micro-batches, with each schedule
     the objectives run under (the looped ones with 2 stages per rank; ZBV's V puts the
-    first and last stages on rank 0): losses, grad norm, step 1's whole gradients and the
-    geometry equal one process's."""
+    first and last stages on rank 0; the zero-bubble ones with selective and full AC):
+    losses, grad norm, step 1's whole gradients, the geometry and validation equal one
+    process's."""
     schedules = PIPELINE_SCHEDULES
     runs = {name: (2, schedule(name)) for name in schedules}
-    # torch cannot evaluate under ZBV (checks.SCHEDULES_WITHOUT_EVALUATION)
-    runs["ZBVZeroBubble"] = (2, (*schedule("ZBVZeroBubble"), "--validation.no-enable"))
+    # The zero-bubble ones with activation checkpointing (their weight pass runs the
+    # backward again); torch cannot evaluate under ZBV (SCHEDULES_WITHOUT_EVALUATION).
+    ac = "--activation_checkpoint.mode"
+    runs["InterleavedZeroBubble"] = (2, (*schedule("InterleavedZeroBubble"), ac, "selective"))
+    runs["ZBVZeroBubble"] = (2, (*schedule("ZBVZeroBubble"), ac, "full", "--validation.no-enable"))
     reference = {"one_accumulating": (1, ONE_SEQUENCE_AT_A_TIME)}
     logged = run_from_one_seed(tmp_path, STACK, {**runs, **reference}, **PROBE)
     for name in schedules:

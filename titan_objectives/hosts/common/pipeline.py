@@ -99,7 +99,11 @@ class StageTap:
         captured = self.tap.current
         if captured is None:
             raise RuntimeError("a pipeline stage ran with the objectives' capture not armed")
-        return (output, *(captured.hidden[k] for k in self.carry.sends))
+        # Copies: zero-bubble schedules detach a stage's outputs in place after their
+        # input-gradient pass, which must not reach tensors that other modules saved for
+        # their backward (activation checkpointing keeps a block's input, e.g. the
+        # embeddings MTP reads) or views.
+        return (output, *(captured.hidden[k].clone() for k in self.carry.sends))
 
 
 def _detached(output: StackOutput) -> StackOutput:
