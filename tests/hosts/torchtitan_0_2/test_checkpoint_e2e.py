@@ -25,9 +25,18 @@ STACK = ("--objectives.stack", "ntp,nitp,mtp", "--objectives.mtp.depth", "2")
 OBJECTIVE_TAGS = ("objectives/ntp/loss", "objectives/nitp/loss", "objectives/mtp/loss", "grad_norm")
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_resume_continues_the_uninterrupted_run(tmp_path, nproc):
-    common = (*STACK, *FULL, "--checkpoint.interval", "3", "--training.steps", "6")
+PIPELINE = (
+    "--parallelism.pipeline_parallel_degree",
+    "2",
+    "--parallelism.data_parallel_shard_degree",
+    "1",
+)
+
+
+@pytest.mark.parametrize(("nproc", "parallelism"), [(1, ()), (2, ()), (2, PIPELINE)])
+def test_resume_continues_the_uninterrupted_run(tmp_path, nproc, parallelism):
+    """Under FSDP2 and under PP 2 (the objectives' modules on the last stage) too."""
+    common = (*STACK, *FULL, "--checkpoint.interval", "3", "--training.steps", "6", *parallelism)
     train(tmp_path / "whole", *common, nproc=nproc)
     # The same run, stopped after step 3: its folder holds step 3 only.
     shutil.copytree(tmp_path / "whole" / "ckpt", tmp_path / "resumed" / "ckpt")
@@ -42,6 +51,25 @@ def test_resume_continues_the_uninterrupted_run(tmp_path, nproc):
                 assert resumed[tag][step] == whole[tag][step], (tag, step)
             else:  # fp32 over gloo: equal up to reduction-order noise
                 assert resumed[tag][step] == pytest.approx(whole[tag][step], rel=1e-5), tag
+    if parallelism:
+        # Exported from the stages' checkpoint: the plain model, as one process saves it.
+        assert main(["export", str(tmp_path / "whole"), "--out", str(tmp_path / "hf")]) == 0
+        assert_exported_model_is_the_checkpoints(
+            tmp_path / "hf", tmp_path / "whole" / "ckpt" / "step-6"
+        )
+
+
+def assert_exported_model_is_the_checkpoints(folder, checkpoint) -> None:
+    """The export computes what the llama3 debug model loaded from ``checkpoint`` does."""
+    from torchtitan.models.llama3 import Transformer, llama3_args
+
+    plain = Transformer(llama3_args["debugmodel"])
+    with torch.no_grad():
+        plain.init_weights()
+    plain = load_into(plain, checkpoint)
+    tokens = torch.randint(0, llama3_args["debugmodel"].vocab_size, (2, 32))
+    with torch.no_grad():
+        assert_transformers_computes(folder, tokens, plain(tokens))
 
 
 def test_objectives_added_and_removed_across_a_resume(tmp_path):

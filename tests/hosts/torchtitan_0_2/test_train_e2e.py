@@ -275,13 +275,27 @@ def nan_plugin(tmp_path_factory):
     return pip_install(PLUGIN, tmp_path_factory.mktemp("nan_site"))
 
 
-def test_a_nan_loss_stops_training_naming_objective_and_step(tmp_path, nan_plugin):
+PIPELINE = (
+    "--parallelism.pipeline_parallel_degree",
+    "2",
+    "--parallelism.data_parallel_shard_degree",
+    "1",
+)
+
+
+@pytest.mark.parametrize(("nproc", "parallelism"), [(1, ()), (2, PIPELINE)])
+def test_a_nan_loss_stops_training_naming_objective_and_step(
+    tmp_path, nan_plugin, nproc, parallelism
+):
+    """Under PP the last stage scores and every stage stops with it (rank 0 reports)."""
     result = train(
         tmp_path,
         "--objectives.stack",
         "ntp,nan_probe",
         "--objectives.nan_probe.weight",
         "0.5",
+        *parallelism,
+        nproc=nproc,
         extra_pythonpath=str(nan_plugin),
         check=False,
     )

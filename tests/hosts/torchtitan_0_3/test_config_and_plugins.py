@@ -63,6 +63,25 @@ def test_objectives_flags_and_the_toml_table_reach_the_config(tmp_path):
             "parallelism cuts each sequence into 4 chunks (two per rank, load-balanced), each "
             "rank's share whole 128-position mask blocks; use a seq_len divisible by 256",
         ),
+        (
+            ["--objectives.stack", "ntp,nitp", "--parallelism.pipeline_parallel_degree", "2"]
+            + ["--parallelism.pipeline_parallel_schedule", "InterleavedZeroBubble"],
+            "activation_checkpoint:selective with parallelism.pipeline_parallel_schedule = "
+            "'InterleavedZeroBubble': torch's selective activation checkpointing allows one "
+            "backward per checkpointed region",
+        ),
+        (
+            ["--objectives.stack", "ntp,mtp", "--parallelism.pipeline_parallel_degree", "2"]
+            + ["--training.local_batch_size", "1"],
+            "training.local_batch_size = 1 with parallelism.pipeline_parallel_microbatch_size "
+            "= 1 gives 1 micro-batches for 2 pipeline stages (1F1B)",
+        ),
+        (
+            ["--objectives.stack", "ntp", "--parallelism.pipeline_parallel_degree", "2"]
+            + ["--parallelism.pipeline_parallel_schedule", "ZBVZeroBubble", "--validator.enable"]
+            + ["activation_checkpoint:none"],
+            "validator.enable with parallelism.pipeline_parallel_schedule = 'ZBVZeroBubble'",
+        ),
     ],
 )
 def test_bad_config_is_named_before_anything_is_built(args, message):

@@ -62,6 +62,10 @@ CHUNKED = (
 )
 
 
+# tyro's subcommand for the activation checkpointing policy (last on the command line).
+FULL_AC = "activation_checkpoint:full"
+
+
 def schedule(name: str) -> tuple[str, ...]:
     return (*PP, "--parallelism.pipeline_parallel_schedule", name)
 
@@ -77,7 +81,10 @@ def test_every_objective_under_every_schedule_matches_one_process(tmp_path):
     grad norm, step 1's whole gradients, the geometry and validation equal one
     process's."""
     runs = {name: (2, schedule(name)) for name in PIPELINE_SCHEDULES}
-    runs["ZBVZeroBubble"] = (2, (*schedule("ZBVZeroBubble"), "--validator.no-enable"))
+    # The zero-bubble ones recompute with full AC (selective: refused, preflight.py);
+    # torch cannot evaluate under ZBV (SCHEDULES_WITHOUT_EVALUATION).
+    runs["InterleavedZeroBubble"] = (2, (*schedule("InterleavedZeroBubble"), FULL_AC))
+    runs["ZBVZeroBubble"] = (2, (*schedule("ZBVZeroBubble"), "--validator.no-enable", FULL_AC))
     reference = {"one_accumulating": (1, ONE_SEQUENCE_AT_A_TIME)}
     common = ("llama3_debug", *STACK, *VALIDATE)
     logged = run_from_one_seed(tmp_path, common, {**runs, **reference}, sizes=SIZES)
@@ -102,7 +109,7 @@ def test_pipeline_with_the_other_dimensions_matches_one_process(tmp_path, twin_c
         "pp_tp": (4, (*PP, "--parallelism.tensor_parallel_degree", "2")),
         "pp_compiled": (2, (*PP, "--compile.enable", "--compile.components", "loss")),
         "pp_accumulate": (2, (*PP, *accumulate)),
-        "pp_chunked_zero_bubble": (2, (*schedule("InterleavedZeroBubble"), *CHUNKED)),
+        "pp_chunked_zero_bubble": (2, (*schedule("InterleavedZeroBubble"), *CHUNKED, FULL_AC)),
     }
     reference = {"one_accumulating": (1, ONE_SEQUENCE_AT_A_TIME)}
     logged = run_from_one_seed(tmp_path, common, {**runs, **reference}, sizes=SIZES)

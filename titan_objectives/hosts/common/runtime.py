@@ -239,7 +239,8 @@ class ObjectiveRuntime:
         assert self.pipeline is not None
         self._global_valid_tokens = global_valid_tokens
         self._micro_batches = micro_batches
-        with self.pipeline.capture():
+        # The loss context holds the schedule's backward too (torch's loss_parallel).
+        with self.pipeline.capture(), self.loss_context():
             loss = run_schedule()
         if self.pipeline.last is not None:
             scored, first = self.pipeline.scored_micro_batches(micro_batches)

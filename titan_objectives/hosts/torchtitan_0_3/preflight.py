@@ -80,6 +80,25 @@ def _check_runtime(config: Any) -> None:
         )
 
 
+# Schedules whose weight pass runs a second backward through each stage.
+ZERO_BUBBLE_SCHEDULES = ("InterleavedZeroBubble", "ZBVZeroBubble")
+
+
+def _check_zero_bubble_recompute(config: Any) -> None:
+    """torchtitan 0.3's selective AC allows one backward per checkpointed region."""
+    parallelism = config.parallelism
+    schedule = parallelism.pipeline_parallel_schedule
+    selective = type(config.activation_checkpoint).__qualname__.startswith("SelectiveAC")
+    if parallelism.pipeline_parallel_degree > 1 and schedule in ZERO_BUBBLE_SCHEDULES and selective:
+        raise ObjectivesConfigError(
+            f"activation_checkpoint:selective with parallelism.pipeline_parallel_schedule = "
+            f"{schedule!r}: torch's selective activation checkpointing allows one backward "
+            "per checkpointed region, and a zero-bubble schedule runs a second one for the "
+            "weights (plain torchtitan 0.3 fails the same way); use activation_checkpoint:full "
+            "or activation_checkpoint:none, or another schedule"
+        )
+
+
 def _check_paths(config: Any) -> None:
     assets = Path(config.hf_assets_path)
     if not (assets / "tokenizer.json").is_file():
@@ -116,6 +135,7 @@ def check_config(config: Any) -> CheckedConfig:
         HostedObjectiveStack,
     )
     _check_runtime(config)
+    _check_zero_bubble_recompute(config)
     if config.validator.enable:
         check_pipeline_validation(config, "validator.enable")
     _check_flex_context_parallel(config, model_config)
