@@ -74,7 +74,7 @@ def test_objectives_flags_and_the_toml_table_reach_the_config(tmp_path):
             ["--objectives.stack", "ntp,mtp", "--parallelism.pipeline_parallel_degree", "2"]
             + ["--training.local_batch_size", "1"],
             "training.local_batch_size = 1 with parallelism.pipeline_parallel_microbatch_size "
-            "= 1 gives 1 micro-batches for 2 pipeline stages (1F1B)",
+            "= 1 gives 1 micro-batches for 4 pipeline stages (Interleaved1F1B)",
         ),
         (
             ["--objectives.stack", "ntp", "--parallelism.pipeline_parallel_degree", "2"]
@@ -111,8 +111,8 @@ def installed_plugin(tmp_path_factory):
 @pytest.mark.slow
 def test_a_plugins_nan_loss_stops_or_is_skipped(tmp_path, installed_plugin):
     """A plugin from another package (entry point) trains on 0.3 like a built-in: a NaN
-    loss stops training naming it and the step, or, with nonfinite = 'skip', each such
-    step is skipped and training goes on."""
+    loss stops training naming it and the step (under PP too), or, with nonfinite =
+    'skip', each such step is skipped and training goes on."""
     common = [
         "titan_objectives.train",
         *OURS,
@@ -142,6 +142,18 @@ def test_a_plugins_nan_loss_stops_or_is_skipped(tmp_path, installed_plugin):
     ]
     skip = torchrun([*common, *skip_args], extra_pythonpath=str(installed_plugin))
     assert skip.stdout.count("the optimizer skipped those steps") == 3
+    # Under PP the last stage scores, and every stage stops with it (rank 0 reports).
+    pipeline = ["--parallelism.pipeline_parallel_degree", "2", "--dump_folder", str(tmp_path / "c")]
+    one_stage_per_rank = ["--parallelism.pipeline_parallel_schedule", "1F1B"]
+    stop = torchrun(
+        [*common, *pipeline, *one_stage_per_rank, "--parallelism.data_parallel_shard_degree", "1"],
+        nproc=2,
+        extra_pythonpath=str(installed_plugin),
+        check=False,
+    )
+    # torchrun exits 1 when its workers fail; each worker exits 3, as one process does.
+    assert stop.returncode == 1 and "exitcode  : 3" in stop.stdout, stop.stdout[-3000:]
+    assert "step 1: the loss of nan_probe is not finite (NaN or inf)" in stop.stdout
 
 
 def test_objective_blocks_are_built_after_the_configs_overrides():

@@ -2,12 +2,22 @@
 micro-batch inside torchtitan's schedule on the last stage, the hidden states it reads from
 earlier blocks carried there, and the run equals one process from one seed checkpoint."""
 
+import shutil
+
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
-from tests.helpers import assert_gradients_within, assert_same_numbers, expert_biases, pip_install
+from tests.helpers import (
+    assert_gradients_within,
+    assert_same_numbers,
+    expert_biases,
+    pip_install,
+    scalars,
+)
 from tests.hosts.torchtitan_0_3.test_config_and_plugins import PLUGIN
 from tests.hosts.torchtitan_0_3.test_context_parallel_e2e import run_from_one_seed
+from tests.hosts.torchtitan_0_3.test_train_e2e import train
 from titan_objectives.hosts.common.checks import PIPELINE_SCHEDULES
 
 pytestmark = [pytest.mark.slow, pytest.mark.long]
@@ -104,11 +114,13 @@ def test_pipeline_with_the_other_dimensions_matches_one_process(tmp_path, twin_c
     backward again)."""
     common = ("llama3_debug", *STACK, "--dataloader.dataset_path", str(twin_corpus))
     accumulate = ("--training.local_batch_size", "2", "--training.global_batch_size", "4")
+    one_f_one_b = schedule("1F1B")  # 0.3's default is Interleaved1F1B
+    fsdp = ("--parallelism.data_parallel_shard_degree", "2")
     runs = {
-        "pp_fsdp": (4, (*PP[:2], "--parallelism.data_parallel_shard_degree", "2")),
-        "pp_tp": (4, (*PP, "--parallelism.tensor_parallel_degree", "2")),
-        "pp_compiled": (2, (*PP, "--compile.enable", "--compile.components", "loss")),
-        "pp_accumulate": (2, (*PP, *accumulate)),
+        "pp_fsdp": (4, (*one_f_one_b, *fsdp)),
+        "pp_tp": (4, (*one_f_one_b, "--parallelism.tensor_parallel_degree", "2")),
+        "pp_compiled": (2, (*one_f_one_b, "--compile.enable", "--compile.components", "loss")),
+        "pp_accumulate": (2, (*one_f_one_b, *accumulate)),
         "pp_chunked_zero_bubble": (2, (*schedule("InterleavedZeroBubble"), *CHUNKED, FULL_AC)),
     }
     reference = {"one_accumulating": (1, ONE_SEQUENCE_AT_A_TIME)}
@@ -151,3 +163,42 @@ def test_plugins_under_pipeline_parallel_match_one_process(tmp_path, tmp_path_fa
     )
     assert_same_numbers(logged, tags, steps=3)
     assert_gradients_within(tmp_path, ["pp"], 1e-6)
+
+
+def test_resume_and_export_under_pipeline_parallel(tmp_path):
+    """PP 2: a run resumed from its step 3 checkpoint (each stage's modules, the
+    objectives' on the last) continues the uninterrupted one; the last checkpoint exports
+    the plain model, computing what torchtitan's model loaded from it does."""
+    from tests.export_checks import assert_transformers_computes
+    from tests.hosts.torchtitan_0_3.test_export import built, flavor_config, logits, tokens_for
+    from titan_objectives.cli import main
+
+    run = (
+        "llama3_debug",
+        "--objectives.stack",
+        "ntp,nitp,mtp",
+        *SIZES,
+        *PP,
+        "--training.steps",
+        "6",
+        "--checkpoint.enable",
+        "--checkpoint.interval",
+        "3",
+        "--checkpoint.no-last_save_model_only",
+    )
+    train(tmp_path / "whole", *run, nproc=2)
+    shutil.copytree(tmp_path / "whole" / "checkpoint", tmp_path / "resumed" / "checkpoint")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoint" / "step-6")
+    train(tmp_path / "resumed", *run, nproc=2)
+    whole, resumed = scalars(tmp_path / "whole"), scalars(tmp_path / "resumed")
+    for tag in ("objectives/ntp/loss", "objectives/nitp/loss", "objectives/mtp/loss"):
+        assert sorted(resumed[tag]) == [4, 5, 6]
+        for step in (4, 5, 6):
+            assert resumed[tag][step] == pytest.approx(whole[tag][step], rel=1e-5), (tag, step)
+
+    assert main(["export", str(tmp_path / "whole"), "--out", str(tmp_path / "hf")]) == 0
+    config = flavor_config("llama3")
+    state = built(config).state_dict()
+    dcp.load(state, checkpoint_id=str(tmp_path / "whole" / "checkpoint" / "step-6"))
+    tokens = tokens_for(config)
+    assert_transformers_computes(tmp_path / "hf", tokens, logits(built(config, state), tokens))

@@ -260,8 +260,9 @@ class ObjectiveRuntime:
         assert self.pipeline is not None and self._global_valid_tokens is not None
         labels = self.sequence.whole(labels)
         captured = self.pipeline.last_capture()
-        with self.loss_context():
-            output = self.score(captured, pred, labels)
+        # In ``pipeline_forward_backward``'s loss context (torch's loss_parallel is not
+        # re-entrant: leaving an inner one would drop it before the schedule's backward).
+        output = self.score(captured, pred, labels)
         self.pipeline.keep(output, captured, labels, sample=self.geometry.wants_sample)
         return output.weighted_loss_sum / self._global_valid_tokens
 
