@@ -12,6 +12,13 @@ from tests.hosts.torchtitan_0_2.test_parallelism_e2e import (
     PROBE,
     run_from_one_seed,
 )
+from tests.parallel_runs import (
+    CHUNKED_HEADS,
+    FULL_STACK,
+    MEASURE_GEOMETRY,
+    OBJECTIVE_LOSSES,
+    PAPER_RANK,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.long]
 
@@ -44,30 +51,9 @@ def test_ntp_under_context_parallel_matches_one_process(tmp_path: Path, module: 
         assert_gradients_within(tmp_path, list(runs), 1e-6)
 
 
-# The heads' chunked cross-entropy (PyTorch's kernel) equals the plain one to fp32 order.
-CHUNKED = (
-    "--objectives.ntp.chunk_size",
-    "48",
-    "--objectives.mtp.chunk_size",
-    "40",
-    "--objectives.top.chunk_size",
-    "48",
-)
-STACK = (
-    "--objectives.stack",
-    "ntp,nitp,mtp,top",
-    "--objectives.mtp.depth",
-    "2",
-    "--objectives.top.window",
-    "8",
-    "--training.steps",
-    "3",
-)
+STACK = (*FULL_STACK, "--training.steps", "3")
 MEASURED = (
-    "--objectives.geometry.freq",
-    "1",
-    "--objectives.geometry.layers",
-    "2",
+    *MEASURE_GEOMETRY,
     "--validation.enable",
     "--validation.freq",
     "3",
@@ -76,17 +62,9 @@ MEASURED = (
     "--validation.seq_len",
     "64",
 )
-TAGS = (
-    "objectives/ntp/loss",
-    "objectives/nitp/loss",
-    "objectives/mtp/loss",
-    "objectives/top/loss",
-    "loss_metrics/global_avg_loss",
-    "grad_norm",
-)
+TAGS = (*OBJECTIVE_LOSSES, "loss_metrics/global_avg_loss", "grad_norm")
 # The NITP paper's effective rank: covariance moments of every token, summed over ranks (of
-# one micro-batch: accumulating runs measure their last).
-GEOMETRY = ("geometry/final/effective_rank", "geometry/layer_2/effective_rank")
+# one micro-batch: accumulating runs measure their first), PAPER_RANK.
 VALIDATED = ("validation/objectives/nitp/loss", "validation/objectives/mtp/loss")
 
 
@@ -110,14 +88,14 @@ def test_every_objective_under_context_parallel_matches_one_process(tmp_path, tw
         "cp": (2, CP),
         "cp_no_balancing": (2, (*CP, "--parallelism.context_parallel_load_balancer", "None")),
         "cp_accumulate": (2, (*CP, *accumulate)),
-        "cp_chunked": (2, (*CP, *CHUNKED)),
+        "cp_chunked": (2, (*CP, *CHUNKED_HEADS)),
         "cp_compiled": (2, (*CP, *compiled)),
         "cp_fsdp": (4, (*CP[:2], "--parallelism.data_parallel_shard_degree", "2")),
         "cp_tp": (4, (*CP, "--parallelism.tensor_parallel_degree", "2")),
     }
     logged = run_from_one_seed(tmp_path, common, runs, **PROBE)
     assert_same_numbers(logged, TAGS, steps=3)
-    assert_same_numbers({k: v for k, v in logged.items() if k != "cp_accumulate"}, GEOMETRY, 3)
+    assert_same_numbers({k: v for k, v in logged.items() if k != "cp_accumulate"}, PAPER_RANK, 3)
     for tag in VALIDATED:  # validation under CP scores the whole sequences too
         # (not cp_fsdp: its data-parallel ranks validate on different documents)
         for name in set(logged) - {"cp_fsdp"}:

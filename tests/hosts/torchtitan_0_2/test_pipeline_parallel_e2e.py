@@ -8,27 +8,24 @@ import pytest
 
 from tests.helpers import assert_gradients_within, assert_same_numbers, expert_biases, pip_install
 from tests.hosts.torchtitan_0_2.test_parallelism_e2e import PROBE, run_from_one_seed
+from tests.parallel_runs import (
+    CHUNKED_HEADS,
+    FULL_STACK,
+    MEASURE_GEOMETRY,
+    OBJECTIVE_LOSSES,
+    ONE_SEQUENCE_AT_A_TIME,
+    PIPELINE_2,
+    assert_geometry_of_the_first_micro_batch,
+    pipeline_schedule,
+)
 from titan_objectives.hosts.common.checks import PIPELINE_SCHEDULES
 
 pytestmark = [pytest.mark.slow, pytest.mark.long]
 
-PP = (
-    "--parallelism.pipeline_parallel_degree",
-    "2",
-    "--parallelism.data_parallel_shard_degree",
-    "1",
-)
+
 STACK = (
-    "--objectives.stack",
-    "ntp,nitp,mtp,top",
-    "--objectives.mtp.depth",
-    "2",
-    "--objectives.top.window",
-    "8",
-    "--objectives.geometry.freq",
-    "1",
-    "--objectives.geometry.layers",
-    "2",
+    *FULL_STACK,
+    *MEASURE_GEOMETRY,
     "--training.steps",
     "3",
     "--validation.enable",
@@ -39,50 +36,12 @@ STACK = (
     "--validation.seq_len",
     "64",
 )
-TAGS = (
-    "objectives/ntp/loss",
-    "objectives/nitp/loss",
-    "objectives/mtp/loss",
-    "objectives/top/loss",
-    "loss_metrics/global_avg_loss",
-    "grad_norm",
-)
-
-
-# Scored on the last stage by torchtitan's evaluation schedule, and the geometry of the
-# validation batch's first micro-batch.
+TAGS = (*OBJECTIVE_LOSSES, "loss_metrics/global_avg_loss", "grad_norm")
+# Scored on the last stage by torchtitan's evaluation schedule.
 VALIDATED = (
-    "validation/objectives/ntp/loss",
-    "validation/objectives/nitp/loss",
-    "validation/objectives/mtp/loss",
-    "validation/objectives/top/loss",
+    *(f"validation/{tag}" for tag in OBJECTIVE_LOSSES),
     "validation_metrics/loss",
 )
-# The NITP paper's effective rank of the first micro-batch (carried to the last stage when
-# its block is on another), as one process accumulating micro-batches of the same size has.
-GEOMETRY = ("geometry/final/effective_rank", "geometry/layer_2/effective_rank")
-ONE_SEQUENCE_AT_A_TIME = ("--training.local_batch_size", "1", "--training.global_batch_size", "4")
-
-
-def assert_same_geometry(logged: dict, runs: list[str]) -> None:
-    """The runs' geometry equals the one-process run's that accumulates micro-batches."""
-    reference = {"one": logged["one_accumulating"]}
-    assert_same_numbers({**reference, **{name: logged[name] for name in runs}}, GEOMETRY, 3)
-
-
-# The heads' chunked cross-entropy (its gradients made in the forward).
-CHUNKED = (
-    "--objectives.ntp.chunk_size",
-    "48",
-    "--objectives.mtp.chunk_size",
-    "40",
-    "--objectives.top.chunk_size",
-    "48",
-)
-
-
-def schedule(name: str, *more: str) -> tuple[str, ...]:
-    return (*PP, "--parallelism.pipeline_parallel_schedule", name, *more)
 
 
 def test_every_objective_under_every_schedule_matches_one_process(tmp_path):
@@ -92,12 +51,18 @@ def test_every_objective_under_every_schedule_matches_one_process(tmp_path):
     losses, grad norm, step 1's whole gradients, the geometry and validation equal one
     process's."""
     schedules = PIPELINE_SCHEDULES
-    runs = {name: (2, schedule(name)) for name in schedules}
+    runs = {name: (2, pipeline_schedule(name)) for name in schedules}
     # The zero-bubble ones with activation checkpointing (their weight pass runs the
     # backward again); torch cannot evaluate under ZBV (SCHEDULES_WITHOUT_EVALUATION).
     ac = "--activation_checkpoint.mode"
-    runs["InterleavedZeroBubble"] = (2, (*schedule("InterleavedZeroBubble"), ac, "selective"))
-    runs["ZBVZeroBubble"] = (2, (*schedule("ZBVZeroBubble"), ac, "full", "--validation.no-enable"))
+    runs["InterleavedZeroBubble"] = (
+        2,
+        (*pipeline_schedule("InterleavedZeroBubble"), ac, "selective"),
+    )
+    runs["ZBVZeroBubble"] = (
+        2,
+        (*pipeline_schedule("ZBVZeroBubble"), ac, "full", "--validation.no-enable"),
+    )
     reference = {"one_accumulating": (1, ONE_SEQUENCE_AT_A_TIME)}
     logged = run_from_one_seed(tmp_path, STACK, {**runs, **reference}, **PROBE)
     for name in schedules:
@@ -106,7 +71,7 @@ def test_every_objective_under_every_schedule_matches_one_process(tmp_path):
         assert used in logged[name]["stdout"], name
     assert_same_numbers(logged, TAGS, steps=3)
     assert_gradients_within(tmp_path, list(runs), 1e-6)
-    assert_same_geometry(logged, list(runs))
+    assert_geometry_of_the_first_micro_batch(logged, list(runs))
     for name in set(runs) - {"ZBVZeroBubble"}:
         for tag in VALIDATED:
             assert logged[name][tag][3] == pytest.approx(logged["one"][tag][3], rel=1e-5), tag
@@ -128,17 +93,20 @@ def test_pipeline_with_the_other_dimensions_matches_one_process(tmp_path, twin_c
     )
     accumulate = ("--training.local_batch_size", "2", "--training.global_batch_size", "4")
     runs = {
-        "pp_fsdp": (4, (*PP[:2], "--parallelism.data_parallel_shard_degree", "2")),
-        "pp_tp": (4, (*PP, "--parallelism.tensor_parallel_degree", "2")),
-        "pp_compiled": (2, (*PP, *compiled)),
-        "pp_accumulate": (2, (*PP, *accumulate)),
-        "pp_chunked_zero_bubble": (2, (*schedule("InterleavedZeroBubble"), *CHUNKED)),
+        "pp_fsdp": (4, (*PIPELINE_2[:2], "--parallelism.data_parallel_shard_degree", "2")),
+        "pp_tp": (4, (*PIPELINE_2, "--parallelism.tensor_parallel_degree", "2")),
+        "pp_compiled": (2, (*PIPELINE_2, *compiled)),
+        "pp_accumulate": (2, (*PIPELINE_2, *accumulate)),
+        "pp_chunked_zero_bubble": (
+            2,
+            (*pipeline_schedule("InterleavedZeroBubble"), *CHUNKED_HEADS),
+        ),
     }
     reference = {"one_accumulating": (1, ONE_SEQUENCE_AT_A_TIME)}
     logged = run_from_one_seed(tmp_path, common, {**runs, **reference}, **PROBE)
     assert_same_numbers(logged, TAGS, steps=3)
     assert_gradients_within(tmp_path, list(runs), 1e-6)
-    assert_same_geometry(logged, list(runs))
+    assert_geometry_of_the_first_micro_batch(logged, list(runs))
 
 
 def test_deepseek_v3_under_pipeline_parallel_matches_one_process(tmp_path, twin_corpus):
@@ -156,7 +124,7 @@ def test_deepseek_v3_under_pipeline_parallel_matches_one_process(tmp_path, twin_
         "--checkpoint.no-last_save_model_only",  # keep the routers' biases at the end
         "--validation.no-enable",  # torchtitan 0.2.2 has no validator for deepseek_v3
     )
-    logged = run_from_one_seed(tmp_path, common, {"pp": (2, PP)}, **PROBE)
+    logged = run_from_one_seed(tmp_path, common, {"pp": (2, PIPELINE_2)}, **PROBE)
     assert_same_numbers(logged, TAGS, steps=3)
     assert_gradients_within(tmp_path, ["pp"], 1e-6)
     # torch 2.13's pipeline stage runs its first forward (metadata inference) without
@@ -182,7 +150,7 @@ def test_plugins_under_pipeline_parallel_match_one_process(tmp_path, plugin_site
     gradients at step 1 equal one process's."""
     stack = "ntp,early_exit,third_token,two_ahead_hidden"
     common = ("--objectives.stack", stack, "--training.steps", "3")
-    runs = {"pp": (2, schedule("Interleaved1F1B"))}
+    runs = {"pp": (2, pipeline_schedule("Interleaved1F1B"))}
     probe = {**PROBE, "extra_pythonpath": f"{plugin_site}:{PROBE['extra_pythonpath']}"}
     logged = run_from_one_seed(tmp_path, common, runs, **probe)
     tags = (

@@ -17,6 +17,7 @@ from tests.helpers import (
 )
 from tests.hosts.torchtitan_0_3.test_config_and_plugins import PLUGIN
 from tests.hosts.torchtitan_0_3.test_train_e2e import HOST, train
+from tests.parallel_runs import FULL_STACK, MEASURE_GEOMETRY, OBJECTIVE_LOSSES, PAPER_RANK
 
 pytestmark = [pytest.mark.slow, pytest.mark.long]
 
@@ -34,13 +35,7 @@ PROBE = {
     "module": ["tests.hosts.torchtitan_0_3.trainer_probe", *HOST[1:]],
     "env": {"TRAINER_PROBE": "dump_gradients"},
 }
-TAGS = (
-    "objectives/ntp/loss",
-    "objectives/nitp/loss",
-    "objectives/mtp/loss",
-    "objectives/top/loss",
-    "grad_norm",
-)
+TAGS = (*OBJECTIVE_LOSSES, "grad_norm")
 
 
 def run_from_one_seed(
@@ -82,16 +77,8 @@ def test_every_objective_under_context_parallel_matches_one_process(tmp_path, tw
     paper's effective rank and step 1's whole gradients."""
     common = (
         "llama3_debug",
-        "--objectives.stack",
-        "ntp,nitp,mtp,top",
-        "--objectives.mtp.depth",
-        "2",
-        "--objectives.top.window",
-        "8",
-        "--objectives.geometry.freq",
-        "1",
-        "--objectives.geometry.layers",
-        "2",
+        *FULL_STACK,
+        *MEASURE_GEOMETRY,
         "--dataloader.dataset_path",
         str(twin_corpus),
     )
@@ -106,9 +93,8 @@ def test_every_objective_under_context_parallel_matches_one_process(tmp_path, tw
     logged = run_from_one_seed(tmp_path, common, runs)
     assert_same_numbers(logged, TAGS, steps=3)
     # The covariance moments of every token, summed over ranks (of one micro-batch:
-    # accumulating runs measure their last).
-    geometry = ("geometry/final/effective_rank", "geometry/layer_2/effective_rank")
-    assert_same_numbers({k: v for k, v in logged.items() if k != "cp_accumulate"}, geometry, 3)
+    # accumulating runs measure their first).
+    assert_same_numbers({k: v for k, v in logged.items() if k != "cp_accumulate"}, PAPER_RANK, 3)
     assert_gradients_within(tmp_path, list(runs), 1e-6)
 
 
@@ -128,15 +114,7 @@ def test_deepseek_v3_under_context_parallel_matches_one_process(tmp_path, twin_c
     """DeepSeek-V3 (MLA, MoE blocks, MTP's included, with their routers balanced) with
     ntp + nitp + mtp + top under CP 2: losses, grad norm, step 1's whole gradients and
     every router's bias after step 3."""
-    common = (
-        "deepseek_v3_debug",
-        "--objectives.stack",
-        "ntp,nitp,mtp,top",
-        "--objectives.top.window",
-        "8",
-        "--dataloader.dataset_path",
-        str(twin_corpus),
-    )
+    common = ("deepseek_v3_debug", *FULL_STACK, "--dataloader.dataset_path", str(twin_corpus))
     logged = run_from_one_seed(tmp_path, common, {"cp": (2, CP)})
     assert_same_numbers(logged, TAGS, steps=3)
     # Measured: 1.1e-6 on the first block's attention (the experts' outputs are summed

@@ -18,71 +18,29 @@ from tests.helpers import (
 from tests.hosts.torchtitan_0_3.test_config_and_plugins import PLUGIN
 from tests.hosts.torchtitan_0_3.test_context_parallel_e2e import run_from_one_seed
 from tests.hosts.torchtitan_0_3.test_train_e2e import train
+from tests.parallel_runs import (
+    CHUNKED_HEADS,
+    FULL_STACK,
+    MEASURE_GEOMETRY,
+    OBJECTIVE_LOSSES,
+    ONE_SEQUENCE_AT_A_TIME,
+    PIPELINE_2,
+    assert_geometry_of_the_first_micro_batch,
+    pipeline_schedule,
+)
 from titan_objectives.hosts.common.checks import PIPELINE_SCHEDULES
 
 pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 # 4 micro-batches of one sequence (the 0.3 CP tests' runner trains 3 steps of these sizes).
 SIZES = ("--training.seq_len", "64", "--training.local_batch_size", "4")
-PP = (
-    "--parallelism.pipeline_parallel_degree",
-    "2",
-    "--parallelism.data_parallel_shard_degree",
-    "1",
-)
-STACK = (
-    "--objectives.stack",
-    "ntp,nitp,mtp,top",
-    "--objectives.mtp.depth",
-    "2",
-    "--objectives.top.window",
-    "8",
-    "--objectives.geometry.freq",
-    "1",
-    "--objectives.geometry.layers",
-    "2",
-)
-TAGS = (
-    "objectives/ntp/loss",
-    "objectives/nitp/loss",
-    "objectives/mtp/loss",
-    "objectives/top/loss",
-    "grad_norm",
-)
+
+STACK = (*FULL_STACK, *MEASURE_GEOMETRY)
+TAGS = (*OBJECTIVE_LOSSES, "grad_norm")
 VALIDATE = ("--validator.enable", "--validator.freq", "3", "--validator.steps", "1")
-VALIDATED = (
-    "validation/objectives/ntp/loss",
-    "validation/objectives/nitp/loss",
-    "validation/objectives/mtp/loss",
-    "validation/objectives/top/loss",
-)
-# The NITP paper's effective rank of the first micro-batch, as one process accumulating
-# micro-batches of the same size has it.
-GEOMETRY = ("geometry/final/effective_rank", "geometry/layer_2/effective_rank")
-ONE_SEQUENCE_AT_A_TIME = ("--training.local_batch_size", "1", "--training.global_batch_size", "4")
-
-
-CHUNKED = (
-    "--objectives.ntp.chunk_size",
-    "48",
-    "--objectives.mtp.chunk_size",
-    "40",
-    "--objectives.top.chunk_size",
-    "48",
-)
-
-
+VALIDATED = tuple(f"validation/{tag}" for tag in OBJECTIVE_LOSSES)
 # tyro's subcommand for the activation checkpointing policy (last on the command line).
 FULL_AC = "activation_checkpoint:full"
-
-
-def schedule(name: str) -> tuple[str, ...]:
-    return (*PP, "--parallelism.pipeline_parallel_schedule", name)
-
-
-def assert_same_geometry(logged: dict, runs: list[str]) -> None:
-    reference = {"one": logged["one_accumulating"]}
-    assert_same_numbers({**reference, **{name: logged[name] for name in runs}}, GEOMETRY, 3)
 
 
 def test_every_objective_under_every_schedule_matches_one_process(tmp_path):
@@ -90,17 +48,20 @@ def test_every_objective_under_every_schedule_matches_one_process(tmp_path):
     the objectives run under, validating (but ZBV, which torch cannot evaluate): losses,
     grad norm, step 1's whole gradients, the geometry and validation equal one
     process's."""
-    runs = {name: (2, schedule(name)) for name in PIPELINE_SCHEDULES}
+    runs = {name: (2, pipeline_schedule(name)) for name in PIPELINE_SCHEDULES}
     # The zero-bubble ones recompute with full AC (selective: refused, preflight.py);
     # torch cannot evaluate under ZBV (SCHEDULES_WITHOUT_EVALUATION).
-    runs["InterleavedZeroBubble"] = (2, (*schedule("InterleavedZeroBubble"), FULL_AC))
-    runs["ZBVZeroBubble"] = (2, (*schedule("ZBVZeroBubble"), "--validator.no-enable", FULL_AC))
+    runs["InterleavedZeroBubble"] = (2, (*pipeline_schedule("InterleavedZeroBubble"), FULL_AC))
+    runs["ZBVZeroBubble"] = (
+        2,
+        (*pipeline_schedule("ZBVZeroBubble"), "--validator.no-enable", FULL_AC),
+    )
     reference = {"one_accumulating": (1, ONE_SEQUENCE_AT_A_TIME)}
     common = ("llama3_debug", *STACK, *VALIDATE)
     logged = run_from_one_seed(tmp_path, common, {**runs, **reference}, sizes=SIZES)
     assert_same_numbers(logged, TAGS, steps=3)
     assert_gradients_within(tmp_path, list(runs), 1e-6)
-    assert_same_geometry(logged, list(runs))
+    assert_geometry_of_the_first_micro_batch(logged, list(runs))
     for name in set(runs) - {"ZBVZeroBubble"}:
         for tag in VALIDATED:
             assert logged[name][tag][3] == pytest.approx(logged["one"][tag][3], rel=1e-5), tag
@@ -114,20 +75,23 @@ def test_pipeline_with_the_other_dimensions_matches_one_process(tmp_path, twin_c
     backward again)."""
     common = ("llama3_debug", *STACK, "--dataloader.dataset_path", str(twin_corpus))
     accumulate = ("--training.local_batch_size", "2", "--training.global_batch_size", "4")
-    one_f_one_b = schedule("1F1B")  # 0.3's default is Interleaved1F1B
+    one_f_one_b = pipeline_schedule("1F1B")  # 0.3's default is Interleaved1F1B
     fsdp = ("--parallelism.data_parallel_shard_degree", "2")
     runs = {
         "pp_fsdp": (4, (*one_f_one_b, *fsdp)),
         "pp_tp": (4, (*one_f_one_b, "--parallelism.tensor_parallel_degree", "2")),
         "pp_compiled": (2, (*one_f_one_b, "--compile.enable", "--compile.components", "loss")),
         "pp_accumulate": (2, (*one_f_one_b, *accumulate)),
-        "pp_chunked_zero_bubble": (2, (*schedule("InterleavedZeroBubble"), *CHUNKED, FULL_AC)),
+        "pp_chunked_zero_bubble": (
+            2,
+            (*pipeline_schedule("InterleavedZeroBubble"), *CHUNKED_HEADS, FULL_AC),
+        ),
     }
     reference = {"one_accumulating": (1, ONE_SEQUENCE_AT_A_TIME)}
     logged = run_from_one_seed(tmp_path, common, {**runs, **reference}, sizes=SIZES)
     assert_same_numbers(logged, TAGS, steps=3)
     assert_gradients_within(tmp_path, list(runs), 1e-6)
-    assert_same_geometry(logged, list(runs))
+    assert_geometry_of_the_first_micro_batch(logged, list(runs))
 
 
 def test_deepseek_v3_under_pipeline_parallel_matches_one_process(tmp_path, twin_corpus):
@@ -136,7 +100,7 @@ def test_deepseek_v3_under_pipeline_parallel_matches_one_process(tmp_path, twin_
     torch 2.14 restoring module buffers after the schedule's metadata inference, every
     router's bias after step 3 equal one process's."""
     common = ("deepseek_v3_debug", *STACK, "--dataloader.dataset_path", str(twin_corpus))
-    logged = run_from_one_seed(tmp_path, common, {"pp": (2, PP)}, sizes=SIZES)
+    logged = run_from_one_seed(tmp_path, common, {"pp": (2, PIPELINE_2)}, sizes=SIZES)
     assert_same_numbers(logged, TAGS, steps=3)
     assert_gradients_within(tmp_path, ["pp"], 1e-5)  # the experts' sums in another order
     reference = expert_biases(tmp_path / "one" / "checkpoint" / "step-3")
@@ -153,7 +117,7 @@ def test_plugins_under_pipeline_parallel_match_one_process(tmp_path, tmp_path_fa
     site = pip_install(PLUGIN, tmp_path_factory.mktemp("pp_plugin_site"))
     stack = "ntp,early_exit,third_token,two_ahead_hidden"
     common = ("llama3_debug", "--objectives.stack", stack)
-    runs = {"pp": (2, schedule("Interleaved1F1B"))}
+    runs = {"pp": (2, pipeline_schedule("Interleaved1F1B"))}
     logged = run_from_one_seed(tmp_path, common, runs, sizes=SIZES, extra_pythonpath=str(site))
     tags = (
         "objectives/early_exit/loss",
@@ -178,7 +142,7 @@ def test_resume_and_export_under_pipeline_parallel(tmp_path):
         "--objectives.stack",
         "ntp,nitp,mtp",
         *SIZES,
-        *PP,
+        *PIPELINE_2,
         "--training.steps",
         "6",
         "--checkpoint.enable",
