@@ -36,11 +36,6 @@ def held_layers(part: nn.Module, layout: ModelLayout, n_layers: int) -> list[int
     return [k for k in range(n_layers + 1) if layout.holds_layer(part, k)]
 
 
-def is_last_stage(part: nn.Module, layout: ModelLayout) -> bool:
-    """The stage that holds the output head (the model's last module)."""
-    return layout.holds_output_head(part)
-
-
 @dataclass(frozen=True)
 class StageCarry:
     """Which layers reach one stage beside its input hidden state, and which leave it."""
@@ -133,7 +128,7 @@ class PipelineTaps:
         self.stages: list[StageTap] = []
         self.last: StageTap | None = None
         for part in parts:
-            last = is_last_stage(part, layout)
+            last = layout.holds_output_head(part)  # the model's last module
             held = held_layers(part, layout, n_layers)
             carry = StageCarry.plan(held, needs.layers, last, n_layers)
             tap = HiddenStateTap(part, layout, needs, documents_of)
