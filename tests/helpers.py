@@ -2,6 +2,7 @@
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterable
@@ -246,7 +247,11 @@ def run_module(module: str, *args: str, timeout: int = 120, env: dict | None = N
 
 def pip_install(package: Path, target: Path) -> Path:
     """Install a package (and its entry points) with pip into a folder, as a user would
-    with ``pip install``; return the folder, to put on ``sys.path`` / ``PYTHONPATH``."""
+    with ``pip install``; return the folder, to put on ``sys.path`` / ``PYTHONPATH``.
+    pip builds from a copy beside the folder: setuptools builds in the source tree, which
+    parallel test processes installing the same package would share."""
+    source = target.parent / f"{target.name}-source"
+    shutil.copytree(package, source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
     subprocess.run(
         [
             sys.executable,
@@ -259,7 +264,7 @@ def pip_install(package: Path, target: Path) -> Path:
             "--disable-pip-version-check",
             "--target",
             str(target),
-            str(package),
+            str(source),
         ],
         check=True,
     )

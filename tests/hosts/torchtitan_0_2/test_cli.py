@@ -193,10 +193,11 @@ AUDIT = {
         "objectives.ntp (chunk_size = 64, ce_backend = 'torch') with "
         "parallelism.tensor_parallel_degree = 2",
     ),
-    "pipeline_parallel_with_mtp": (
+    "pipeline_parallel_with_a_dual_pipe": (
         None,
-        ["--objectives.stack", "ntp,mtp", "--parallelism.pipeline_parallel_degree", "2"],
-        "pipeline_parallel_degree = 2",
+        ["--objectives.stack", "ntp,mtp", "--parallelism.pipeline_parallel_degree", "2"]
+        + ["--parallelism.pipeline_parallel_schedule", "DualPipeV"],
+        "parallelism.pipeline_parallel_schedule = 'DualPipeV'",
     ),
     "context_parallel_with_ptrr": (
         None,
