@@ -20,7 +20,8 @@ from titan_objectives.sequence import SequenceShards
 
 DocumentsOf = Callable[[tuple, dict], "torch.Tensor | None"]
 """The document index of each position of a batch, from the model's forward arguments
-(positional, keyword); None when the model attends across documents."""
+(positional, keyword). A host gives None instead when the model attends across
+documents, so that nothing is computed (or, under context parallelism, gathered)."""
 
 
 class ModelLayout(Protocol):
@@ -154,7 +155,7 @@ class HiddenStateTap:
         model: nn.Module,
         layout: ModelLayout,
         needs: Requirements,
-        documents_of: DocumentsOf,
+        documents_of: DocumentsOf | None,
     ):
         self._capture: ForwardCapture | None = None
         self._keep_logits = False
@@ -173,7 +174,8 @@ class HiddenStateTap:
         if self._capture is None:
             return
         self._capture.context = dict(kwargs)
-        self._capture.documents = self._documents_of(args, kwargs)
+        if self._documents_of is not None:
+            self._capture.documents = self._documents_of(args, kwargs)
 
     def _skip_positions(self, module: nn.Module, args: tuple) -> tuple | None:
         if self._capture is None or self._keep_logits:

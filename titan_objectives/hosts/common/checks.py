@@ -70,7 +70,8 @@ def check_objectives(
     check_parallelism(job_config, stack, info.n_layers, block_class)
     logger.info(run_summary(stack))
     geometry = dataclasses.replace(section.geometry)
-    return CheckedConfig(info, stack, section.nonfinite, geometry)
+    schedule = job_config.parallelism.pipeline_parallel_schedule
+    return CheckedConfig(info, stack, section.nonfinite, geometry, schedule)
 
 
 def run_summary(stack: ObjectiveStack) -> str:

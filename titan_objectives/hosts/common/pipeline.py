@@ -30,6 +30,10 @@ from titan_objectives.hosts.common.capture import (
 from titan_objectives.objective import MeanMetric, ObjectiveOutput, Requirements
 from titan_objectives.stack import StackOutput
 
+# torch's schedules that split each backward in an input pass and a weight pass, and
+# detach a stage's outputs in place between them.
+ZERO_BUBBLE_SCHEDULES = ("InterleavedZeroBubble", "ZBVZeroBubble")
+
 
 def held_layers(part: nn.Module, layout: ModelLayout, n_layers: int) -> list[int]:
     """The hidden states (0 = embeddings, k = block k) whose modules this stage holds."""
@@ -69,8 +73,8 @@ class StageTap:
     micro-batch) starts a new capture, takes the carried layers off its positional
     arguments, and (but on the last stage) appends the layers it sends to its output."""
 
-    def __init__(self, part: nn.Module, tap: HiddenStateTap, carry: StageCarry):
-        self.tap, self.carry = tap, carry
+    def __init__(self, part: nn.Module, tap: HiddenStateTap, carry: StageCarry, copy: bool):
+        self.tap, self.carry, self.copy = tap, carry, copy
         # Before the tap's own pre-hook, which records the forward's keyword arguments.
         part.register_forward_pre_hook(self._take_carried, prepend=True)
         if carry.sends:
@@ -94,11 +98,14 @@ class StageTap:
         captured = self.tap.current
         if captured is None:
             raise RuntimeError("a pipeline stage ran with the objectives' capture not armed")
-        # Copies: zero-bubble schedules detach a stage's outputs in place after their
-        # input-gradient pass, which must not reach tensors that other modules saved for
-        # their backward (activation checkpointing keeps a block's input, e.g. the
-        # embeddings MTP reads) or views.
-        return (output, *(captured.hidden[k].clone() for k in self.carry.sends))
+        carried = [captured.hidden[k] for k in self.carry.sends]
+        if self.copy:
+            # Zero-bubble schedules detach a stage's outputs in place after their input
+            # pass, which must not reach tensors other modules saved for their backward
+            # (activation checkpointing keeps a block's input, e.g. the embeddings MTP
+            # reads) or views.
+            carried = [hidden.clone() for hidden in carried]
+        return (output, *carried)
 
 
 def _detached(output: StackOutput) -> StackOutput:
@@ -122,8 +129,9 @@ class PipelineTaps:
         parts: list[nn.Module],
         layout: ModelLayout,
         needs: Requirements,
-        documents_of: DocumentsOf,
+        documents_of: DocumentsOf | None,
         n_layers: int,
+        schedule: str,
     ):
         self.stages: list[StageTap] = []
         self.last: StageTap | None = None
@@ -132,7 +140,8 @@ class PipelineTaps:
             held = held_layers(part, layout, n_layers)
             carry = StageCarry.plan(held, needs.layers, last, n_layers)
             tap = HiddenStateTap(part, layout, needs, documents_of)
-            self.stages.append(StageTap(part, tap, carry))
+            copy = schedule in ZERO_BUBBLE_SCHEDULES
+            self.stages.append(StageTap(part, tap, carry, copy))
             if last:
                 self.last = self.stages[-1]
         self.scored: list[tuple[StackOutput, torch.Tensor]] = []

@@ -57,6 +57,8 @@ class CheckedConfig:
     trainer attaches this very module to the model."""
     nonfinite: str
     geometry: GeometryOptions
+    pipeline_schedule: str = "1F1B"
+    """``parallelism.pipeline_parallel_schedule`` (used under pipeline parallelism)."""
 
     @property
     def shared(self) -> HostSharedModules:
@@ -80,7 +82,7 @@ class Host(Protocol):
         """Where the model keeps its embeddings, blocks, final norm and output head."""
         ...
 
-    def documents_of(self) -> DocumentsOf:
+    def documents_of(self) -> DocumentsOf | None:
         """How a forward's packed documents are found from the model's arguments."""
         ...
 
@@ -95,10 +97,12 @@ class Host(Protocol):
         ...
 
 
-def whole_sequence_documents(documents_of: DocumentsOf, sequence: SequenceShards) -> DocumentsOf:
+def whole_sequence_documents(
+    documents_of: DocumentsOf | None, sequence: SequenceShards
+) -> DocumentsOf | None:
     """``documents_of`` on the whole sequence: under context parallelism the model runs on
     this rank's positions, and a document index counts documents from the start."""
-    if sequence.context is None:
+    if documents_of is None or sequence.context is None:
         return documents_of
 
     def whole(value: Any) -> Any:
@@ -174,7 +178,14 @@ class ObjectiveRuntime:
         self._validation_loss: Callable[..., torch.Tensor] | None = None
         if dims.pp_enabled:
             n_layers = checked.model_info.n_layers
-            self.pipeline = PipelineTaps(parts, host.model_layout(), needs, documents_of, n_layers)
+            self.pipeline = PipelineTaps(
+                parts,
+                host.model_layout(),
+                needs,
+                documents_of,
+                n_layers,
+                checked.pipeline_schedule,
+            )
         else:
             (model,) = parts
             self.hidden_states = HiddenStateTap(model, host.model_layout(), needs, documents_of)
@@ -257,14 +268,23 @@ class ObjectiveRuntime:
         validation, the validator's loss (``validation``)."""
         if self._validation_loss is not None:
             return self._validation_loss(pred, labels)
-        assert self.pipeline is not None and self._global_valid_tokens is not None
-        labels = self.sequence.whole(labels)
-        captured = self.pipeline.last_capture()
+        assert self._global_valid_tokens is not None
         # In ``pipeline_forward_backward``'s loss context (torch's loss_parallel is not
         # re-entrant: leaving an inner one would drop it before the schedule's backward).
-        output = self.score(captured, pred, labels)
-        self.pipeline.keep(output, captured, labels, sample=self.geometry.wants_sample)
+        output = self._score_micro_batch(pred, labels, sample=self.geometry.wants_sample)
         return output.weighted_loss_sum / self._global_valid_tokens
+
+    def _score_micro_batch(
+        self, pred: torch.Tensor, labels: torch.Tensor, sample: bool
+    ) -> StackOutput:
+        """The stack on the last stage's capture of one micro-batch, kept for the totals
+        after the schedule's step (``sample``: and for the geometry)."""
+        assert self.pipeline is not None
+        labels = self.sequence.whole(labels)
+        captured = self.pipeline.last_capture()
+        output = self.score(captured, pred, labels)
+        self.pipeline.keep(output, captured, labels, sample)
+        return output
 
     def score(self, captured: Any, pred: torch.Tensor, labels: torch.Tensor) -> StackOutput:
         """The stack on one forward's capture; training and validation alike."""
@@ -327,10 +347,6 @@ class ObjectiveRuntime:
         metrics_logger.log(logged, step)
 
     def _score_pipeline_validation(self, pred: torch.Tensor, labels: torch.Tensor) -> StackOutput:
-        """A validation micro-batch on the last stage (kept, totalled after the pass)."""
-        labels = self.sequence.whole(labels)
-        captured = self.pipeline.last_capture()
+        """A validation micro-batch on the last stage (totalled after the pass)."""
         with self.loss_context():
-            output = self.score(captured, pred, labels)
-        self.pipeline.keep(output, captured, labels, sample=True)
-        return output
+            return self._score_micro_batch(pred, labels, sample=True)

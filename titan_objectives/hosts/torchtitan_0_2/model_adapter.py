@@ -147,11 +147,11 @@ def packs_documents(model_args: Any) -> bool:
     )
 
 
-def documents_by_eos(model_args: Any, eos_id: int | None) -> DocumentsOf:
+def documents_by_eos(model_args: Any, eos_id: int | None) -> DocumentsOf | None:
     """How a forward's documents are found: under block-causal masks an EOS token ends
     its document (torchtitan 0.2.2 has no position ids); otherwise there is one stream."""
     if not packs_documents(model_args):
-        return lambda args, kwargs: None
+        return None
     if eos_id is None:
         raise ValueError("block-causal attention needs a tokenizer with an EOS token")
     return lambda args, kwargs: documents_ending_at(args[0], eos_id)

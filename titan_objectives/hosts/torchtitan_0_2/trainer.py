@@ -91,7 +91,7 @@ class ObjectiveTrainer(Trainer):
         ``loss_parallel`` when the logits are vocabulary-sharded."""
         return contextlib.nullcontext()
 
-    def documents_of(self) -> DocumentsOf:
+    def documents_of(self) -> DocumentsOf | None:
         eos_id = self.tokenizer.eos_id if self.tokenizer else None
         return documents_by_eos(self.model_args, eos_id)
 

@@ -17,6 +17,7 @@ from titan_objectives.hosts.common.checks import (
     check_pipeline_validation,
 )
 from titan_objectives.hosts.common.corpus import DATASET_NAME, corpus_files
+from titan_objectives.hosts.common.pipeline import ZERO_BUBBLE_SCHEDULES
 from titan_objectives.hosts.common.run_record import RunRecord, as_record
 from titan_objectives.hosts.common.runtime import CheckedConfig
 from titan_objectives.hosts.torchtitan_0_3.model_adapter import (
@@ -78,10 +79,6 @@ def _check_runtime(config: Any) -> None:
             "--training.disable_cuda_graphs (the configs of titan_objectives.hosts."
             "torchtitan_0_3.config_registry and with_objectives() set it)"
         )
-
-
-# Schedules whose weight pass runs a second backward through each stage.
-ZERO_BUBBLE_SCHEDULES = ("InterleavedZeroBubble", "ZBVZeroBubble")
 
 
 def _check_zero_bubble_recompute(config: Any) -> None:
