@@ -10,6 +10,7 @@ import torch
 from tests.helpers import assert_gradients_within, assert_same_numbers, expert_biases, pip_install
 from tests.hosts.torchtitan_0_2.test_parallelism_e2e import (
     PROBE,
+    VALIDATE_AT_STEP_3,
     run_from_one_seed,
 )
 from tests.parallel_runs import (
@@ -52,16 +53,7 @@ def test_ntp_under_context_parallel_matches_one_process(tmp_path: Path, module: 
 
 
 STACK = (*FULL_STACK, "--training.steps", "3")
-MEASURED = (
-    *MEASURE_GEOMETRY,
-    "--validation.enable",
-    "--validation.freq",
-    "3",
-    "--validation.steps",
-    "1",
-    "--validation.seq_len",
-    "64",
-)
+MEASURED = (*MEASURE_GEOMETRY, *VALIDATE_AT_STEP_3)
 TAGS = (*OBJECTIVE_LOSSES, "loss_metrics/global_avg_loss", "grad_norm")
 # The NITP paper's effective rank: covariance moments of every token, summed over ranks (of
 # one micro-batch: accumulating runs measure their first), PAPER_RANK.

@@ -43,6 +43,16 @@ def run_from_one_seed(
     return logged
 
 
+# One validation batch after step 3, of the training sequences' length.
+VALIDATE_AT_STEP_3 = (
+    "--validation.enable",
+    "--validation.freq",
+    "3",
+    "--validation.steps",
+    "1",
+    "--validation.seq_len",
+    "64",
+)
 PROBE = {
     "module": "trainer_probes",
     "extra_pythonpath": str(Path(__file__).parent),
@@ -121,13 +131,7 @@ def test_llama3_full_stack_under_tp_2d_ddp_and_hsdp_matches_single_process(tmp_p
         "3",
         "--objectives.geometry.freq",
         "1",
-        "--validation.enable",
-        "--validation.freq",
-        "3",
-        "--validation.steps",
-        "1",
-        "--validation.seq_len",
-        "64",
+        *VALIDATE_AT_STEP_3,
     )
     logged = run_from_one_seed(
         tmp_path,

@@ -7,7 +7,11 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import assert_gradients_within, assert_same_numbers, expert_biases, pip_install
-from tests.hosts.torchtitan_0_2.test_parallelism_e2e import PROBE, run_from_one_seed
+from tests.hosts.torchtitan_0_2.test_parallelism_e2e import (
+    PROBE,
+    VALIDATE_AT_STEP_3,
+    run_from_one_seed,
+)
 from tests.parallel_runs import (
     CHUNKED_HEADS,
     FULL_STACK,
@@ -28,13 +32,7 @@ STACK = (
     *MEASURE_GEOMETRY,
     "--training.steps",
     "3",
-    "--validation.enable",
-    "--validation.freq",
-    "3",
-    "--validation.steps",
-    "1",
-    "--validation.seq_len",
-    "64",
+    *VALIDATE_AT_STEP_3,
 )
 TAGS = (*OBJECTIVE_LOSSES, "loss_metrics/global_avg_loss", "grad_norm")
 # Scored on the last stage by torchtitan's evaluation schedule.
