@@ -14,11 +14,16 @@ from tests.hosts.torchtitan_0_2.test_registry import installed_plugin  # noqa: F
 COMMAND = str(Path(sys.executable).parent / "titan-objectives")
 
 
-def check_parallel(plugin_site: Path, *args: str) -> subprocess.CompletedProcess:
+def check_parallel(
+    plugin_site: Path, *args: str, temporary: Path | None = None
+) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(plugin_site), OMP_NUM_THREADS="1")
+    if temporary is not None:
+        env["TMPDIR"] = str(temporary)
     return subprocess.run(
         [COMMAND, "check-parallel", "--nproc", "2", str(DEBUG_CONFIG), *TINY, *args],
         cwd=ROOT,
-        env=dict(os.environ, PYTHONPATH=str(plugin_site), OMP_NUM_THREADS="1"),
+        env=env,
         capture_output=True,
         text=True,
         timeout=900,
@@ -34,9 +39,11 @@ def rows(output: str) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_a_plugin_right_under_fsdp_passes(installed_plugin):  # noqa: F811
-    result = check_parallel(installed_plugin, "--objectives.stack", "ntp,third_token")
+def test_a_plugin_right_under_fsdp_passes(installed_plugin, tmp_path):  # noqa: F811
+    stack = ("--objectives.stack", "ntp,third_token")
+    result = check_parallel(installed_plugin, *stack, temporary=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert list(tmp_path.iterdir()) == []  # its runs' folder is gone
     assert "2 processes (dp_replicate 1, dp_shard -1, tp 1" in result.stdout
     assert rows(result.stdout) == {
         "objectives/ntp/loss": "ok",
@@ -48,10 +55,15 @@ def test_a_plugin_right_under_fsdp_passes(installed_plugin):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_a_plugin_that_forgets_a_sum_across_shards_fails_under_tp_named(installed_plugin):  # noqa: F811
+def test_a_plugin_that_forgets_a_sum_across_shards_fails_under_tp_named(
+    installed_plugin,  # noqa: F811
+    tmp_path,
+):
+    stack = ("--objectives.stack", "ntp,forgets_shard_sum")
     tp = ("--parallelism.tensor_parallel_degree", "2")
-    result = check_parallel(installed_plugin, "--objectives.stack", "ntp,forgets_shard_sum", *tp)
+    result = check_parallel(installed_plugin, *stack, *tp, temporary=tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr[-3000:]
+    assert list(tmp_path.iterdir()) == []
     verdicts = rows(result.stdout)
     assert verdicts["objectives/forgets_shard_sum/loss"] == "FAIL"
     assert verdicts["objectives/ntp/loss"] == "ok"
