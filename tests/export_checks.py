@@ -4,6 +4,7 @@ against transformers and safetensors directly (not through the project's own hel
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.helpers import ROOT
@@ -60,3 +61,33 @@ def assert_transformers_computes(
     divergence = (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
     print(f"{folder.name}: largest logit difference {difference:.2e}, KL {divergence:.2e}")
     assert difference < tolerance and divergence < kl, (difference, divergence)
+
+
+def assert_the_check_sees_a_wrong_epsilon_or_rotary_layout(
+    folder: Path, tokens: torch.Tensor, expected: torch.Tensor, unpermuted_wq: torch.Tensor
+) -> None:
+    """``assert_transformers_computes`` passes on the llama3 export in ``folder`` and fails
+    on it with a norm epsilon of 1e-6, or with block 0's query weights as torchtitan holds
+    them (``unpermuted_wq``: the rotary permutation to transformers' layout missing)."""
+    from safetensors.torch import load_file, save_file
+
+    assert_transformers_computes(folder, tokens, expected)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["rms_norm_eps"] != 1e-6
+    (folder / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-6}))
+    with pytest.raises(AssertionError):
+        assert_transformers_computes(folder, tokens, expected)
+    (folder / "config.json").write_text(json.dumps(config))
+
+    weights = load_file(str(folder / "model.safetensors"))
+    weights["model.layers.0.self_attn.q_proj.weight"] = unpermuted_wq.detach().contiguous()
+    save_file(weights, str(folder / "model.safetensors"))
+    with pytest.raises(AssertionError):
+        assert_transformers_computes(folder, tokens, expected)
+
+
+def verified_difference(printed: str) -> float:
+    """The largest logit difference ``export --verify`` printed (its last line)."""
+    line = printed.splitlines()[-1]
+    assert line.startswith("transformers' logits vs torchtitan's on 128 tokens (fp32)"), line
+    return float(line.split("largest difference ")[1].split(",")[0])

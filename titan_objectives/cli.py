@@ -74,10 +74,16 @@ def check_command(command: str, args: list[str]) -> int:
 
 def compare_command(args: argparse.Namespace) -> int:
     from titan_objectives.hosts.common.run_record import ExportError
-    from titan_objectives.report import compare_runs
+    from titan_objectives.report import compare_runs, event_files
 
     if not args.evaluate and (args.tasks or args.limit):
         raise ExportError("--tasks and --limit choose what --evaluate scores: add --evaluate")
+    for run in args.runs:
+        if not event_files(run):
+            raise ExportError(
+                f"RUNS: {run!r} holds no TensorBoard event files; compare reads runs' dump "
+                "folders trained with metrics.enable_tensorboard"
+            )
 
     tasks = args.tasks.split(",") if args.tasks else None
     for path in compare_runs(args.runs, args.out, args.evaluate, tasks, args.limit):

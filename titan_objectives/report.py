@@ -12,11 +12,16 @@ PLOTS = {
 }
 
 
+def event_files(run_dir: str | Path) -> list[Path]:
+    """The TensorBoard event files under ``run_dir``."""
+    return sorted(Path(run_dir).rglob("events.out.tfevents.*"))
+
+
 def load_scalars(run_dir: str | Path) -> dict[str, dict[int, float]]:
     """tag -> step -> value, from every event file under ``run_dir``."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    files = sorted(Path(run_dir).rglob("events.out.tfevents.*"))
+    files = event_files(run_dir)
     if not files:
         raise FileNotFoundError(f"no TensorBoard event files under {run_dir}")
     values: dict[str, dict[int, float]] = {}
@@ -106,14 +111,12 @@ def downstream_scores(
     """Each run's last checkpoint exported (``RUN/hf/step-N``) and scored by lm-eval
     (results in ``RUN/eval``); the task names are checked before the first export."""
     from titan_objectives.evaluation.harness import bundled_tasks, evaluate, scores, task_manager
-    from titan_objectives.evaluation.runs import model_folder
-    from titan_objectives.hosts.common.hf_export import step_folder
-    from titan_objectives.hosts.common.run_record import read_record
+    from titan_objectives.evaluation.runs import check_exports, model_folder
 
     tasks = tasks or bundled_tasks()
     manager = task_manager(tasks)
     for path in runs.values():  # every run exportable, before the first export
-        step_folder(path, read_record(path), None)
+        check_exports(path)
     found = {}
     for name, path in runs.items():
         evaluation = evaluate(model_folder(path), tasks, path / "eval", limit, manager=manager)

@@ -129,13 +129,69 @@ def test_scores_keep_each_filter_of_a_task():
     }
 
 
-def test_an_unknown_task_is_named_before_anything_is_loaded(tmp_path, capsys):
-    """The folder does not even exist: the task names are checked first."""
-    code = main(["evaluate", str(tmp_path / "missing"), "--tasks", "tangled_tale_clozee"])
+@pytest.fixture
+def nothing_exported(monkeypatch):
+    """Makes exporting a run's checkpoint or loading an export fail the test."""
+    from titan_objectives.evaluation import harness, runs
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("a model was exported or loaded")
+
+    monkeypatch.setattr(runs, "model_folder", loaded)
+    monkeypatch.setattr(runs, "check_exports", loaded)
+    monkeypatch.setattr(harness, "check_export_folder", loaded)
+
+
+def test_an_unknown_task_is_named_before_anything_is_loaded(
+    tiny_hf_model, nothing_exported, capsys
+):
+    code = main(
+        ["evaluate", str(tiny_hf_model), "--tasks", "tangled_tale_cloze,tangled_tale_clozee"]
+    )
     error = capsys.readouterr().err
     assert code == 2
-    assert "--tasks tangled_tale_clozee" in error
+    assert "--tasks tangled_tale_clozee: lm-eval has no such task" in error
     assert "tangled_tale_cloze, tangled_tale_perplexity" in error and "lm_eval ls tasks" in error
+    assert not (tiny_hf_model / "eval").exists()
+
+
+def test_compare_names_an_unknown_task_before_any_export(tmp_path, nothing_exported, capsys):
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(tmp_path / "run" / "tb")) as writer:
+        writer.add_scalar("objectives/ntp/loss", 3.0, 1)
+    report = tmp_path / "report"
+    argv = ["compare", str(tmp_path / "run"), "--out", str(report), "--evaluate"]
+    assert main([*argv, "--tasks", "hellaswagg"]) == 2
+    assert "--tasks hellaswagg: lm-eval has no such task" in capsys.readouterr().err
+    assert not report.exists()
+
+
+def test_compare_names_a_run_without_logged_values(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    assert main(["compare", str(tmp_path / "run"), "--out", str(tmp_path / "report")]) == 2
+    error = capsys.readouterr().err
+    assert f"RUNS: {str(tmp_path / 'run')!r} holds no TensorBoard event files" in error
+    assert not (tmp_path / "report").exists()
+
+
+def test_bundled_tasks_alone_keep_the_hub_offline():
+    """No hub lookups for local files: set before lm-eval's imports read the setting."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from titan_objectives.evaluation.harness import bundled_tasks, task_manager; "
+        "task_manager(bundled_tasks()); "
+        "import huggingface_hub.constants as hub, datasets.config as data; "
+        "print(hub.HF_HUB_OFFLINE, data.HF_HUB_OFFLINE)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT
+    )
+    assert result.stdout.split() == ["True", "True"], result.stderr[-2000:]
 
 
 def test_a_folder_that_is_no_export_is_named(tmp_path, capsys):

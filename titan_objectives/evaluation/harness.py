@@ -38,10 +38,12 @@ def task_manager(tasks: list[str]) -> Any:
     for is not bundled (indexing them takes seconds). Unknown names are an error naming
     ``--tasks``, before any model is loaded."""
     require_eval_extra("evaluate")
-    from lm_eval.tasks import TaskManager
-
     bundled = bundled_tasks()
     others = [t for t in tasks if t not in bundled]
+    if not others:  # local files only: no hub lookups (read when lm-eval's imports load the hub)
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from lm_eval.tasks import TaskManager
+
     manager = TaskManager(include_path=str(TASKS), include_defaults=bool(others))
     unknown = [t for t in others if t not in manager.all_tasks]
     if unknown:
@@ -108,8 +110,6 @@ def evaluate(
     check_export_folder(model_folder)
     manager = manager or task_manager(tasks)
     path = _results_file(output_dir)
-    if set(tasks) <= set(bundled_tasks()):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local files only: no hub lookups
     import lm_eval
     import torch
     from lm_eval.utils import handle_non_serializable

@@ -3,6 +3,7 @@
 import importlib
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -11,26 +12,43 @@ from titan_objectives.hosts import installed_host
 from titan_objectives.hosts.common.hf_export import (
     EXPORT_RECORD,
     Export,
+    ExportableModel,
     LogitsAgreement,
     checkpoint_written,
     export_run,
+    export_source,
     in_hf_format,
     logits_agreement,
     step_folder,
 )
-from titan_objectives.hosts.common.run_record import RECORD_NAME, ExportError, read_record
+from titan_objectives.hosts.common.run_record import (
+    RECORD_NAME,
+    ExportError,
+    RunRecord,
+    read_record,
+)
 
 VERIFY_TOKENS = (2, 64)
 """--verify compares the logits of this many sequences of this many tokens (at most the
 model's context)."""
 
 
+def _exportable() -> Callable[[RunRecord], ExportableModel]:
+    """The installed torchtitan's host's model of a run."""
+    return importlib.import_module(f"{installed_host()}.cli").exportable
+
+
 def export(
     run_dir: Path, out: Path, step: int | None = None, tokenizer: Path | None = None
 ) -> Export:
     """``export_run`` with the installed torchtitan's host."""
-    host = importlib.import_module(f"{installed_host()}.cli")
-    return export_run(run_dir, out, host.exportable, step, tokenizer)
+    return export_run(run_dir, out, _exportable(), step, tokenizer)
+
+
+def check_exports(run_dir: Path, step: int | None = None) -> None:
+    """Everything ``export`` checks before reading a tensor: the checkpoint, the tokenizer
+    files, a model transformers has a class for (``compare`` checks every run first)."""
+    export_source(run_dir, _exportable(), step)
 
 
 def verify(made: Export) -> LogitsAgreement:
@@ -68,6 +86,11 @@ def model_folder(directory: Path, step: int | None = None) -> Path:
         if json.loads(made.read_text()).get("checkpoint_written") == checkpoint_written(checkpoint):
             return folder
         shutil.rmtree(folder)
+    elif folder.exists():
+        raise ExportError(
+            f"DIR {str(directory)!r}: {folder} exists but is no export of this run (no "
+            f"{EXPORT_RECORD}); evaluate exports the run there: move that folder away"
+        )
     export(directory, folder, step)
     return folder
 

@@ -221,7 +221,17 @@ def test_export_has_no_objective_modules_and_gives_the_same_logits(tmp_path):
     assert rows[0][:2] == [" tangled_tale_cloze/perplexity ", " tangled_tale_cloze/acc "]
     assert rows[1] == rows[2]  # the same weights, the same scores
     assert (tmp_path / "full" / "hf" / "step-3" / "config.json").is_file()
-    assert len(list((tmp_path / "full" / "eval").glob("results_*.json"))) == 1
+    (results,) = (tmp_path / "full" / "eval").glob("results_*.json")
+    scored = json.loads(results.read_text())["results"]["tangled_tale_cloze"]
+    assert 0 <= scored["acc,none"] <= 1 and scored["perplexity,none"] > 1
+
+    # `evaluate RUN_DIR` on the run saved in Hugging Face format: exported, then scored.
+    perplexity = ("--tasks", "tangled_tale_perplexity", "--limit", "4")
+    assert main(["evaluate", str(tmp_path / "hf"), *perplexity]) == 0
+    (results,) = (tmp_path / "hf" / "eval").glob("results_*.json")
+    scored = json.loads(results.read_text())["results"]["tangled_tale_perplexity"]
+    assert scored["bits_per_byte,none"] > 0 and scored["word_perplexity,none"] > 1
+    assert (tmp_path / "hf" / "hf" / "step-3" / "model.safetensors").is_file()
 
     trained_params = sum(p.numel() for p in trained.parameters())
     exported_params = sum(p.numel() for p in plain.parameters())

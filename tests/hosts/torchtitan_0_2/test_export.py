@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import load_file, save_file
 from torchtitan.protocols.train_spec import get_train_spec
 
 from tests.export_checks import (
     LOGITS_TOLERANCE,
     TOKENIZER,
+    assert_the_check_sees_a_wrong_epsilon_or_rotary_layout,
     assert_transformers_computes,
-    transformers_logits,
+    verified_difference,
 )
 from titan_objectives.cli import main
 from titan_objectives.hosts.common.run_record import RunRecord, as_record, write_record
@@ -106,31 +106,22 @@ def test_moe_routing_transformers_cannot_reproduce_is_refused(tmp_path, capsys):
 
 
 def test_the_logits_check_catches_a_wrong_norm_epsilon_or_rotary_layout(tmp_path):
-    """The tolerance of the export tests is tight enough to see each mistake."""
+    """The check of the export tests fails on either mistake."""
     model, args = saved_run(tmp_path / "run", "llama3")
-    out = tmp_path / "hf"
-    main(["export", str(tmp_path / "run"), "--out", str(out)])
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
     tokens = torch.randint(0, args.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = model(tokens)
-
-    config = json.loads((out / "config.json").read_text())
-    (out / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-6}))
-    assert (transformers_logits(out, tokens) - expected).abs().max() > 2 * LOGITS_TOLERANCE
-    (out / "config.json").write_text(json.dumps(config))
-
-    weights = load_file(str(out / "model.safetensors"))
-    weights["model.layers.0.self_attn.q_proj.weight"] = model.layers["0"].attention.wq.weight
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "model.safetensors"))
-    assert (transformers_logits(out, tokens) - expected).abs().max() > 100 * LOGITS_TOLERANCE
+    unpermuted = model.layers["0"].attention.wq.weight
+    assert_the_check_sees_a_wrong_epsilon_or_rotary_layout(
+        tmp_path / "hf", tokens, expected, unpermuted
+    )
 
 
 def test_verify_reports_the_agreement(tmp_path, capsys):
     saved_run(tmp_path / "run", "llama3")
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "hf"), "--verify"]) == 0
-    line = capsys.readouterr().out.splitlines()[-1]
-    assert line.startswith("transformers' logits vs torchtitan's on 128 tokens (fp32)")
-    assert float(line.split("largest difference ")[1].split(",")[0]) < LOGITS_TOLERANCE
+    assert verified_difference(capsys.readouterr().out) < LOGITS_TOLERANCE
 
 
 def export_error(argv: list[str], capsys) -> str:
@@ -175,19 +166,19 @@ def test_a_moved_run_exports_from_its_last_complete_checkpoint(tmp_path):
         assert_transformers_computes(tmp_path / "hf", tokens, model(tokens))
 
 
-def test_a_family_transformers_cannot_represent_is_named(tmp_path, capsys):
+def deepseek_run(folder: Path) -> None:
+    """A deepseek_v3 run's record and a complete (empty) checkpoint: what the export
+    checks before it reads any tensor."""
     record = RunRecord(
-        "torchtitan_0_2",
-        "deepseek_v3",
-        "debugmodel",
-        {},
-        str(TOKENIZER),
-        "checkpoint",
-        ["ntp"],
+        "torchtitan_0_2", "deepseek_v3", "debugmodel", {}, str(TOKENIZER), "checkpoint", ["ntp"]
     )
-    write_record(tmp_path, record)
-    (tmp_path / "checkpoint" / "step-1").mkdir(parents=True)
-    (tmp_path / "checkpoint" / "step-1" / ".metadata").touch()  # complete, as DCP leaves it
+    write_record(folder, record)
+    (folder / "checkpoint" / "step-1").mkdir(parents=True)
+    (folder / "checkpoint" / "step-1" / ".metadata").touch()  # complete, as DCP leaves it
+
+
+def test_a_family_transformers_cannot_represent_is_named(tmp_path, capsys):
+    deepseek_run(tmp_path)
     error = export_error(["export", str(tmp_path), "--out", str(tmp_path / "hf")], capsys)
     assert "model 'deepseek_v3' cannot be exported for Hugging Face transformers" in error
     assert "DeepseekV3 routes experts by sigmoid scores only" in error
@@ -214,3 +205,61 @@ def test_a_runs_export_is_made_once_and_again_after_retraining(tmp_path):
     assert model_folder(run) == folder
     assert (folder / "model.safetensors").stat().st_mtime_ns != made
     assert results_folder(run) == results_folder(folder) == run / "eval"
+
+
+def test_evaluates_bad_arguments_are_named_before_any_export(tmp_path, capsys):
+    """A missing step, ``--step`` with an export, a folder that is neither, and a folder in
+    the run's export place that ``evaluate`` did not write: each named, nothing written."""
+    run = tmp_path / "run"
+    saved_run(run, "llama3")
+    tasks = ("--tasks", "tangled_tale_cloze")
+    error = export_error(["evaluate", str(run), "--step", "7", *tasks], capsys)
+    assert "--step 7: the run has no checkpoint at that step; it has steps 2" in error
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint", "titan_objectives_run.json"]
+
+    assert main(["export", str(run), "--out", str(tmp_path / "hf")]) == 0
+    error = export_error(["evaluate", str(tmp_path / "hf"), "--step", "2", *tasks], capsys)
+    assert "--step 2 applies to a run's dump folder, not to an export" in error
+    for folder in (tmp_path / "missing", run / "checkpoint"):
+        error = export_error(["evaluate", str(folder), *tasks], capsys)
+        assert f"DIR {str(folder)!r} is not an exported model (no config.json, *.safetensors)" in (
+            error
+        )
+    assert not (tmp_path / "missing").exists() and not (run / "checkpoint" / "eval").exists()
+
+    (run / "hf" / "step-2").mkdir(parents=True)
+    (run / "hf" / "step-2" / "notes.txt").write_text("mine")
+    error = export_error(["evaluate", str(run), *tasks], capsys)
+    assert f"{run / 'hf' / 'step-2'} exists but is no export of this run" in error
+    assert (run / "hf" / "step-2" / "notes.txt").read_text() == "mine"
+    assert not (run / "eval").exists()
+
+
+def test_a_tokenizer_folder_without_files_is_named_by_where_it_came_from(tmp_path, capsys):
+    run = tmp_path / "run"
+    saved_run(run, "llama3")
+    error = export_error(
+        ["export", str(run), "--out", str(tmp_path / "a"), "--tokenizer", str(tmp_path)], capsys
+    )
+    assert f"--tokenizer {str(tmp_path)!r} has no tokenizer.json or tokenizer.model" in error
+    record = json.loads((run / "titan_objectives_run.json").read_text())
+    record["tokenizer"] = str(tmp_path / "moved")
+    (run / "titan_objectives_run.json").write_text(json.dumps(record))
+    error = export_error(["evaluate", str(run), "--tasks", "tangled_tale_cloze"], capsys)
+    assert f"the run's tokenizer folder {str(tmp_path / 'moved')!r} (moved since training?)" in (
+        error
+    )
+    assert "titan-objectives export RUN_DIR --out DIR --tokenizer TOKENIZER_DIR" in error
+    assert not (tmp_path / "a").exists() and not (run / "hf").exists()
+
+
+def test_compare_checks_every_run_exports_before_the_first_export(tmp_path):
+    from titan_objectives.hosts.common.run_record import ExportError
+    from titan_objectives.report import downstream_scores
+
+    saved_run(tmp_path / "llama", "llama3")
+    deepseek_run(tmp_path / "deepseek")
+    runs = {"llama": tmp_path / "llama", "deepseek": tmp_path / "deepseek"}
+    with pytest.raises(ExportError, match="model 'deepseek_v3' cannot be exported"):
+        downstream_scores(runs, ["tangled_tale_cloze"], limit=1)
+    assert not (tmp_path / "llama" / "hf").exists() and not (tmp_path / "llama" / "eval").exists()

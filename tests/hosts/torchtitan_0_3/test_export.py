@@ -12,7 +12,13 @@ import torch
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 
-from tests.export_checks import TOKENIZER, assert_transformers_computes
+from tests.export_checks import (
+    LOGITS_TOLERANCE,
+    TOKENIZER,
+    assert_the_check_sees_a_wrong_epsilon_or_rotary_layout,
+    assert_transformers_computes,
+    verified_difference,
+)
 from tests.hosts.torchtitan_0_3.test_train_e2e import train
 from titan_objectives.cli import main
 from titan_objectives.hosts.common.run_record import RunRecord, as_record, write_record
@@ -74,11 +80,9 @@ def tokens_for(config) -> torch.Tensor:
     return torch.randint(0, config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize(
-    "name, flavor, layers",
-    [("llama3", "debugmodel", 0), ("qwen3", "debugmodel", 0), ("qwen3", "debugmodel_moe", 2)],
-)
-def test_a_saved_model_loads_in_transformers_with_the_same_logits(tmp_path, name, flavor, layers):
+def saved_run(folder: Path, name: str, flavor: str = "debugmodel", layers: int = 0):
+    """A run folder as training leaves it (record, DCP checkpoint with an objective's
+    module in it), from a seeded model whose norm weights are not all ones."""
     config = flavor_config(name, flavor, layers=layers)
     torch.manual_seed(0)
     model = built(config)
@@ -88,8 +92,7 @@ def test_a_saved_model_loads_in_transformers_with_the_same_logits(tmp_path, name
             if "norm" in key:
                 parameter.uniform_(0.5, 1.5)
     state = {**model.state_dict(), "objectives.nitp.projector.weight": torch.ones(4, 4)}
-    run = tmp_path / "run"
-    dcp.save(state, checkpoint_id=str(run / "checkpoint" / "step-2"), no_dist=True)
+    dcp.save(state, checkpoint_id=str(folder / "checkpoint" / "step-2"), no_dist=True)
     record = RunRecord(
         "torchtitan_0_3",
         name,
@@ -99,11 +102,37 @@ def test_a_saved_model_loads_in_transformers_with_the_same_logits(tmp_path, name
         "checkpoint",
         ["ntp", "nitp"],
     )
-    write_record(run, record)
+    write_record(folder, record)
+    return model, config
 
-    assert main(["export", str(run), "--out", str(tmp_path / "hf")]) == 0
+
+@pytest.mark.parametrize(
+    "name, flavor, layers",
+    [("llama3", "debugmodel", 0), ("qwen3", "debugmodel", 0), ("qwen3", "debugmodel_moe", 2)],
+)
+def test_a_saved_model_loads_in_transformers_with_the_same_logits(tmp_path, name, flavor, layers):
+    model, config = saved_run(tmp_path / "run", name, flavor, layers)
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
     tokens = tokens_for(config)
     assert_transformers_computes(tmp_path / "hf", tokens, logits(model, tokens))
+
+
+def test_the_logits_check_catches_a_wrong_norm_epsilon_or_rotary_layout(tmp_path):
+    """The check of the export tests fails on either mistake."""
+    model, config = saved_run(tmp_path / "run", "llama3")
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
+    tokens = tokens_for(config)
+    unpermuted = model.state_dict()["layers.0.attention.qkv_linear.wq.weight"]
+    assert_the_check_sees_a_wrong_epsilon_or_rotary_layout(
+        tmp_path / "hf", tokens, logits(model, tokens), unpermuted
+    )
+
+
+def test_verify_reports_the_agreement(tmp_path, capsys):
+    """--verify builds 0.3's model from the checkpoint and runs it as 0.3's step does."""
+    saved_run(tmp_path / "run", "llama3")
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "hf"), "--verify"]) == 0
+    assert verified_difference(capsys.readouterr().out) < LOGITS_TOLERANCE
 
 
 @pytest.mark.slow

@@ -206,7 +206,8 @@ def special_token_ids(tokenizer_dir: Path) -> dict[str, int]:
     if not config_path.is_file() or not vocabulary_path.is_file():
         return {}
     config = json.loads(config_path.read_text())
-    ids = {t["content"]: t["id"] for t in json.loads(vocabulary_path.read_text())["added_tokens"]}
+    added = json.loads(vocabulary_path.read_text()).get("added_tokens", [])
+    ids = {t["content"]: t["id"] for t in added}
     found = {}
     for role in ("bos", "eos", "pad"):
         token = config.get(f"{role}_token")
@@ -216,12 +217,20 @@ def special_token_ids(tokenizer_dir: Path) -> dict[str, int]:
     return found
 
 
-def _tokenizer_files(tokenizer_dir: Path) -> list[Path]:
+def _tokenizer_files(tokenizer_dir: Path, given: bool) -> list[Path]:
+    """The tokenizer files to copy from ``tokenizer_dir`` (``given``: by ``--tokenizer``,
+    else the run record's)."""
     files = [tokenizer_dir / name for name in TOKENIZER_FILES if (tokenizer_dir / name).is_file()]
     if not any(f.name in ("tokenizer.json", "tokenizer.model") for f in files):
+        where = (
+            f"--tokenizer {str(tokenizer_dir)!r}"
+            if given
+            else f"the run's tokenizer folder {str(tokenizer_dir)!r} (moved since training?)"
+        )
         raise ExportError(
-            f"the run's tokenizer folder {str(tokenizer_dir)!r} has no tokenizer.json or "
-            "tokenizer.model (moved since training?): pass --tokenizer DIR"
+            f"{where} has no tokenizer.json or tokenizer.model: name the folder that has "
+            "them with `titan-objectives export RUN_DIR --out DIR --tokenizer TOKENIZER_DIR` "
+            "(then evaluate DIR)"
         )
     return files
 
@@ -269,6 +278,41 @@ class Export:
     """The plain model's torchtitan tensors (None for a checkpoint in Hugging Face format)."""
 
 
+@dataclass(frozen=True)
+class ExportSource:
+    """What an export reads, each part checked before any tensor is read."""
+
+    run_dir: Path
+    record: RunRecord
+    step: int
+    checkpoint: Path
+    """The step's checkpoint folder."""
+    tokenizer_dir: Path
+    tokenizer_files: list[Path]
+    model: ExportableModel
+
+
+def export_source(
+    run_dir: str | Path,
+    exportable: Callable[[RunRecord], ExportableModel],
+    step: int | None = None,
+    tokenizer: str | Path | None = None,
+) -> ExportSource:
+    """Run ``run_dir``'s checkpoint at ``step`` (default: the last), its tokenizer and its
+    model as the host exports it; an error names what is missing or not exportable."""
+    record = read_record(run_dir)
+    step, checkpoint = step_folder(run_dir, record, step)
+    if not (tokenizer or record.tokenizer):
+        raise ExportError(
+            "the run names no tokenizer (model.hf_assets_path): pass --tokenizer TOKENIZER_DIR"
+        )
+    tokenizer_dir = Path(tokenizer or record.tokenizer)
+    files = _tokenizer_files(tokenizer_dir, given=tokenizer is not None)
+    return ExportSource(
+        Path(run_dir), record, step, checkpoint, tokenizer_dir, files, exportable(record)
+    )
+
+
 def export_run(
     run_dir: str | Path,
     out: str | Path,
@@ -281,13 +325,8 @@ def export_run(
     ``titan_objectives_export.json`` (where it came from)."""
     out = Path(out)
     _check_out(out)
-    record = read_record(run_dir)
-    step, folder = step_folder(run_dir, record, step)
-    if not (tokenizer or record.tokenizer):
-        raise ExportError("the run names no tokenizer (model.hf_assets_path): pass --tokenizer DIR")
-    tokenizer_dir = Path(tokenizer or record.tokenizer)
-    tokenizer_files = _tokenizer_files(tokenizer_dir)
-    model = exportable(record)
+    source = export_source(run_dir, exportable, step, tokenizer)
+    record, step, folder, model = source.record, source.step, source.checkpoint, source.model
 
     expected_hf = model.to_hf({k: torch.empty(s, device="meta") for k, s in model.shapes.items()})
     model_state = None
@@ -296,7 +335,7 @@ def export_run(
     else:
         model_state = _dcp_state(folder, model.shapes)
         hf_state = model.to_hf(model_state)
-    config = model.hf_config(special_token_ids(tokenizer_dir))
+    config = model.hf_config(special_token_ids(source.tokenizer_dir))
     if config.get("tie_word_embeddings"):
         hf_state.pop("lm_head.weight", None)  # transformers ties it to the embedding
     dtypes = {t.dtype for t in hf_state.values()}
@@ -310,7 +349,7 @@ def export_run(
         tensors = {k: v.detach().contiguous() for k, v in hf_state.items()}
         save_file(tensors, str(staging / WEIGHTS), metadata={"format": "pt"})
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        for path in tokenizer_files:
+        for path in source.tokenizer_files:
             shutil.copyfile(path, staging / path.name)
         provenance = {
             "run_dir": str(Path(run_dir).resolve()),
