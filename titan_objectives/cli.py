@@ -73,6 +73,7 @@ def check_command(command: str, args: list[str]) -> int:
 
 
 def compare_command(args: argparse.Namespace) -> int:
+    from titan_objectives.evaluation.harness import requested_tasks
     from titan_objectives.hosts.common.run_record import ExportError
     from titan_objectives.report import compare_runs, event_files
 
@@ -85,7 +86,7 @@ def compare_command(args: argparse.Namespace) -> int:
                 "folders trained with metrics.enable_tensorboard"
             )
 
-    tasks = args.tasks.split(",") if args.tasks else None
+    tasks = requested_tasks(args.tasks) if args.evaluate else None
     for path in compare_runs(args.runs, args.out, args.evaluate, tasks, args.limit):
         print(path)
     return 0
@@ -151,11 +152,11 @@ def export_command(args: argparse.Namespace) -> int:
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
-    from titan_objectives.evaluation.harness import bundled_tasks, evaluate, task_manager
+    from titan_objectives.evaluation.harness import evaluate, requested_tasks, task_manager
     from titan_objectives.evaluation.runs import model_folder, results_folder
 
     directory = Path(args.dir)
-    tasks = args.tasks.split(",") if args.tasks else bundled_tasks()
+    tasks = requested_tasks(args.tasks)
     manager = task_manager(tasks)  # an unknown task fails here, before any export or load
     folder = model_folder(directory, args.step)
     output_dir = Path(args.output_dir) if args.output_dir else results_folder(directory)

@@ -155,6 +155,12 @@ def test_an_unknown_task_is_named_before_anything_is_loaded(
     assert not (tiny_hf_model / "eval").exists()
 
 
+def test_an_empty_task_name_is_named(tmp_path, nothing_exported, capsys):
+    assert main(["evaluate", str(tmp_path), "--tasks", "tangled_tale_cloze,,"]) == 2
+    error = capsys.readouterr().err
+    assert "--tasks 'tangled_tale_cloze,,' has an empty task name" in error
+
+
 def test_compare_names_an_unknown_task_before_any_export(tmp_path, nothing_exported, capsys):
     from torch.utils.tensorboard import SummaryWriter
 

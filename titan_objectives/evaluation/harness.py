@@ -24,6 +24,18 @@ def bundled_tasks() -> list[str]:
     return sorted(path.stem for path in TASKS.glob("*.yaml"))
 
 
+def requested_tasks(text: str | None) -> list[str]:
+    """``--tasks``: comma-separated names, the bundled tasks when not given."""
+    if text is None:
+        return bundled_tasks()
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise ExportError(
+            f"--tasks {text!r} has an empty task name; expected comma-separated task names"
+        )
+    return names
+
+
 def require_eval_extra(command: str) -> None:
     """A clear error, before any work, when the ``eval`` extra is not installed."""
     import importlib.util
