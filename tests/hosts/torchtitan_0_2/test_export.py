@@ -60,10 +60,22 @@ def saved_run(folder: Path, name: str, flavor: str = "debugmodel", step: int = 2
     return model, args
 
 
+def llama4_experts_in_fp32(args) -> None:
+    args.moe_args.use_grouped_mm = False
+
+
+def llama4_without_rotary_on_block_0(args) -> None:
+    """Every other block MoE (the flavor's), block 0 without rotary embeddings."""
+    llama4_experts_in_fp32(args)
+    args.every_n_layers_nope = 4
+
+
 @pytest.mark.parametrize(
     "name, flavor, adjust",
     [
         ("llama3", "debugmodel", None),
+        ("llama4", "debugmodel", llama4_experts_in_fp32),
+        ("llama4", "debugmodel", llama4_without_rotary_on_block_0),
         ("qwen3", "debugmodel", None),
         ("qwen3", "debugmodel_moe", small_moe),
     ],
@@ -79,6 +91,12 @@ def test_a_saved_model_loads_in_transformers_with_the_same_logits(tmp_path, name
     provenance = json.loads((out / "titan_objectives_export.json").read_text())
     assert provenance["step"] == 2 and provenance["objectives_trained"] == ["ntp", "nitp"]
     config = json.loads((out / "config.json").read_text())
+    if name == "llama4":
+        assert config["architectures"] == ["Llama4ForCausalLM"] and config["moe_layers"] == [
+            1,
+            3,
+            5,
+        ]
     if flavor == "debugmodel_moe":
         assert config["architectures"] == ["Qwen3MoeForCausalLM"] and config["num_experts"] == 8
     elif name == "qwen3":  # tied: transformers ties lm_head to the embedding itself
@@ -102,7 +120,17 @@ def test_moe_routing_transformers_cannot_reproduce_is_refused(tmp_path, capsys):
     dcp.save(state, checkpoint_id=str(tmp_path / "biased" / "checkpoint" / "step-3"), no_dist=True)
     error = export_error(["export", str(tmp_path / "biased"), "--out", str(tmp_path / "b")], capsys)
     assert "routed with a learned bias (layers.1.moe.expert_bias" in error
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+    def normalized_top_2(args) -> None:
+        llama4_experts_in_fp32(args)
+        args.moe_args.top_k, args.moe_args.route_norm = 2, True
+
+    saved_run(tmp_path / "normalized", "llama4", adjust=normalized_top_2)
+    error = export_error(
+        ["export", str(tmp_path / "normalized"), "--out", str(tmp_path / "c")], capsys
+    )
+    assert "transformers' Llama4 cannot route as this run did (moe_args route_norm = True)" in error
+    assert not any((tmp_path / name).exists() for name in ("a", "b", "c"))
 
 
 def test_the_logits_check_catches_a_wrong_norm_epsilon_or_rotary_layout(tmp_path):
@@ -182,7 +210,7 @@ def test_a_family_transformers_cannot_represent_is_named(tmp_path, capsys):
     error = export_error(["export", str(tmp_path), "--out", str(tmp_path / "hf")], capsys)
     assert "model 'deepseek_v3' cannot be exported for Hugging Face transformers" in error
     assert "DeepseekV3 routes experts by sigmoid scores only" in error
-    assert "exportable models: llama3, qwen3" in error
+    assert "exportable models: llama3, llama4, qwen3" in error
     assert not (tmp_path / "hf").exists()
 
 

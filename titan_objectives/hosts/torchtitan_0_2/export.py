@@ -3,6 +3,7 @@ record, converted by torchtitan's own state-dict adapter, described by a ``confi
 of the transformers class with the same computation."""
 
 import copy
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +14,7 @@ from titan_objectives.hosts.common.hf_export import (
     ExportableModel,
     Logits,
     Shapes,
+    StateConversion,
     check_exportable,
     without_routing_bias,
 )
@@ -106,9 +108,111 @@ def _qwen3(args: Any, shapes: Shapes) -> dict[str, Any]:
     }
 
 
+def _llama4_moe(args: Any, shapes: Shapes, moe_layers: list[int]) -> dict[str, Any]:
+    """Llama4's text MoE picks experts by their router logits, scales each expert's input
+    by the sigmoid of its logit and adds one shared expert as wide as a routed one."""
+    moe = args.moe_args
+    refused = {
+        "score_func": moe.score_func != "sigmoid",
+        "route_norm": moe.route_norm,
+        "route_scale": moe.route_scale != 1.0,
+        "score_before_experts": not moe.score_before_experts,
+        "num_shared_experts": moe.num_shared_experts != 1,
+        "gate_bias": moe.gate_bias,
+        "num_expert_groups": moe.num_expert_groups is not None,
+        "_debug_force_load_balance": moe._debug_force_load_balance,
+    }
+    if any(refused.values()):
+        raise ExportError(
+            "model llama4: transformers' Llama4 cannot route as this run did "
+            f"(moe_args {', '.join(f'{k} = {getattr(moe, k)!r}' for k, v in refused.items() if v)})"
+        )
+    if not moe_layers:
+        return {}
+    return {
+        "moe_layers": moe_layers,
+        "num_local_experts": moe.num_experts,
+        "num_experts_per_tok": moe.top_k,
+        # The routed experts' width, as torchtitan computed it (experts.w1: E x width x dim).
+        "intermediate_size": shapes[f"layers.{moe_layers[0]}.moe.experts.w1"][1],
+        "router_jitter_noise": 0.0,
+    }
+
+
+def _llama4(args: Any, shapes: Shapes) -> dict[str, Any]:
+    if args.attn_type != "sdpa":
+        raise ExportError(
+            f"model llama4 with attn_type {args.attn_type!r}: only 'sdpa' (causal attention "
+            "over the whole sequence) is mapped to transformers' Llama4"
+        )
+    layers = range(args.n_layers)
+    # torchtitan: block i is MoE when (i + 1) % step == 0, without rotary when i % n == 0.
+    moe_layers = [i for i in layers if (i + 1) % args.interleave_moe_layer_step == 0]
+    dense = [i for i in layers if i not in moe_layers]
+    nope = args.every_n_layers_nope
+    rope = args.rope_scaling_args
+    rope_parameters = {"rope_type": "default", "rope_theta": float(args.rope_theta)}
+    if rope is not None:
+        rope_parameters |= {
+            "rope_type": "llama3",
+            "factor": float(rope.scaling_factor),
+            "low_freq_factor": float(rope.low_freq_factor),
+            "high_freq_factor": float(rope.high_freq_factor),
+            "original_max_position_embeddings": rope.original_max_position_embeddings,
+        }
+    return {
+        "architectures": ["Llama4ForCausalLM"],
+        "model_type": "llama4_text",
+        "vocab_size": args.vocab_size,
+        "hidden_size": args.dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads or args.n_heads,
+        "head_dim": args.dim // args.n_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": args.max_seq_len,
+        "rms_norm_eps": args.norm_eps,
+        "rope_parameters": rope_parameters,
+        "no_rope_layers": [int(nope is None or i % nope != 0) for i in layers],
+        "use_qk_norm": False,
+        "attn_temperature_tuning": False,
+        "attention_chunk_size": None,
+        "layer_types": ["full_attention"] * args.n_layers,
+        "interleave_moe_layer_step": args.interleave_moe_layer_step,
+        # The dense blocks' SwiGLU width, as torchtitan computed it.
+        "intermediate_size_mlp": shapes[f"layers.{dense[0]}.feed_forward.w1.weight"][0]
+        if dense
+        else 1,
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        **_llama4_moe(args, shapes, moe_layers),
+    }
+
+
+DENSE_FEED_FORWARD = re.compile(r"layers\.(\d+)\.feed_forward\.(w1|w2|w3)\.weight")
+DENSE_NAMES = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+
+
+def _llama4_to_hf(to_hf: StateConversion) -> StateConversion:
+    """torchtitan's llama4 adapter writes the multimodal checkpoint's text model
+    (``language_model.`` keys) and leaves the dense blocks' feed-forward out;
+    ``Llama4ForCausalLM`` reads ``model.`` keys and needs both."""
+
+    def converted(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        hf_state = {k.removeprefix("language_model."): v for k, v in to_hf(state).items()}
+        for key, value in state.items():
+            if match := DENSE_FEED_FORWARD.fullmatch(key):
+                layer, name = match.groups()
+                hf_state[f"model.layers.{layer}.feed_forward.{DENSE_NAMES[name]}.weight"] = value
+        return hf_state
+
+    return converted
+
+
 # Model name -> config.json of the transformers class that computes what it does.
 HF_CONFIGS: dict[str, Callable[[Any, Shapes], dict[str, Any]]] = {
     "llama3": _llama3,
+    "llama4": _llama4,
     "qwen3": _qwen3,
 }
 
@@ -147,4 +251,5 @@ def exportable(record: RunRecord) -> ExportableModel:
         model.load_state_dict(state)
         return model
 
-    return ExportableModel(shapes, without_routing_bias(adapter.to_hf), hf_config, logits_of)
+    to_hf = _llama4_to_hf(adapter.to_hf) if record.model_name == "llama4" else adapter.to_hf
+    return ExportableModel(shapes, without_routing_bias(to_hf), hf_config, logits_of)
