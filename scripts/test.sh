@@ -13,6 +13,10 @@ cd "$ROOT"
 HOSTS=${TORCHTITAN:-"0.2 0.3"}
 CPUS=$(nproc)
 WORKERS=${TEST_WORKERS:-$((CPUS < 4 ? CPUS : 4))}
+# Each test process (and the trainings it starts) gets its share of the cores: more
+# threads than cores slow every run down.
+THREADS=$((WORKERS > 0 ? CPUS / WORKERS : CPUS))
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((THREADS > 0 ? THREADS : 1))}
 for host in $HOSTS; do
   case "$host" in
     0.2|0.3) ;;

@@ -107,6 +107,13 @@ ONE_WORKER = {
 }
 
 
+def threads_per_rank(nproc: int) -> int:
+    """This test process's share of the cores (``OMP_NUM_THREADS``, set by scripts/test.sh
+    to the cores per test process; 1 if unset), split among ``nproc`` ranks: more threads
+    than cores slow every run down (by a third on 2 cores)."""
+    return max(1, int(os.environ.get("OMP_NUM_THREADS", "1")) // nproc)
+
+
 def torchrun(
     module_args: list[str],
     nproc: int = 1,
@@ -119,15 +126,19 @@ def torchrun(
 
     One process runs as torchrun's only worker would, without the launcher: the launcher
     costs about 3 s of imports per run on 2 cores, and the suite runs dozens. A failing
-    run's exit code is then the worker's own."""
+    run's exit code is then the worker's own. Every worker runs through ``tests.launch``
+    (no sleep after the last step)."""
     env = dict(
-        os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(max(1, 2 // nproc)), **(env or {})
+        os.environ,
+        PYTHONUNBUFFERED="1",
+        OMP_NUM_THREADS=str(threads_per_rank(nproc)),
+        **(env or {}),
     )
     if extra_pythonpath:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [extra_pythonpath, env.get("PYTHONPATH")]))
     if nproc == 1:
         env.update(ONE_WORKER)
-        command = [sys.executable, "-m", *module_args]
+        command = [sys.executable, "-m", "tests.launch", *module_args]
     else:
         command = [
             sys.executable,
@@ -145,6 +156,7 @@ def torchrun(
             "--tee",
             "3",
             "-m",
+            "tests.launch",
             *module_args,
         ]
     result = subprocess.run(
