@@ -82,7 +82,7 @@ def compare_command(args: argparse.Namespace) -> int:
     for run in args.runs:
         if not event_files(run):
             raise ExportError(
-                f"RUNS: {run!r} holds no TensorBoard event files; compare reads runs' dump "
+                f"RUN {run!r} holds no TensorBoard event files; compare reads runs' dump "
                 "folders trained with metrics.enable_tensorboard"
             )
 
@@ -228,7 +228,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     compare = commands.add_parser(
         "compare", help="plots and a table of final values from runs' TensorBoard logs"
     )
-    compare.add_argument("runs", nargs="+", help="run folders holding TensorBoard event files")
+    compare.add_argument(
+        "runs", nargs="+", metavar="RUN", help="run folders holding TensorBoard event files"
+    )
     compare.add_argument("--out", required=True, help="folder for the PNGs and summary.md")
     compare.add_argument(
         "--evaluate",

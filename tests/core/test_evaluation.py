@@ -33,6 +33,9 @@ def test_bundled_tasks_are_made_from_text_the_bundled_jobs_never_train_on():
     for item in made["cloze.jsonl"]:
         assert item["context"][:80] not in training_text
         assert item["target"].isalpha()
+    for document in made["perplexity.jsonl"]:
+        passage = " ".join(document["text"].split())
+        assert passage[:80] not in training_text and passage[-80:] not in training_text
     assert bundled_tasks() == ["tangled_tale_cloze", "tangled_tale_perplexity"]
 
 
@@ -177,7 +180,7 @@ def test_compare_names_a_run_without_logged_values(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     assert main(["compare", str(tmp_path / "run"), "--out", str(tmp_path / "report")]) == 2
     error = capsys.readouterr().err
-    assert f"RUNS: {str(tmp_path / 'run')!r} holds no TensorBoard event files" in error
+    assert f"RUN {str(tmp_path / 'run')!r} holds no TensorBoard event files" in error
     assert not (tmp_path / "report").exists()
 
 
