@@ -54,13 +54,22 @@ def assert_transformers_computes(
     run_tokenizer = Tokenizer.from_file(str(TOKENIZER / "tokenizer.json"))
     assert AutoTokenizer.from_pretrained(str(folder)).encode(text) == run_tokenizer.encode(text).ids
 
-    logits = transformers_logits(folder, tokens).double()
-    expected = expected.double()
+    assert_logits_agree(folder.name, transformers_logits(folder, tokens), expected, tolerance, kl)
+
+
+def assert_logits_agree(
+    name: str, logits: torch.Tensor, expected: torch.Tensor, tolerance: float, kl: float
+) -> None:
+    """The largest difference below ``tolerance`` and the KL divergence of the softmaxes
+    below ``kl`` (both printed)."""
+    logits, expected = logits.double(), expected.double()
     difference = (logits - expected).abs().max().item()
     log_p, log_q = expected.log_softmax(-1), logits.log_softmax(-1)
     divergence = (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
-    print(f"{folder.name}: largest logit difference {difference:.2e}, KL {divergence:.2e}")
-    assert difference < tolerance and divergence < kl, (difference, divergence)
+    print(f"{name}: largest logit difference {difference:.2e}, KL {divergence:.2e}")
+    assert difference < tolerance and divergence < kl, (
+        f"logits disagree: largest difference {difference:.2e}, KL {divergence:.2e}"
+    )
 
 
 def assert_the_check_sees_a_wrong_epsilon_or_rotary_layout(
@@ -75,14 +84,14 @@ def assert_the_check_sees_a_wrong_epsilon_or_rotary_layout(
     config = json.loads((folder / "config.json").read_text())
     assert config["rms_norm_eps"] != 1e-6
     (folder / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-6}))
-    with pytest.raises(AssertionError):
+    with pytest.raises(AssertionError, match="logits disagree"):
         assert_transformers_computes(folder, tokens, expected)
     (folder / "config.json").write_text(json.dumps(config))
 
     weights = load_file(str(folder / "model.safetensors"))
     weights["model.layers.0.self_attn.q_proj.weight"] = unpermuted_wq.detach().contiguous()
     save_file(weights, str(folder / "model.safetensors"))
-    with pytest.raises(AssertionError):
+    with pytest.raises(AssertionError, match="logits disagree"):
         assert_transformers_computes(folder, tokens, expected)
 
 

@@ -17,14 +17,12 @@ titan-objectives evaluate DIR [--tasks T,...] [--limit N] [--step N] [--output-d
 """
 
 import argparse
-import importlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-from titan_objectives.hosts import installed_host
+from titan_objectives.hosts import installed_host_cli
 
 # check-parallel's default: fp32 runs from one seed agree to about 1e-4 after a few steps.
 TOLERANCE = 5e-4
@@ -51,17 +49,13 @@ def list_command() -> int:
     return 0
 
 
-def _host_cli() -> ModuleType:
-    return importlib.import_module(f"{installed_host()}.cli")
-
-
 def check_command(command: str, args: list[str]) -> int:
     """``validate``: check a config as training does, then describe it; ``describe``: the
     table alone. Both on the installed torchtitan's host."""
     from titan_objectives.config import ObjectivesConfigError, exit_on_config_error
     from titan_objectives.hosts.common.describe import describe
 
-    host = _host_cli()
+    host = installed_host_cli()
     try:
         checked, model = host.checked_config(args)
     except ObjectivesConfigError as error:
@@ -118,7 +112,7 @@ def check_parallel_command(argv: list[str]) -> int:
     )
     parser.add_argument("--work-dir", help="where the runs go (default: a new temporary folder)")
     options, host_args = parser.parse_known_args(argv)
-    host = _host_cli()
+    host = installed_host_cli()
     try:
         host.checked_config(host_args)  # the checks training runs, before any training
         plan = host.check_plan(host_args)

@@ -1,18 +1,15 @@
 """A run's dump folder or an export, as the exported model folder lm-eval reads."""
 
-import importlib
 import json
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from titan_objectives.hosts import installed_host
+from titan_objectives.hosts import installed_host_cli
 from titan_objectives.hosts.common.hf_export import (
     EXPORT_RECORD,
     Export,
-    ExportableModel,
     LogitsAgreement,
     checkpoint_written,
     export_run,
@@ -21,34 +18,18 @@ from titan_objectives.hosts.common.hf_export import (
     logits_agreement,
     step_folder,
 )
-from titan_objectives.hosts.common.run_record import (
-    RECORD_NAME,
-    ExportError,
-    RunRecord,
-    read_record,
-)
+from titan_objectives.hosts.common.run_record import RECORD_NAME, ExportError, read_record
 
 VERIFY_TOKENS = (2, 64)
 """--verify compares the logits of this many sequences of this many tokens (at most the
 model's context)."""
 
 
-def _exportable() -> Callable[[RunRecord], ExportableModel]:
-    """The installed torchtitan's host's model of a run."""
-    return importlib.import_module(f"{installed_host()}.cli").exportable
-
-
 def export(
     run_dir: Path, out: Path, step: int | None = None, tokenizer: Path | None = None
 ) -> Export:
     """``export_run`` with the installed torchtitan's host."""
-    return export_run(run_dir, out, _exportable(), step, tokenizer)
-
-
-def check_exports(run_dir: Path, step: int | None = None) -> None:
-    """Everything ``export`` checks before reading a tensor: the checkpoint, the tokenizer
-    files, a model transformers has a class for (``compare`` checks every run first)."""
-    export_source(run_dir, _exportable(), step)
+    return export_run(run_dir, out, installed_host_cli().exportable, step, tokenizer)
 
 
 def verify(made: Export) -> LogitsAgreement:
@@ -71,27 +52,43 @@ def check_verifiable(run_dir: Path, step: int | None) -> None:
         )
 
 
-def model_folder(directory: Path, step: int | None = None) -> Path:
-    """``directory`` itself when it is an export; for a run's dump folder, its export at
-    ``step`` (default: the last checkpoint) in ``RUN/hf/step-N``, made again when that
-    checkpoint was rewritten since (a retrained run)."""
-    if not (directory / RECORD_NAME).is_file():
-        if step is not None:
-            raise ExportError(f"--step {step} applies to a run's dump folder, not to an export")
-        return directory
+def run_export(directory: Path, step: int | None = None) -> tuple[Path, bool]:
+    """Where a run's export at ``step`` (default: the last checkpoint) goes,
+    ``RUN/hf/step-N``, and whether it holds that checkpoint as last written (a retrained
+    run rewrites it). A folder there that no export wrote is an error."""
     step, checkpoint = step_folder(directory, read_record(directory), step)
     folder = directory / "hf" / f"step-{step}"
     made = folder / EXPORT_RECORD
     if made.is_file():
-        if json.loads(made.read_text()).get("checkpoint_written") == checkpoint_written(checkpoint):
-            return folder
-        shutil.rmtree(folder)
-    elif folder.exists():
+        written = json.loads(made.read_text()).get("checkpoint_written")
+        return folder, written == checkpoint_written(checkpoint)
+    if folder.exists():
         raise ExportError(
-            f"DIR {str(directory)!r}: {folder} exists but is no export of this run (no "
-            f"{EXPORT_RECORD}); evaluate exports the run there: move that folder away"
+            f"run {str(directory)!r}: {folder} exists but is no export of this run (no "
+            f"{EXPORT_RECORD}); the run's export goes there: move that folder away"
         )
-    export(directory, folder, step)
+    return folder, False
+
+
+def check_exports(run_dir: Path, step: int | None = None) -> None:
+    """Everything exporting a run checks before reading a tensor, unless its current
+    export is there already (``compare`` checks every run first)."""
+    _, current = run_export(run_dir, step)
+    if not current:
+        export_source(run_dir, installed_host_cli().exportable, step)
+
+
+def model_folder(directory: Path, step: int | None = None) -> Path:
+    """``directory`` itself when it is an export; for a run's dump folder, its current
+    export (``run_export``), made first if needed."""
+    if not (directory / RECORD_NAME).is_file():
+        if step is not None:
+            raise ExportError(f"--step {step} applies to a run's dump folder, not to an export")
+        return directory
+    folder, current = run_export(directory, step)
+    if not current:
+        shutil.rmtree(folder, ignore_errors=True)  # an export of an older checkpoint
+        export(directory, folder, step)
     return folder
 
 

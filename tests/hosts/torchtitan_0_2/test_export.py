@@ -64,10 +64,15 @@ def llama4_experts_in_fp32(args) -> None:
     args.moe_args.use_grouped_mm = False
 
 
-def llama4_without_rotary_on_block_0(args) -> None:
-    """Every other block MoE (the flavor's), block 0 without rotary embeddings."""
+def llama4_without_rotary_on_blocks_0_and_4(args) -> None:
     llama4_experts_in_fp32(args)
     args.every_n_layers_nope = 4
+
+
+def llama4_all_moe_top_2(args) -> None:
+    """Every block MoE (17bx16e's layout), two experts per token."""
+    llama4_experts_in_fp32(args)
+    args.interleave_moe_layer_step, args.moe_args.top_k = 1, 2
 
 
 @pytest.mark.parametrize(
@@ -75,7 +80,8 @@ def llama4_without_rotary_on_block_0(args) -> None:
     [
         ("llama3", "debugmodel", None),
         ("llama4", "debugmodel", llama4_experts_in_fp32),
-        ("llama4", "debugmodel", llama4_without_rotary_on_block_0),
+        ("llama4", "debugmodel", llama4_without_rotary_on_blocks_0_and_4),
+        ("llama4", "debugmodel", llama4_all_moe_top_2),
         ("qwen3", "debugmodel", None),
         ("qwen3", "debugmodel_moe", small_moe),
     ],
@@ -92,11 +98,9 @@ def test_a_saved_model_loads_in_transformers_with_the_same_logits(tmp_path, name
     assert provenance["step"] == 2 and provenance["objectives_trained"] == ["ntp", "nitp"]
     config = json.loads((out / "config.json").read_text())
     if name == "llama4":
-        assert config["architectures"] == ["Llama4ForCausalLM"] and config["moe_layers"] == [
-            1,
-            3,
-            5,
-        ]
+        every_block = args.interleave_moe_layer_step == 1
+        assert config["architectures"] == ["Llama4ForCausalLM"]
+        assert config["moe_layers"] == ([0, 1, 2, 3, 4, 5] if every_block else [1, 3, 5])
     if flavor == "debugmodel_moe":
         assert config["architectures"] == ["Qwen3MoeForCausalLM"] and config["num_experts"] == 8
     elif name == "qwen3":  # tied: transformers ties lm_head to the embedding itself
@@ -111,7 +115,7 @@ def test_moe_routing_transformers_cannot_reproduce_is_refused(tmp_path, capsys):
     saved_run(tmp_path / "scaled", "qwen3", "debugmodel_moe", adjust=biased_and_scaled)
     error = export_error(["export", str(tmp_path / "scaled"), "--out", str(tmp_path / "a")], capsys)
     assert (
-        "transformers' Qwen3MoE cannot route as this run did (moe_args route_scale = 2.5)" in error
+        "transformers' Qwen3MoE cannot route as this run did (moe_args.route_scale = 2.5)" in error
     )
 
     model, _ = saved_run(tmp_path / "biased", "qwen3", "debugmodel_moe", adjust=small_moe)
@@ -129,8 +133,26 @@ def test_moe_routing_transformers_cannot_reproduce_is_refused(tmp_path, capsys):
     error = export_error(
         ["export", str(tmp_path / "normalized"), "--out", str(tmp_path / "c")], capsys
     )
-    assert "transformers' Llama4 cannot route as this run did (moe_args route_norm = True)" in error
-    assert not any((tmp_path / name).exists() for name in ("a", "b", "c"))
+    assert "transformers' Llama4 cannot route as this run did (moe_args.route_norm = True)" in error
+
+    def flex_attention(args) -> None:
+        llama4_experts_in_fp32(args)
+        args.attn_type = "flex"
+
+    saved_run(tmp_path / "flex", "llama4", adjust=flex_attention)
+    error = export_error(["export", str(tmp_path / "flex"), "--out", str(tmp_path / "d")], capsys)
+    assert "model llama4 with attn_type 'flex': only 'sdpa'" in error
+
+    # torchtitan's own HF save of llama4 (last_save_in_hf) lacks the dense blocks.
+    saved_run(tmp_path / "hf_save", "llama4", adjust=llama4_experts_in_fp32)
+    (tmp_path / "hf_save" / "checkpoint" / "step-3").mkdir()
+    (tmp_path / "hf_save" / "checkpoint" / "step-3" / "model.safetensors").touch()
+    error = export_error(
+        ["export", str(tmp_path / "hf_save"), "--out", str(tmp_path / "e")], capsys
+    )
+    assert "saved in Hugging Face format (last_save_in_hf), which cannot be exported for " in error
+    assert "leaves the dense blocks' feed-forward out of it; export a DCP checkpoint" in error
+    assert not any((tmp_path / name).exists() for name in ("a", "b", "c", "d", "e"))
 
 
 def test_the_logits_check_catches_a_wrong_norm_epsilon_or_rotary_layout(tmp_path):
@@ -274,9 +296,8 @@ def test_a_tokenizer_folder_without_files_is_named_by_where_it_came_from(tmp_pat
     record["tokenizer"] = str(tmp_path / "moved")
     (run / "titan_objectives_run.json").write_text(json.dumps(record))
     error = export_error(["evaluate", str(run), "--tasks", "tangled_tale_cloze"], capsys)
-    assert f"the run's tokenizer folder {str(tmp_path / 'moved')!r} (moved since training?)" in (
-        error
-    )
+    moved = str(tmp_path / "moved")
+    assert f"the run's tokenizer folder (moved since training?) {moved!r} has no" in error
     assert "titan-objectives export RUN_DIR --out DIR --tokenizer TOKENIZER_DIR" in error
     assert not (tmp_path / "a").exists() and not (run / "hf").exists()
 
@@ -285,9 +306,33 @@ def test_compare_checks_every_run_exports_before_the_first_export(tmp_path):
     from titan_objectives.hosts.common.run_record import ExportError
     from titan_objectives.report import downstream_scores
 
+    def normalized_top_2(args) -> None:
+        args.moe_args.top_k, args.moe_args.route_norm = 2, True
+
     saved_run(tmp_path / "llama", "llama3")
     deepseek_run(tmp_path / "deepseek")
-    runs = {"llama": tmp_path / "llama", "deepseek": tmp_path / "deepseek"}
-    with pytest.raises(ExportError, match="model 'deepseek_v3' cannot be exported"):
-        downstream_scores(runs, ["tangled_tale_cloze"], limit=1)
-    assert not (tmp_path / "llama" / "hf").exists() and not (tmp_path / "llama" / "eval").exists()
+    saved_run(tmp_path / "normalized", "llama4", adjust=normalized_top_2)
+    for late, refusal in (
+        ("deepseek", "model 'deepseek_v3' cannot be exported"),
+        ("normalized", r"Llama4 cannot route as this run did \(moe_args.route_norm = True\)"),
+    ):
+        runs = {"llama": tmp_path / "llama", late: tmp_path / late}
+        with pytest.raises(ExportError, match=refusal):
+            downstream_scores(runs, ["tangled_tale_cloze"], limit=1)
+        assert not (tmp_path / "llama" / "hf").exists()
+        assert not (tmp_path / "llama" / "eval").exists()
+
+
+def test_compare_scores_a_run_whose_export_is_current_without_its_tokenizer(tmp_path):
+    """A run exported already needs nothing of the export's sources: a tokenizer folder
+    moved since does not stop it."""
+    from titan_objectives.report import downstream_scores
+
+    run = tmp_path / "run"
+    saved_run(run, "llama3")
+    assert main(["evaluate", str(run), "--tasks", "tangled_tale_cloze", "--limit", "1"]) == 0
+    record = json.loads((run / "titan_objectives_run.json").read_text())
+    record["tokenizer"] = str(tmp_path / "moved")
+    (run / "titan_objectives_run.json").write_text(json.dumps(record))
+    scores = downstream_scores({"run": run}, ["tangled_tale_cloze"], limit=1)
+    assert set(scores["run"]) == {"tangled_tale_cloze/acc", "tangled_tale_cloze/perplexity"}

@@ -59,6 +59,21 @@ def check_exportable(record: RunRecord, host: str, families: list[str]) -> None:
         )
 
 
+def refuse_routing(model: str, transformers_class: str, settings: list[str]) -> None:
+    """An error naming the run's routing ``settings`` (``name = value``) that
+    transformers' class cannot reproduce, if there are any."""
+    if settings:
+        raise ExportError(
+            f"model {model}: transformers' {transformers_class} cannot route as this run did "
+            f"({', '.join(settings)})"
+        )
+
+
+def settings_of(prefix: str, owner: object, refused: dict[str, bool]) -> list[str]:
+    """``prefix + name = value`` of each of ``owner``'s attributes ``refused`` marks."""
+    return [f"{prefix}{name} = {getattr(owner, name)!r}" for name, bad in refused.items() if bad]
+
+
 Shapes = dict[str, torch.Size]
 Logits = Callable[[torch.Tensor], torch.Tensor]
 StateConversion = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
@@ -80,6 +95,10 @@ class ExportableModel:
     logits_of: Callable[[dict[str, torch.Tensor]], Logits]
     """The torchtitan model with these tensors, on the CPU, as tokens (batch, seq) ->
     logits: what ``--verify`` compares transformers' model with."""
+
+    hf_save_gap: str | None = None
+    """Why torchtitan's own Hugging Face save (``last_save_in_hf``) of this model cannot
+    be exported, if it cannot."""
 
 
 def without_routing_bias(to_hf: StateConversion) -> StateConversion:
@@ -217,22 +236,16 @@ def special_token_ids(tokenizer_dir: Path) -> dict[str, int]:
     return found
 
 
-def _tokenizer_files(tokenizer_dir: Path, given: bool) -> list[Path]:
-    """The tokenizer files to copy from ``tokenizer_dir`` (``given``: by ``--tokenizer``,
-    else the run record's)."""
+def _tokenizer_files(tokenizer_dir: Path, named_by: str) -> tuple[Path, ...]:
+    """The tokenizer files to copy from ``tokenizer_dir``, which ``named_by`` names."""
     files = [tokenizer_dir / name for name in TOKENIZER_FILES if (tokenizer_dir / name).is_file()]
     if not any(f.name in ("tokenizer.json", "tokenizer.model") for f in files):
-        where = (
-            f"--tokenizer {str(tokenizer_dir)!r}"
-            if given
-            else f"the run's tokenizer folder {str(tokenizer_dir)!r} (moved since training?)"
-        )
         raise ExportError(
-            f"{where} has no tokenizer.json or tokenizer.model: name the folder that has "
-            "them with `titan-objectives export RUN_DIR --out DIR --tokenizer TOKENIZER_DIR` "
-            "(then evaluate DIR)"
+            f"{named_by} {str(tokenizer_dir)!r} has no tokenizer.json or tokenizer.model: "
+            "name the folder that has them with `titan-objectives export RUN_DIR --out DIR "
+            "--tokenizer TOKENIZER_DIR`, then score DIR"
         )
-    return files
+    return tuple(files)
 
 
 def _check_out(out: Path) -> None:
@@ -282,13 +295,12 @@ class Export:
 class ExportSource:
     """What an export reads, each part checked before any tensor is read."""
 
-    run_dir: Path
     record: RunRecord
     step: int
     checkpoint: Path
     """The step's checkpoint folder."""
     tokenizer_dir: Path
-    tokenizer_files: list[Path]
+    tokenizer_files: tuple[Path, ...]
     model: ExportableModel
 
 
@@ -307,10 +319,17 @@ def export_source(
             "the run names no tokenizer (model.hf_assets_path): pass --tokenizer TOKENIZER_DIR"
         )
     tokenizer_dir = Path(tokenizer or record.tokenizer)
-    files = _tokenizer_files(tokenizer_dir, given=tokenizer is not None)
-    return ExportSource(
-        Path(run_dir), record, step, checkpoint, tokenizer_dir, files, exportable(record)
-    )
+    named_by = "--tokenizer" if tokenizer else "the run's tokenizer folder (moved since training?)"
+    files = _tokenizer_files(tokenizer_dir, named_by)
+    model = exportable(record)
+    model.hf_config({})  # what config.json cannot say is refused here, before any tensor
+    if model.hf_save_gap and in_hf_format(checkpoint):
+        raise ExportError(
+            f"{checkpoint} was saved in Hugging Face format (last_save_in_hf), which cannot "
+            f"be exported for model {record.model_name}: {model.hf_save_gap}; export a DCP "
+            "checkpoint of the run (--step N)"
+        )
+    return ExportSource(record, step, checkpoint, tokenizer_dir, files, model)
 
 
 def export_run(

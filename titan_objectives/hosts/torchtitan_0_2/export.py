@@ -16,6 +16,8 @@ from titan_objectives.hosts.common.hf_export import (
     Shapes,
     StateConversion,
     check_exportable,
+    refuse_routing,
+    settings_of,
     without_routing_bias,
 )
 from titan_objectives.hosts.common.run_record import ExportError, RunRecord, overlay
@@ -67,11 +69,7 @@ def _qwen3_moe(args: Any) -> dict[str, Any]:
         "num_expert_groups": moe.num_expert_groups is not None,
         "_debug_force_load_balance": moe._debug_force_load_balance,
     }
-    if any(refused.values()):
-        raise ExportError(
-            "model qwen3 with MoE: transformers' Qwen3MoE cannot route as this run did "
-            f"(moe_args {', '.join(f'{k} = {getattr(moe, k)!r}' for k, v in refused.items() if v)})"
-        )
+    refuse_routing("qwen3 with MoE", "Qwen3MoE", settings_of("moe_args.", moe, refused))
     return {
         "architectures": ["Qwen3MoeForCausalLM"],
         "model_type": "qwen3_moe",
@@ -111,6 +109,8 @@ def _qwen3(args: Any, shapes: Shapes) -> dict[str, Any]:
 def _llama4_moe(args: Any, shapes: Shapes, moe_layers: list[int]) -> dict[str, Any]:
     """Llama4's text MoE picks experts by their router logits, scales each expert's input
     by the sigmoid of its logit and adds one shared expert as wide as a routed one."""
+    if not moe_layers:
+        return {"moe_layers": []}
     moe = args.moe_args
     refused = {
         "score_func": moe.score_func != "sigmoid",
@@ -122,13 +122,7 @@ def _llama4_moe(args: Any, shapes: Shapes, moe_layers: list[int]) -> dict[str, A
         "num_expert_groups": moe.num_expert_groups is not None,
         "_debug_force_load_balance": moe._debug_force_load_balance,
     }
-    if any(refused.values()):
-        raise ExportError(
-            "model llama4: transformers' Llama4 cannot route as this run did "
-            f"(moe_args {', '.join(f'{k} = {getattr(moe, k)!r}' for k, v in refused.items() if v)})"
-        )
-    if not moe_layers:
-        return {}
+    refuse_routing("llama4", "Llama4", settings_of("moe_args.", moe, refused))
     return {
         "moe_layers": moe_layers,
         "num_local_experts": moe.num_experts,
@@ -140,6 +134,9 @@ def _llama4_moe(args: Any, shapes: Shapes, moe_layers: list[int]) -> dict[str, A
 
 
 def _llama4(args: Any, shapes: Shapes) -> dict[str, Any]:
+    """Llama4's text model with torchtitan's block layout: MoE every
+    ``interleave_moe_layer_step`` blocks, rotary except every ``every_n_layers_nope``,
+    causal attention over the whole sequence (no chunks, no query temperature)."""
     if args.attn_type != "sdpa":
         raise ExportError(
             f"model llama4 with attn_type {args.attn_type!r}: only 'sdpa' (causal attention "
@@ -160,7 +157,7 @@ def _llama4(args: Any, shapes: Shapes) -> dict[str, Any]:
             "high_freq_factor": float(rope.high_freq_factor),
             "original_max_position_embeddings": rope.original_max_position_embeddings,
         }
-    return {
+    config = {
         "architectures": ["Llama4ForCausalLM"],
         "model_type": "llama4_text",
         "vocab_size": args.vocab_size,
@@ -179,14 +176,13 @@ def _llama4(args: Any, shapes: Shapes) -> dict[str, Any]:
         "attention_chunk_size": None,
         "layer_types": ["full_attention"] * args.n_layers,
         "interleave_moe_layer_step": args.interleave_moe_layer_step,
-        # The dense blocks' SwiGLU width, as torchtitan computed it.
-        "intermediate_size_mlp": shapes[f"layers.{dense[0]}.feed_forward.w1.weight"][0]
-        if dense
-        else 1,
         "tie_word_embeddings": False,
         "attention_bias": False,
         **_llama4_moe(args, shapes, moe_layers),
     }
+    if dense:  # the dense blocks' SwiGLU width, as torchtitan computed it
+        config["intermediate_size_mlp"] = shapes[f"layers.{dense[0]}.feed_forward.w1.weight"][0]
+    return config
 
 
 DENSE_FEED_FORWARD = re.compile(r"layers\.(\d+)\.feed_forward\.(w1|w2|w3)\.weight")
@@ -214,6 +210,12 @@ HF_CONFIGS: dict[str, Callable[[Any, Shapes], dict[str, Any]]] = {
     "llama3": _llama3,
     "llama4": _llama4,
     "qwen3": _qwen3,
+}
+# Model name -> what its transformers class needs on top of torchtitan's adapter.
+ADAPTER_FIXES: dict[str, Callable[[StateConversion], StateConversion]] = {"llama4": _llama4_to_hf}
+# Model name -> why torchtitan's Hugging Face save of it cannot be exported.
+HF_SAVE_GAPS = {
+    "llama4": "torchtitan's llama4 adapter leaves the dense blocks' feed-forward out of it",
 }
 
 
@@ -251,5 +253,11 @@ def exportable(record: RunRecord) -> ExportableModel:
         model.load_state_dict(state)
         return model
 
-    to_hf = _llama4_to_hf(adapter.to_hf) if record.model_name == "llama4" else adapter.to_hf
-    return ExportableModel(shapes, without_routing_bias(to_hf), hf_config, logits_of)
+    to_hf = ADAPTER_FIXES.get(record.model_name, lambda conversion: conversion)(adapter.to_hf)
+    return ExportableModel(
+        shapes,
+        without_routing_bias(to_hf),
+        hf_config,
+        logits_of,
+        HF_SAVE_GAPS.get(record.model_name),
+    )

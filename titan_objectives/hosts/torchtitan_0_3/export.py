@@ -13,6 +13,8 @@ from titan_objectives.hosts.common.hf_export import (
     Logits,
     Shapes,
     check_exportable,
+    refuse_routing,
+    settings_of,
     without_routing_bias,
 )
 from titan_objectives.hosts.common.run_record import ExportError, RunRecord, overlay
@@ -79,16 +81,12 @@ def _qwen3_moe(config: Any) -> dict[str, Any]:
         "num_expert_groups": router.num_expert_groups is not None,
         "_debug_force_load_balance": router._debug_force_load_balance,
     }
-    wrong = [f"router.{k} = {getattr(router, k)!r}" for k, bad in refused.items() if bad]
+    wrong = settings_of("router.", router, refused)
     if router.gate.bias:
         wrong.append("router.gate.bias = True")
     if moe.shared_experts is not None:
         wrong.append("shared_experts")
-    if wrong:
-        raise ExportError(
-            "model qwen3 with MoE: transformers' Qwen3MoE cannot route as this run did "
-            f"({', '.join(wrong)})"
-        )
+    refuse_routing("qwen3 with MoE", "Qwen3MoE", wrong)
     return {
         "architectures": ["Qwen3MoeForCausalLM"],
         "model_type": "qwen3_moe",
