@@ -14,8 +14,13 @@ HOSTS=${TORCHTITAN:-"0.2 0.3"}
 CPUS=$(nproc)
 WORKERS=${TEST_WORKERS:-$((CPUS < 4 ? CPUS : 4))}
 # Each test process (and the trainings it starts) gets its share of the cores: more
-# threads than cores slow every run down.
-THREADS=$((WORKERS > 0 ? CPUS / WORKERS : CPUS))
+# threads than cores slow every run down. (TEST_WORKERS may also be pytest-xdist's
+# 'auto' or 'logical': a process per core.)
+if [[ "$WORKERS" =~ ^[0-9]+$ ]]; then
+  THREADS=$((WORKERS > 0 ? CPUS / WORKERS : CPUS))
+else
+  THREADS=1
+fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((THREADS > 0 ? THREADS : 1))}
 for host in $HOSTS; do
   case "$host" in

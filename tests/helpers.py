@@ -108,10 +108,14 @@ ONE_WORKER = {
 
 
 def threads_per_rank(nproc: int) -> int:
-    """This test process's share of the cores (``OMP_NUM_THREADS``, set by scripts/test.sh
-    to the cores per test process; 1 if unset), split among ``nproc`` ranks: more threads
-    than cores slow every run down (by a third on 2 cores)."""
-    return max(1, int(os.environ.get("OMP_NUM_THREADS", "1")) // nproc)
+    """This test process's share of the cores (``OMP_NUM_THREADS``, which scripts/test.sh
+    sets to the cores per test process; else the cores over pytest-xdist's processes),
+    split among ``nproc`` ranks: more threads than cores slow every run down."""
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if not threads.isdigit():
+        processes = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+        threads = str((os.cpu_count() or 1) // processes)
+    return max(1, int(threads) // nproc)
 
 
 def torchrun(

@@ -19,6 +19,8 @@ def sleep(seconds: float) -> None:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit("usage: python -m tests.launch MODULE [ARGS ...]")
     time.sleep = sleep
     module = sys.argv.pop(1)
     runpy.run_module(module, run_name="__main__", alter_sys=True)

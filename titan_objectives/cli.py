@@ -110,7 +110,11 @@ def check_parallel_command(argv: list[str]) -> int:
         help="largest relative difference allowed (a missing reduction or a wrong shift "
         "across shards shows at the percent level)",
     )
-    parser.add_argument("--work-dir", help="where the runs go (default: a new temporary folder)")
+    parser.add_argument(
+        "--work-dir",
+        help="where the runs and their logs go, kept (default: a temporary folder, removed "
+        "unless a training run failed)",
+    )
     options, host_args = parser.parse_known_args(argv)
     host = installed_host_cli()
     try:
@@ -177,7 +181,9 @@ def _add_export_and_evaluate(commands: Any) -> None:
     export.add_argument("run_dir", metavar="RUN_DIR", help="the run's dump folder")
     export.add_argument("--out", required=True, help="a new folder for the export")
     export.add_argument("--step", type=int, help="the checkpoint step (default: the last)")
-    export.add_argument("--tokenizer", help="the tokenizer folder (default: the run's)")
+    export.add_argument(
+        "--tokenizer", metavar="TOKENIZER_DIR", help="the tokenizer folder (default: the run's)"
+    )
     export.add_argument(
         "--verify",
         action="store_true",

@@ -27,14 +27,14 @@ def folders(monkeypatch, tmp_path):
     used: list[Path] = []
     outcome = SimpleNamespace(error=None)
 
-    def compare_runs(plan, nproc, steps, work):
+    def train_and_compare(plan, nproc, steps, work):
         used.append(work)
         (work / "seed.log").write_text("log")
         if outcome.error is not None:
             raise outcome.error
         return [Difference("grad_norm", 0.0)]
 
-    monkeypatch.setattr(parallel_check, "compare_runs", compare_runs)
+    monkeypatch.setattr(parallel_check, "train_and_compare", train_and_compare)
     return SimpleNamespace(used=used, outcome=outcome, root=tmp_path)
 
 

@@ -48,7 +48,8 @@ def require_eval_extra(command: str) -> None:
 def task_manager(tasks: list[str]) -> Any:
     """lm-eval's task index: the bundled tasks, and lm-eval's own only when a task asked
     for is not bundled (indexing them takes seconds). Unknown names are an error naming
-    ``--tasks``, before any model is loaded."""
+    ``--tasks``, before any model is loaded. With bundled tasks alone, sets
+    ``HF_HUB_OFFLINE=1`` for this process (unless set) before lm-eval's imports read it."""
     require_eval_extra("evaluate")
     bundled = bundled_tasks()
     others = [t for t in tasks if t not in bundled]

@@ -143,26 +143,29 @@ def check_layout(plan: CheckPlan, nproc: int) -> None:
         )
 
 
-def check_parallel(plan: CheckPlan, nproc: int, steps: int, work: Path | None = None) -> list:
+def check_parallel(
+    plan: CheckPlan, nproc: int, steps: int, work: Path | None = None
+) -> list[Difference]:
     """Seed, one process, ``nproc`` processes; the differences of the logged values.
 
     Without ``work`` the runs go to a temporary folder, removed afterwards unless a
     training run failed (its error names the log there)."""
     check_layout(plan, nproc)
     if work is not None:
-        return compare_runs(plan, nproc, steps, Path(work))
+        return train_and_compare(plan, nproc, steps, Path(work))
     temporary = Path(tempfile.mkdtemp(prefix="check-parallel-"))
     try:
-        rows = compare_runs(plan, nproc, steps, temporary)
-    except BaseException as error:
-        if not isinstance(error, CheckRunError):  # a failed run's log stays, as its error says
-            shutil.rmtree(temporary, ignore_errors=True)
+        rows = train_and_compare(plan, nproc, steps, temporary)
+    except CheckRunError:
+        raise  # its log stays, as its message says
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
         raise
-    shutil.rmtree(temporary)
+    shutil.rmtree(temporary, ignore_errors=True)
     return rows
 
 
-def compare_runs(plan: CheckPlan, nproc: int, steps: int, work: Path) -> list:
+def train_and_compare(plan: CheckPlan, nproc: int, steps: int, work: Path) -> list[Difference]:
     """The seed, the one-process run and the ``nproc``-process run, all under ``work``."""
     corpus = corpus_per_rank(plan, data_parallel_degree(plan.parallelism, nproc), work / "corpus")
     logging = ["--metrics.log_freq", "1", "--metrics.enable_tensorboard"]
