@@ -25,33 +25,46 @@ from titan_objectives.hosts.common.run_record import ExportError, RunRecord, ove
 HOST = "torchtitan_0_2"
 
 
-def _llama3(args: Any, shapes: Shapes) -> dict[str, Any]:
-    rope = args.rope_scaling_args
+def _decoder(args: Any) -> dict[str, Any]:
+    """What llama3's, llama4's and qwen3's ``config.json`` say the same way."""
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
         "vocab_size": args.vocab_size,
         "hidden_size": args.dim,
-        # The SwiGLU width torchtitan computed from multiple_of / ffn_dim_multiplier.
-        "intermediate_size": shapes["layers.0.feed_forward.w1.weight"][0],
         "num_hidden_layers": args.n_layers,
         "num_attention_heads": args.n_heads,
         "num_key_value_heads": args.n_kv_heads or args.n_heads,
-        "head_dim": args.dim // args.n_heads,
+        "head_dim": getattr(args, "head_dim", None) or args.dim // args.n_heads,
         "hidden_act": "silu",
         "max_position_embeddings": args.max_seq_len,
         "rms_norm_eps": args.norm_eps,
-        # torchtitan's llama3 always applies Llama 3's frequency scaling.
-        "rope_parameters": {
-            "rope_type": "llama3",
-            "rope_theta": float(args.rope_theta),
-            "factor": rope.scaling_factor,
-            "low_freq_factor": rope.low_freq_factor,
-            "high_freq_factor": rope.high_freq_factor,
-            "original_max_position_embeddings": rope.original_max_position_embeddings,
-        },
-        "tie_word_embeddings": False,
+        "rope_parameters": _rope_parameters(args),
+        "tie_word_embeddings": getattr(args, "enable_weight_tying", False),
         "attention_bias": False,
+    }
+
+
+def _rope_parameters(args: Any) -> dict[str, Any]:
+    """Plain rotary embeddings, or Llama 3's frequency scaling where the model has it."""
+    rope = getattr(args, "rope_scaling_args", None)
+    if rope is None:
+        return {"rope_type": "default", "rope_theta": float(args.rope_theta)}
+    return {
+        "rope_type": "llama3",
+        "rope_theta": float(args.rope_theta),
+        "factor": float(rope.scaling_factor),
+        "low_freq_factor": float(rope.low_freq_factor),
+        "high_freq_factor": float(rope.high_freq_factor),
+        "original_max_position_embeddings": rope.original_max_position_embeddings,
+    }
+
+
+def _llama3(args: Any, shapes: Shapes) -> dict[str, Any]:
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        **_decoder(args),
+        # The SwiGLU width torchtitan computed from multiple_of / ffn_dim_multiplier.
+        "intermediate_size": shapes["layers.0.feed_forward.w1.weight"][0],
         "mlp_bias": False,
     }
 
@@ -88,19 +101,8 @@ def _qwen3(args: Any, shapes: Shapes) -> dict[str, Any]:
     return {
         "architectures": ["Qwen3ForCausalLM"],
         "model_type": "qwen3",
-        "vocab_size": args.vocab_size,
-        "hidden_size": args.dim,
+        **_decoder(args),
         "intermediate_size": args.hidden_dim,
-        "num_hidden_layers": args.n_layers,
-        "num_attention_heads": args.n_heads,
-        "num_key_value_heads": args.n_kv_heads,
-        "head_dim": args.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": args.max_seq_len,
-        "rms_norm_eps": args.norm_eps,
-        "rope_parameters": {"rope_type": "default", "rope_theta": float(args.rope_theta)},
-        "tie_word_embeddings": args.enable_weight_tying,
-        "attention_bias": False,
         "use_sliding_window": False,
         **(_qwen3_moe(args) if args.moe_enabled else {}),
     }
@@ -147,37 +149,16 @@ def _llama4(args: Any, shapes: Shapes) -> dict[str, Any]:
     moe_layers = [i for i in layers if (i + 1) % args.interleave_moe_layer_step == 0]
     dense = [i for i in layers if i not in moe_layers]
     nope = args.every_n_layers_nope
-    rope = args.rope_scaling_args
-    rope_parameters = {"rope_type": "default", "rope_theta": float(args.rope_theta)}
-    if rope is not None:
-        rope_parameters |= {
-            "rope_type": "llama3",
-            "factor": float(rope.scaling_factor),
-            "low_freq_factor": float(rope.low_freq_factor),
-            "high_freq_factor": float(rope.high_freq_factor),
-            "original_max_position_embeddings": rope.original_max_position_embeddings,
-        }
     config = {
         "architectures": ["Llama4ForCausalLM"],
         "model_type": "llama4_text",
-        "vocab_size": args.vocab_size,
-        "hidden_size": args.dim,
-        "num_hidden_layers": args.n_layers,
-        "num_attention_heads": args.n_heads,
-        "num_key_value_heads": args.n_kv_heads or args.n_heads,
-        "head_dim": args.dim // args.n_heads,
-        "hidden_act": "silu",
-        "max_position_embeddings": args.max_seq_len,
-        "rms_norm_eps": args.norm_eps,
-        "rope_parameters": rope_parameters,
+        **_decoder(args),
         "no_rope_layers": [int(nope is None or i % nope != 0) for i in layers],
         "use_qk_norm": False,
         "attn_temperature_tuning": False,
         "attention_chunk_size": None,
         "layer_types": ["full_attention"] * args.n_layers,
         "interleave_moe_layer_step": args.interleave_moe_layer_step,
-        "tie_word_embeddings": False,
-        "attention_bias": False,
         **_llama4_moe(args, shapes, moe_layers),
     }
     if dense:  # the dense blocks' SwiGLU width, as torchtitan computed it
