@@ -135,13 +135,13 @@ class PipelineTaps:
     ):
         self.stages: list[StageTap] = []
         self.last: StageTap | None = None
+        zero_bubble = schedule in ZERO_BUBBLE_SCHEDULES
         for part in parts:
             last = layout.holds_output_head(part)  # the model's last module
             held = held_layers(part, layout, n_layers)
             carry = StageCarry.plan(held, needs.layers, last, n_layers)
             tap = HiddenStateTap(part, layout, needs, documents_of)
-            copy = schedule in ZERO_BUBBLE_SCHEDULES
-            self.stages.append(StageTap(part, tap, carry, copy))
+            self.stages.append(StageTap(part, tap, carry, copy=zero_bubble))
             if last:
                 self.last = self.stages[-1]
         self.scored: list[tuple[StackOutput, torch.Tensor]] = []
